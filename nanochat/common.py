@@ -1,0 +1,181 @@
+"""Shared plumbing: where artifacts live, which device and dtype to use,
+torchrun-aware distributed setup, and rank-aware printing and logging.
+
+`python -m nanochat.common` prints a short report of what was found.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+
+def get_base_dir() -> Path:
+    """The folder holding every artifact: data, tokenizer, checkpoints, reports.
+
+    `$NANOCHAT_BASE_DIR` when set, else `~/.cache/nanochat`; created on first use.
+    """
+    env = os.environ.get("NANOCHAT_BASE_DIR")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def autodetect_device_type(override: str | None = None) -> str:
+    """cuda > mps > cpu, unless `override` (or `$NANOCHAT_DEVICE`) names one.
+
+    An override naming a device that is not available is an error, not a
+    silent fallback: a user who asked for cuda wants to know it is missing.
+    """
+    choice = override or os.environ.get("NANOCHAT_DEVICE") or ""
+    choice = choice.strip().lower()
+    if choice:
+        if choice not in DEVICE_TYPES:
+            raise ValueError(f"unknown device type {choice!r}; expected one of {', '.join(DEVICE_TYPES)}")
+        if not _device_available(choice):
+            raise RuntimeError(f"device {choice!r} was requested but is not available on this machine")
+        return choice
+    for candidate in DEVICE_TYPES:
+        if _device_available(candidate):
+            return candidate
+    return "cpu"
+
+
+def _device_available(device_type: str) -> bool:
+    if device_type == "cuda":
+        return torch.cuda.is_available()
+    if device_type == "mps":
+        return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    return device_type == "cpu"
+
+
+def bf16_supported(device_type: str) -> bool:
+    """bf16 matmuls run at full speed on CUDA compute capability 8.0 (Ampere) and newer."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    major, _ = torch.cuda.get_device_capability()
+    return major >= 8
+
+
+def compute_dtype(device_type: str) -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 everywhere else."""
+    return torch.bfloat16 if bf16_supported(device_type) else torch.float32
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """What this process is within a (possibly single-process) run."""
+
+    is_distributed: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+
+def _torchrun_env() -> tuple[int, int, int] | None:
+    keys = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+    if not all(k in os.environ for k in keys):
+        return None
+    return int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
+    """Pick the device, seed torch, and join the process group when under torchrun.
+
+    nccl on CUDA, gloo otherwise. Each CUDA rank takes the GPU of its local rank.
+    """
+    device_type = autodetect_device_type(device_type)
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env = _torchrun_env()
+    if env is None:
+        return DistInfo(False, 0, 0, 1, torch.device(device_type))
+    rank, local_rank, world_size = env
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device(device_type)
+        backend = "gloo"
+    if not dist.is_initialized():
+        init_kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, **init_kwargs)
+    return DistInfo(world_size > 1 or dist.is_initialized(), rank, local_rank, world_size, device)
+
+
+def compute_cleanup() -> None:
+    """Leave the process group, if one was joined; safe to call always."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only, flushed, so torchrun output stays readable."""
+    if get_rank() == 0:
+        kwargs.setdefault("flush", True)
+        print(*args, **kwargs)
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """One line per event: time, rank (when distributed), level, message."""
+    rank = get_rank()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    prefix = f"[rank {rank}] " if world > 1 else ""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("nanochat")
+    root.handlers[:] = [handler]
+    # Non-master ranks only speak up for warnings, so N ranks don't print N copies.
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    root.propagate = False
+    return root
+
+
+def environment_report() -> dict[str, str]:
+    """The facts setup.sh prints at the end and reports embed."""
+    device_type = autodetect_device_type()
+    if device_type == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        device = f"cuda: {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB), x{torch.cuda.device_count()}"
+    elif device_type == "mps":
+        device = "mps (Apple GPU)"
+    else:
+        device = f"cpu ({os.cpu_count()} cores)"
+    return {
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "torch": torch.__version__,
+        "torch cuda": torch.version.cuda or "none (CPU build)",
+        "device": device,
+        "bf16": "yes" if bf16_supported(device_type) else "no (fp32 compute)",
+        "artifacts": str(get_base_dir()),
+    }
+
+
+if __name__ == "__main__":
+    for key, value in environment_report().items():
+        print(f"  {key:<11} {value}")

@@ -1,0 +1,20 @@
+# Sourced by the stage scripts (prepare.sh, pretrain.sh, ...): finds the Python
+# environment, loads what setup.sh wrote for this machine, and defines helpers.
+NANOCHAT_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ -x "$NANOCHAT_ROOT/.venv/bin/python" ]; then
+  # shellcheck disable=SC1091
+  source "$NANOCHAT_ROOT/.venv/bin/activate"
+  if [ -f "$NANOCHAT_ROOT/.venv/nanochat_env.sh" ]; then
+    # shellcheck disable=SC1091
+    source "$NANOCHAT_ROOT/.venv/nanochat_env.sh"
+  fi
+elif ! python -c "import nanochat" >/dev/null 2>&1; then
+  echo "error: no .venv in $NANOCHAT_ROOT and nanochat is not importable; run ./setup.sh first" >&2
+  exit 1
+fi
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+mkdir -p "$NANOCHAT_BASE_DIR/logs"
+cd "$NANOCHAT_ROOT" || exit 1
+
+die() { echo "error: $*" >&2; exit 1; }
+step() { echo; echo "== $* ($(date '+%H:%M:%S'))"; }

@@ -1,0 +1,171 @@
+"""Shard downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import make_shards, write_shard
+from nanochat import dataset
+from nanochat.download import DownloadError, download_file
+
+
+class ShardServer:
+    """Serves files from a folder. `faults[name]` is a list of what to do on
+    successive requests for that file: "503", "cut" (half the body, then hang
+    up), "garbage" (right length, wrong bytes); once the list is used up the
+    file is served properly. Range requests are honoured."""
+
+    def __init__(self, root: Path):
+        self.root, self.faults, self.log = root, {}, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.handle(self)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def handle(self, req: BaseHTTPRequestHandler) -> None:
+        name = req.path.lstrip("/")
+        rng = req.headers.get("Range")
+        self.log.append((name, rng))
+        path = self.root / name
+        if not path.is_file():
+            req.send_error(404)
+            return
+        body = path.read_bytes()
+        fault = self.faults.get(name, []).pop(0) if self.faults.get(name) else None
+        if fault == "503":
+            req.send_error(503)
+            return
+        if fault == "garbage":
+            body = b"x" * len(body)
+        start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+        req.send_response(206 if rng else 200)
+        if rng:
+            req.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        req.send_header("Content-Length", str(len(body) - start))
+        req.end_headers()
+        payload = body[start:]
+        if fault == "cut":
+            req.wfile.write(payload[: len(payload) // 2])
+            req.wfile.flush()
+            req.close_connection = True
+            return
+        req.wfile.write(payload)
+
+    def requests_for(self, name: str) -> list:
+        return [r for r in self.log if r[0] == name]
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+@pytest.fixture
+def server(tmp_path):
+    make_shards(tmp_path / "remote", num_shards=5, docs_per_shard=300, rows_per_group=100)
+    srv = ShardServer(tmp_path / "remote")
+    yield srv
+    srv.close()
+
+
+def fetch(server, dest: Path, n: int, retries: int = 4) -> list[int]:
+    return dataset.download_shards(
+        dataset.shards_to_fetch(n, last_shard=4), base_url=server.url, directory=dest, workers=3, retries=retries, backoff=0.01
+    )
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    return hashlib.sha256(a.read_bytes()).digest() == hashlib.sha256(b.read_bytes()).digest()
+
+
+def test_downloads_first_n_plus_validation_shard(server, tmp_path):
+    dest = tmp_path / "data"
+    assert fetch(server, dest, 2) == []
+    assert sorted(dataset.list_shards(dest)) == [0, 1, 4]
+    assert list(dataset.split_shards("val", dest)) == [4]
+    for name in ("shard_00000.parquet", "shard_00004.parquet"):
+        assert same_bytes(dest / name, server.root / name)
+
+
+def test_server_failing_twice_then_succeeding(server, tmp_path):
+    server.faults["shard_00000.parquet"] = ["503", "503"]
+    dest = tmp_path / "data"
+    assert fetch(server, dest, 1) == []
+    assert len(server.requests_for("shard_00000.parquet")) == 3
+    assert same_bytes(dest / "shard_00000.parquet", server.root / "shard_00000.parquet")
+
+
+def test_connection_cut_short_resumes_with_range(server, tmp_path):
+    # Incompressible text, so the shard spans many read chunks and the cut keeps some of them.
+    rnd = random.Random(0)
+    docs = ["".join(rnd.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(2000)) for _ in range(200)]
+    write_shard(server.root / "shard_00001.parquet", docs, rows_per_group=50)
+    server.faults["shard_00001.parquet"] = ["cut"]
+    dest = tmp_path / "data"
+    assert fetch(server, dest, 2) == []
+    reqs = server.requests_for("shard_00001.parquet")
+    assert len(reqs) == 2 and reqs[1][1] is not None and reqs[1][1].startswith("bytes=")
+    assert same_bytes(dest / "shard_00001.parquet", server.root / "shard_00001.parquet")
+
+
+def test_always_cut_short_leaves_no_complete_looking_shard(server, tmp_path):
+    server.faults["shard_00001.parquet"] = ["cut"] * 10
+    dest = tmp_path / "data"
+    assert fetch(server, dest, 2, retries=3) == [1]
+    assert 1 not in dataset.list_shards(dest)
+    assert not (dest / "shard_00001.parquet").exists()
+    assert sorted(dataset.list_shards(dest)) == [0, 4]
+
+
+def test_garbage_body_is_rejected_and_refetched(server, tmp_path):
+    server.faults["shard_00000.parquet"] = ["garbage"]
+    dest = tmp_path / "data"
+    assert fetch(server, dest, 1) == []
+    assert same_bytes(dest / "shard_00000.parquet", server.root / "shard_00000.parquet")
+
+
+def test_missing_file_fails_without_retrying(server, tmp_path):
+    with pytest.raises(DownloadError, match="404"):
+        download_file(f"{server.url}/nope.parquet", tmp_path / "nope.parquet", retries=5, backoff=0.01)
+    assert len(server.requests_for("nope.parquet")) == 1
+
+
+def test_present_shards_are_not_fetched_again(server, tmp_path):
+    dest = tmp_path / "data"
+    fetch(server, dest, 1)
+    before = len(server.log)
+    assert fetch(server, dest, 2) == []
+    assert [r[0] for r in server.log[before:]] == ["shard_00001.parquet"]
+
+
+def test_checksum_mismatch_is_an_error(server, tmp_path):
+    with pytest.raises(DownloadError, match="checksum"):
+        download_file(f"{server.url}/shard_00000.parquet", tmp_path / "x.parquet", sha256="0" * 64, retries=2, backoff=0.01)
+    assert not (tmp_path / "x.parquet").exists()
+
+
+def test_file_url_source(tmp_path):
+    make_shards(tmp_path / "remote", num_shards=3, docs_per_shard=10, rows_per_group=5)
+    dest = tmp_path / "data"
+    rc = dataset.main(["-n", "1", "--url", (tmp_path / "remote").as_uri(), "--last-shard", "2", "--data-dir", str(dest)])
+    assert rc == 0 and sorted(dataset.list_shards(dest)) == [0, 2]
+
+
+def test_cli_exit_codes(server, tmp_path):
+    dest = tmp_path / "data"
+    ok = ["-n", "2", "--url", server.url, "--last-shard", "4", "--data-dir", str(dest), "--backoff", "0.01"]
+    assert dataset.main(ok) == 0
+    server.faults["shard_00002.parquet"] = ["503"] * 10
+    assert dataset.main(["-n", "3", "--url", server.url, "--last-shard", "4", "--data-dir", str(dest), "--retries", "2", "--backoff", "0.01"]) == 1
