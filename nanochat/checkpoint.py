@@ -1,0 +1,228 @@
+"""Checkpoints that survive crashes: written aside, verified, renamed into place.
+
+Layout of one checkpoint, `<stage dir>/<model tag>/step_000123/`:
+    model.safetensors     weights (no pickle: safe to load from strangers)
+    optim_rank{r}.pt      rank r's optimizer state (sharded optimizers keep state per rank)
+    data_rank{r}.json     rank r's data-loader state
+    meta.json             written last: step, model config, metrics, world size,
+                          and the size and sha256 of every file above
+
+Everything is written into a hidden `.step_000123.tmp` folder first and renamed
+when complete, so a crash at any instant leaves the previous checkpoint intact.
+Loading checks sizes and hashes and falls back to the previous checkpoint
+(with a warning naming what is wrong) when the newest one is broken.
+Each node writes its own copy (local rank 0 owns the folder), so two machines
+without a shared filesystem each keep what their ranks need to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from nanochat.download import file_sha256
+
+log = logging.getLogger("nanochat.checkpoint")
+
+STEP_RE = re.compile(r"^step_(\d{6,})$")
+MODEL_FILE = "model.safetensors"
+META_FILE = "meta.json"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint; the message says what was looked for where."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_steps(tag_dir: Path) -> list[int]:
+    """Steps of complete-looking checkpoints in `tag_dir`, oldest first."""
+    if not tag_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in tag_dir.iterdir() if (m := STEP_RE.match(p.name)) and p.is_dir())
+
+
+def optim_file(rank: int) -> str:
+    return f"optim_rank{rank}.pt"
+
+
+def data_file(rank: int) -> str:
+    return f"data_rank{rank}.json"
+
+
+# ---------------------------------------------------------------- saving
+
+
+def _dist_on() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _dist_on():
+        dist.barrier()
+
+
+def _write_synced(path: Path, writer) -> None:
+    writer(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(
+    tag_dir: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optim_state: list[dict] | None,
+    data_state: dict | None,
+    meta: dict,
+    rank: int = 0,
+    local_rank: int = 0,
+    world_size: int = 1,
+    keep_last: int | None = None,
+) -> Path:
+    """Write one checkpoint (call on every rank); returns its folder."""
+    tag_dir = Path(tag_dir)
+    final = tag_dir / step_dir_name(step)
+    tmp = tag_dir / f".{final.name}.tmp"
+    owner = local_rank == 0
+    if owner:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    mine = _write_rank_files(tmp, rank, optim_state, data_state)
+    if owner:
+        _write_synced(tmp / MODEL_FILE, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(p)))
+        mine[MODEL_FILE] = _describe(tmp / MODEL_FILE)
+    files = _gather_file_table(mine)
+    if owner:
+        present = {name: info for name, info in files.items() if (tmp / name).exists()}
+        full_meta = {**meta, "step": step, "world_size": world_size, "files": present}
+        _write_synced(tmp / META_FILE, lambda p: p.write_text(json.dumps(full_meta, indent=2)))
+        _replace_dir(tmp, final)
+        if keep_last:
+            prune(tag_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _write_rank_files(tmp: Path, rank: int, optim_state, data_state) -> dict[str, dict]:
+    written = {}
+    if optim_state is not None:
+        _write_synced(tmp / optim_file(rank), lambda p: torch.save(optim_state, p))
+        written[optim_file(rank)] = _describe(tmp / optim_file(rank))
+    if data_state is not None:
+        _write_synced(tmp / data_file(rank), lambda p: p.write_text(json.dumps(data_state)))
+        written[data_file(rank)] = _describe(tmp / data_file(rank))
+    return written
+
+
+def _gather_file_table(mine: dict) -> dict:
+    if not _dist_on():
+        return dict(mine)
+    tables: list = [None] * dist.get_world_size()
+    dist.all_gather_object(tables, mine)
+    return {k: v for t in tables for k, v in t.items()}
+
+
+def _describe(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Swap `tmp` in as `final`; an existing `final` (same step saved again) goes only after."""
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def prune(tag_dir: Path, keep_last: int) -> list[int]:
+    """Delete all but the newest `keep_last` checkpoints; returns the steps removed."""
+    steps = list_steps(tag_dir)
+    doomed = steps[: max(0, len(steps) - keep_last)]
+    for step in doomed:
+        shutil.rmtree(tag_dir / step_dir_name(step), ignore_errors=True)
+    return doomed
+
+
+# ---------------------------------------------------------------- loading
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    path: Path
+    meta: dict
+    model_state: dict[str, torch.Tensor]
+    optim_state: list[dict] | None = None
+    data_state: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def verify(path: Path, needed: list[str]) -> dict:
+    """Return meta.json of the checkpoint at `path`, or raise CheckpointError saying what is wrong."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no {META_FILE} (half-written checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}/{META_FILE} is corrupt: {exc}") from None
+    files = meta.get("files", {})
+    for name in needed:
+        if name not in files:
+            raise CheckpointError(f"{path}: {name} is not part of this checkpoint")
+        target = path / name
+        if not target.exists():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if target.stat().st_size != files[name]["size"] or file_sha256(target) != files[name]["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match its recorded size/checksum (corrupt)")
+    return meta
+
+
+def load_checkpoint(
+    tag_dir: Path, step: int | None = None, *, rank: int = 0, with_training_state: bool = True, device: str | torch.device = "cpu"
+) -> Checkpoint:
+    """Load the newest usable checkpoint in `tag_dir` (or exactly `step`).
+
+    With `with_training_state`, this rank's optimizer and data-loader files
+    are required too (resuming); without, only the weights (inference).
+    """
+    tag_dir = Path(tag_dir)
+    candidates = [step] if step is not None else list(reversed(list_steps(tag_dir)))
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found in {tag_dir}")
+    problems = []
+    for s in candidates:
+        path = tag_dir / step_dir_name(s)
+        needed = [MODEL_FILE] + ([optim_file(rank), data_file(rank)] if with_training_state else [])
+        try:
+            meta = verify(path, needed)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("skipping broken checkpoint: %s", exc)
+            continue
+        ckpt = Checkpoint(s, path, meta, load_file(str(path / MODEL_FILE), device=str(device)))
+        if with_training_state:
+            ckpt.optim_state = torch.load(path / optim_file(rank), map_location=device, weights_only=True)
+            ckpt.data_state = json.loads((path / data_file(rank)).read_text())
+        return ckpt
+    raise CheckpointError(f"no usable checkpoint in {tag_dir}: " + "; ".join(problems))

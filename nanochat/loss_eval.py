@@ -1,0 +1,40 @@
+"""Bits per byte: a loss that does not depend on the tokenizer's vocabulary size."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+
+
+@torch.no_grad()
+def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor, autocast=None) -> float:
+    """Sum of per-token losses (nats) over the bytes those target tokens stand for.
+
+    Special tokens count 0 bytes and are left out, as are ignored targets (-1),
+    so the figure compares across tokenizers. Sums are all-reduced across ranks.
+    """
+    token_bytes = token_bytes.to(next(model.parameters()).device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=token_bytes.device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=token_bytes.device)
+    batches = iter(batches)
+    for _ in range(steps):
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
+        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
+            loss = model(x, y, loss_reduction="none").reshape(-1)
+        y = y.reshape(-1)
+        nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
+        counted = nbytes > 0
+        total_nats += loss[counted].double().sum()
+        total_bytes += nbytes.sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total_nats)
+        dist.all_reduce(total_bytes)
+    if total_bytes.item() == 0:
+        raise ValueError("no evaluation tokens: the split is empty or too small for one batch")
+    return total_nats.item() / (math.log(2) * total_bytes.item())

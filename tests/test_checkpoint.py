@@ -1,0 +1,88 @@
+"""Checkpoints: atomic writes, verification, fallback to the previous one, pruning."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanochat.checkpoint import CheckpointError, list_steps, load_checkpoint, save_checkpoint, step_dir_name
+
+
+def _save(tag_dir, step, keep_last=None):
+    model = {"w": torch.full((3, 4), float(step)), "b": torch.arange(5.0) * step}
+    optim = [{"state": {0: {"exp_avg": torch.ones(2) * step}}, "param_groups": [{"lr": 0.1, "params": [0]}]}]
+    return save_checkpoint(tag_dir, step, model_state=model, optim_state=optim, data_state={"position": {"shard": step}, "buffer": [1, 2]},
+                           meta={"metrics": {"loss": 1.0 / step}}, keep_last=keep_last)
+
+
+def test_round_trip(tmp_path):
+    _save(tmp_path, 10)
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 10 and ckpt.meta["metrics"]["loss"] == 0.1 and ckpt.meta["world_size"] == 1
+    assert torch.equal(ckpt.model_state["w"], torch.full((3, 4), 10.0))
+    assert torch.equal(ckpt.optim_state[0]["state"][0]["exp_avg"], torch.ones(2) * 10)
+    assert ckpt.data_state == {"position": {"shard": 10}, "buffer": [1, 2]}
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left
+
+
+def test_newest_wins_and_pruning_keeps_last(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep_last=2)
+    assert list_steps(tmp_path) == [3, 4]
+    assert load_checkpoint(tmp_path).step == 4
+    assert load_checkpoint(tmp_path, step=3).step == 3
+
+
+@pytest.mark.parametrize("damage", ["truncate_model", "flip_byte", "drop_meta", "corrupt_meta", "drop_optim"])
+def test_broken_newest_falls_back_to_previous(tmp_path, damage, caplog):
+    _save(tmp_path, 1)
+    newest = _save(tmp_path, 2)
+    model = newest / "model.safetensors"
+    if damage == "truncate_model":
+        model.write_bytes(model.read_bytes()[:-10])
+    elif damage == "flip_byte":
+        data = bytearray(model.read_bytes()); data[-1] ^= 0xFF; model.write_bytes(bytes(data))
+    elif damage == "drop_meta":
+        (newest / "meta.json").unlink()
+    elif damage == "corrupt_meta":
+        (newest / "meta.json").write_text("{not json")
+    else:
+        (newest / "optim_rank0.pt").unlink()
+    ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 1
+    assert "skipping broken checkpoint" in caplog.text and step_dir_name(2) in caplog.text
+
+
+def test_inference_load_needs_only_weights(tmp_path):
+    newest = _save(tmp_path, 5)
+    (newest / "optim_rank0.pt").unlink()
+    assert load_checkpoint(tmp_path, with_training_state=False).step == 5
+
+
+def test_nothing_usable_is_one_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint found in"):
+        load_checkpoint(tmp_path / "missing")
+    newest = _save(tmp_path, 1)
+    (newest / "meta.json").unlink()
+    with pytest.raises(CheckpointError, match="half-written"):
+        load_checkpoint(tmp_path)
+
+
+def test_half_written_temp_folder_is_ignored_and_replaced(tmp_path):
+    _save(tmp_path, 1)
+    stale = tmp_path / ".step_000002.tmp"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"junk")
+    assert list_steps(tmp_path) == [1]
+    _save(tmp_path, 2)
+    assert load_checkpoint(tmp_path).step == 2 and not stale.exists()
+
+
+def test_saving_the_same_step_again_replaces_it(tmp_path):
+    _save(tmp_path, 3)
+    path = save_checkpoint(tmp_path, 3, model_state={"w": torch.zeros(1)}, optim_state=None, data_state=None, meta={})
+    meta = json.loads((path / "meta.json").read_text())
+    assert set(meta["files"]) == {"model.safetensors"}
+    assert torch.equal(load_checkpoint(tmp_path, with_training_state=False).model_state["w"], torch.zeros(1))
