@@ -226,3 +226,74 @@ def load_checkpoint(
             ckpt.data_state = json.loads((path / data_file(rank)).read_text())
         return ckpt
     raise CheckpointError(f"no usable checkpoint in {tag_dir}: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- models by stage
+
+# Stage -> (checkpoint folder under the base dir, the stage script that fills it).
+STAGES = {
+    "base": ("base_checkpoints", "./pretrain.sh"),
+    "mid": ("mid_checkpoints", "./midtrain.sh"),
+    "sft": ("chatsft_checkpoints", "./sft.sh"),
+    "rl": ("chatrl_checkpoints", "./rl.sh"),
+}
+AUTO_ORDER = ("rl", "sft", "mid", "base")
+
+
+def stage_dir(source: str) -> Path:
+    from nanochat.common import get_base_dir
+
+    if source not in STAGES:
+        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(STAGES)} or auto")
+    return get_base_dir() / STAGES[source][0]
+
+
+def newest_tag(folder: Path) -> str | None:
+    """The model tag whose newest checkpoint was written last."""
+    best, best_time = None, -1.0
+    for tag in (p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else ():
+        steps = list_steps(tag)
+        if steps:
+            mtime = (tag / step_dir_name(steps[-1])).stat().st_mtime
+            if mtime > best_time:
+                best, best_time = tag.name, mtime
+    return best
+
+
+def resolve_source(source: str = "auto") -> str:
+    """`auto` picks the most advanced stage that has a checkpoint: rl > sft > mid > base."""
+    if source != "auto":
+        return source
+    for candidate in AUTO_ORDER:
+        if newest_tag(stage_dir(candidate)) is not None:
+            return candidate
+    raise CheckpointError(
+        "no model found: looked for checkpoints in " + ", ".join(str(stage_dir(s)) for s in AUTO_ORDER)
+        + "; train one with ./pretrain.sh"
+    )
+
+
+def load_model(source: str = "auto", model_tag: str | None = None, step: int | None = None, *, device="cpu", dtype: torch.dtype | None = None):
+    """(GPT in eval mode, checkpoint metadata) for a stage's newest (or given) tag and step."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    source = resolve_source(source)
+    folder = stage_dir(source)
+    tag = model_tag or newest_tag(folder)
+    script = STAGES[source][1]
+    if tag is None or not (folder / tag).is_dir():
+        wanted = f"{folder}/{tag}" if tag else f"{folder}/<tag>/step_*"
+        raise CheckpointError(f"no {source} checkpoint: looked for {wanted}; {script} makes one")
+    try:
+        ckpt = load_checkpoint(folder / tag, step, with_training_state=False, device=device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {script} makes a new one") from None
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_dict(ckpt.meta["model_config"]))
+    model.to_empty(device=device)
+    model.init_weights()  # rebuilds the non-persistent rotary tables
+    model.load_state_dict(ckpt.model_state)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return model, {**ckpt.meta, "source": source, "model_tag": tag, "step": ckpt.step}

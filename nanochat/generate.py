@@ -4,6 +4,15 @@ from __future__ import annotations
 
 import torch
 
+# Fixed prompts whose completions show, at a glance, what a base model knows.
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+]
+
 
 @torch.no_grad()
 def greedy_complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> list[str]:

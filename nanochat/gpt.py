@@ -1,0 +1,354 @@
+"""The GPT model: a decoder-only transformer in the NanoChat layout.
+
+Weights map one-to-one onto HuggingFace transformers' NanoChat architecture
+(see nanochat/hf_export.py), so every convention below follows it:
+
+- rotary position embeddings (theta 10000), no learned positions; the first
+  half of each head is rotated against the second half
+- rotary is applied to queries and keys BEFORE their RMSNorm (QK-norm)
+- one parameter-free RMSNorm (eps 1e-6) after the token embedding, before
+  attention, before the MLP and before the head
+- grouped-query attention: n_kv_head key/value heads shared by n_head queries
+- ReLU^2 MLP with 4x expansion; no biases anywhere
+- untied embedding (wte) and head (lm_head); logits soft-capped at 15*tanh(x/15)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Rotary tables cover this many times the training length, so generation can
+# run past it without recomputing anything.
+ROTARY_LENGTH_FACTOR = 10
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 65536
+    n_layer: int = 20
+    n_head: int = 10
+    n_kv_head: int = 10
+    n_embd: int = 1280
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    logit_softcap: float = 15.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+def config_for_depth(
+    depth: int,
+    vocab_size: int,
+    *,
+    aspect_ratio: int = 64,
+    head_dim: int = 128,
+    max_seq_len: int = 2048,
+    n_kv_head: int | None = None,
+) -> GPTConfig:
+    """The model size as a function of depth alone: width ~ depth * aspect_ratio.
+
+    The width is rounded UP to a whole number of heads, so head_dim stays fixed
+    as the model grows and only the head count changes.
+    """
+    n_head = math.ceil(depth * aspect_ratio / head_dim)
+    return GPTConfig(
+        sequence_len=max_seq_len,
+        vocab_size=vocab_size,
+        n_layer=depth,
+        n_head=n_head,
+        n_kv_head=n_kv_head or n_head,
+        n_embd=n_head * head_dim,
+    )
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def rotary_tables(length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, each (length, head_dim // 2), fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    positions = torch.arange(length, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (first half, second half) pairs of x's last dim; x is (B, T, H, D), cos/sin (T, 1, D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.eps = config.norm_eps
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        q = norm(apply_rotary(q, cos, sin), self.eps).transpose(1, 2)
+        k = norm(apply_rotary(k, cos, sin), self.eps).transpose(1, 2)
+        v = v.transpose(1, 2)
+        pos = 0
+        if kv_cache is not None:
+            pos = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        y = attend(q, k, v, pos)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+    """Causal attention of T_new queries at positions pos.. over all T_total keys so far.
+
+    q is (B, H, T_new, D); k, v are (B, H_kv, T_total, D).
+    """
+    t_new, t_total = q.size(2), k.size(2)
+    gqa = q.size(1) != k.size(1)
+    if t_new == t_total:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if t_new == 1:  # one new token sees everything cached before it
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    # chunked prefill: causal, shifted by the pos tokens already cached
+    query_pos = torch.arange(pos, pos + t_new, device=q.device).unsqueeze(1)
+    key_pos = torch.arange(t_total, device=q.device).unsqueeze(0)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos, enable_gqa=gqa)
+
+
+class SoftcappedCrossEntropy(torch.autograd.Function):
+    """Per-row cross-entropy (fp32) of cap * tanh(logits / cap); rows with target -1 get loss 0.
+
+    Autograd through the plain expression keeps two (N, V) tensors for the
+    backward pass and allocates several more; with a large vocabulary each is
+    gigabytes, and on CPU touching fresh memory alone costs as much as the
+    arithmetic. This keeps one, tanh(logits / cap), and recomputes the softmax
+    from it in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+        squashed = (logits.float() / cap).tanh_()
+        # capped logits lie in [-cap, cap], so exp needs no max subtraction to stay finite
+        sum_exp = torch.mul(squashed, cap).exp_().sum(dim=-1)
+        valid = targets != -1
+        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
+        target_logit = cap * squashed.gather(1, safe_targets).squeeze(1)
+        ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
+        ctx.cap, ctx.logits_dtype = cap, logits.dtype
+        return torch.where(valid, sum_exp.log() - target_logit, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
+        grad_rows = torch.where(valid, grad_loss, 0.0).unsqueeze(1)
+        # d loss / d capped logits = softmax - one_hot(target)
+        grad = torch.mul(squashed, ctx.cap).exp_().mul_(grad_rows / sum_exp.unsqueeze(1))
+        grad.scatter_add_(1, safe_targets, -grad_rows)
+        # d capped / d logits = 1 - tanh^2
+        grad.addcmul_(grad * squashed, squashed, value=-1.0)
+        return grad.to(ctx.logits_dtype), None, None
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.fc2 = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.eps = config.norm_eps
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = x + self.attn(norm(x, self.eps), cos, sin, kv_cache)
+        return x + self.mlp(norm(x, self.eps))
+
+
+# ---------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Derived from the config, so kept out of the state dict; init_weights
+        # rebuilds them after construction on the meta device.
+        cos, sin = self._rotary_tables(device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _rotary_tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        return rotary_tables(ROTARY_LENGTH_FACTOR * c.sequence_len, c.head_dim, c.rope_theta, device)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter (and the rotary tables) in place.
+
+        - wte ~ N(0, 1): the embedding is RMS-normalised right away, so its scale
+          is irrelevant to the forward pass; unit variance keeps its updates
+          relatively small.
+        - lm_head ~ N(0, 0.001): near-uniform predictions at the start.
+        - q/k/v and MLP fc1 ~ U(-a, a), a = sqrt(3) / sqrt(n_embd): unit-variance
+          outputs for unit-RMS inputs (a uniform's std is a / sqrt(3)).
+        - o_proj and fc2 start at zero, so every block starts as the identity
+          and the residual stream is the normalised embedding.
+        """
+        nn.init.normal_(self.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        bound = math.sqrt(3) * self.config.n_embd**-0.5
+        for block in self.blocks:
+            for linear in (block.attn.q_proj, block.attn.k_proj, block.attn.v_proj, block.mlp.fc1):
+                nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.o_proj.weight)
+            nn.init.zeros_(block.mlp.fc2.weight)
+        self.cos, self.sin = self._rotary_tables(device=self.lm_head.weight.device)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, loss_reduction: str = "mean"):
+        """Logits (B, T, V) in fp32, or the cross-entropy loss when targets are given.
+
+        targets: (B, T) token ids, -1 where no loss is wanted. loss_reduction
+        "mean" averages over the counted tokens; "none" gives the (B, T) losses
+        (0 where ignored).
+        kv_cache: see KVCache; idx then holds the tokens after the kv_cache.pos
+        already cached ones, and the cache is advanced by T.
+        """
+        T = idx.size(1)
+        pos = 0 if kv_cache is None else kv_cache.pos
+        if pos + T > self.cos.size(0):
+            raise ValueError(f"positions up to {pos + T} exceed the rotary tables ({self.cos.size(0)})")
+        cos, sin = (table[pos : pos + T, None, :] for table in (self.cos, self.sin))
+        x = norm(self.wte(idx), self.config.norm_eps)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        logits = self.lm_head(norm(x, self.config.norm_eps))
+        cap = self.config.logit_softcap
+        if targets is None:
+            return cap * torch.tanh(logits.float() / cap)
+        losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap)
+        if loss_reduction == "none":
+            return losses.view_as(targets)
+        if loss_reduction == "mean":
+            return losses.sum() / (targets != -1).sum()
+        raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+
+    # ------------------------------------------------------------ accounting
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by optimizer treatment: block matrices (Muon), embedding, head."""
+        groups = {
+            "matrix": [p for p in self.blocks.parameters()],
+            "embedding": [self.wte.weight],
+            "lm_head": [self.lm_head.weight],
+        }
+        assert all(p.dim() == 2 for p in groups["matrix"]), "every block parameter is expected to be a matrix"
+        grouped = [id(p) for group in groups.values() for p in group]
+        assert sorted(grouped) == sorted(id(p) for p in self.parameters()), "groups must cover each parameter once"
+        return groups
+
+    def param_counts(self) -> dict[str, int]:
+        counts = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
+        counts = {"embedding": counts["embedding"], "matrices": counts["matrix"], "lm_head": counts["lm_head"]}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self) -> float:
+        """Training FLOPs per token (forward + backward), the nanochat convention.
+
+        Each weight does a multiply-add (2 FLOPs) per token forward and twice
+        that backward: 6 per parameter. The embedding is a lookup, not a
+        matmul, so it is left out. Attention adds QK^T and AV: 2 matmuls of
+        head_dim per key per head, forward 2*2 and backward twice that, 12 in
+        all, counted over all sequence_len keys (the causal mask is ignored).
+        """
+        c = self.config
+        matmul_params = self.num_params() - self.wte.weight.numel()
+        attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        return float(6 * matmul_params + attention)
+
+
+# ---------------------------------------------------------------- inference cache
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for every layer, preallocated.
+
+    GPT.forward calls update() once per layer and advance() once at the end,
+    so `pos` counts the tokens whose keys and values are fully stored.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.pos = 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv_head, T, head_dim) after the cached tokens; return all of them."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} tokens; {end} were asked for")
+        self.k[layer_idx, :, :, self.pos : end] = k
+        self.v[layer_idx, :, :, self.pos : end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.pos += num_tokens
+
+    def reset(self) -> None:
+        self.pos = 0

@@ -1,0 +1,140 @@
+"""Muon: momentum SGD whose step for each weight matrix is orthogonalised.
+
+The momentum of a matrix's gradient is dominated by a few directions.
+Replacing it with the nearest semi-orthogonal matrix (same singular vectors,
+every singular value near 1) gives the rare directions as large a step as the
+dominant ones. Only meant for the 2-D matrices inside the transformer blocks;
+the embedding and the lm_head belong to AdamW (see nanochat.optim).
+
+`Muon` runs in one process. `DistMuon` shards the work over ranks without
+needing DDP: each rank owns whole matrices (Newton-Schulz needs a matrix in
+one piece), keeps their momentum, and updates only them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import compute_dtype
+
+# Coefficients of the quintic a*x + b*x^3 + c*x^5 applied to each singular
+# value. Chosen to lift small singular values as fast as possible, not to
+# converge to exactly 1: after 5 steps they land roughly in [0.7, 1.2], which
+# trains as well as an exact orthogonalisation at a fraction of the cost.
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Approximately orthogonalise `matrix` (its last two dims), computing in `dtype`."""
+    x = matrix.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT  # iterate on the wide side, so the Gram matrix x @ x.mT is the smaller one
+    # The Frobenius norm bounds the spectral norm, so every singular value
+    # starts in [0, 1], where the iteration is known to behave.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * (gram @ gram)) @ x
+    return x.mT if tall else x
+
+
+def aspect_scale(param: torch.Tensor) -> float:
+    """sqrt(max(1, rows/cols)): an orthogonalised tall matrix has smaller
+    entries (RMS 1/sqrt(rows)); this gives it the per-entry step size of a
+    square matrix with the same fan-in (RMS 1/sqrt(cols))."""
+    return math.sqrt(max(1.0, param.size(-2) / param.size(-1)))
+
+
+def muon_update_(param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """One Muon step for `param`, in place, from its (already averaged) gradient."""
+    momentum = group["momentum"]
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad)
+    buf = state["momentum_buffer"]
+    # The EMA form keeps the buffer on the gradient's scale; its constant
+    # factor versus textbook SGD momentum vanishes in the normalisation.
+    buf.lerp_(grad, 1 - momentum)
+    nesterov = grad.lerp(buf, momentum)
+    # bf16 where the GPU runs it natively (the loose iteration does not need
+    # more); fp32 elsewhere, as CPUs emulate bf16 matmuls slowly.
+    update = newton_schulz(nesterov, group["ns_steps"], compute_dtype(param.device.type))
+    param.mul_(1 - group["lr"] * group["weight_decay"])
+    param.add_(update.to(param.dtype), alpha=-group["lr"] * aspect_scale(param))
+
+
+def grad_of(param: torch.Tensor) -> torch.Tensor:
+    """The parameter's gradient; a missing one is an error rather than a skip,
+    because the distributed optimizers need every rank to send every gradient."""
+    if param.grad is None:
+        raise RuntimeError(f"parameter of shape {tuple(param.shape)} has no gradient; call backward() before step()")
+    return param.grad
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D parameters. Each group has lr, momentum (the training loop
+    may change it between steps), weight_decay (decoupled) and ns_steps."""
+
+    def __init__(
+        self, params: Iterable, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0, ns_steps: int = 5
+    ):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only handles 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                muon_update_(p, grad_of(p), self.state[p], group)
+
+
+def same_shape_blocks(params: list[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive runs of up to `size` same-shaped parameters, in a fixed
+    order, so every rank forms the same blocks."""
+    by_shape: dict[torch.Size, list[torch.Tensor]] = {}
+    for p in params:
+        by_shape.setdefault(p.shape, []).append(p)
+    for same in by_shape.values():
+        for start in range(0, len(same), size):
+            yield same[start : start + size]
+
+
+class DistMuon(Muon):
+    """Muon sharded over the ranks of the default process group.
+
+    Each group's matrices are cut into blocks of world_size same-shaped ones
+    (the last block may be short); in every block, rank r owns matrix r. A step
+    reduce-scatters the block's gradients (the owner receives the average),
+    the owner updates its matrix, and an all-gather hands the result to every
+    rank. Momentum therefore lives on the owner only: state_dict() is per rank.
+    """
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # All reductions are queued first so they overlap with the updates below.
+        reductions = []
+        for group in self.param_groups:
+            for block in same_shape_blocks(group["params"], world):
+                padding = [torch.zeros_like(block[0]) for _ in range(world - len(block))]
+                mine = torch.empty_like(block[0])
+                # SUM then divide, since gloo on older torch rejects ReduceOp.AVG.
+                work = dist.reduce_scatter(mine, [grad_of(p) for p in block] + padding, async_op=True)
+                reductions.append((group, block, mine, work))
+        gathers = []
+        for group, block, mine, work in reductions:
+            work.wait()
+            slots = block + [torch.empty_like(block[0]) for _ in range(world - len(block))]
+            if rank < len(block):
+                muon_update_(block[rank], mine.div_(world), self.state[block[rank]], group)
+            gathers.append(dist.all_gather(slots, slots[rank], async_op=True))
+        for work in gathers:
+            work.wait()

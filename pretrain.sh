@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Pretrain the base model (scripts.base_train), then measure it (scripts.base_loss).
+set -euo pipefail
+source "$(dirname "$0")/scripts/common.sh"
+
+usage() {
+  cat <<'USAGE'
+Usage: ./pretrain.sh [options] [-- extra base_train flags]
+
+Trains the base model on the shards prepare.sh fetched, checkpointing to
+$NANOCHAT_BASE_DIR/base_checkpoints/d<depth>/, then reports bits per byte on
+the train and validation splits (scripts.base_loss). Safe to stop with Ctrl-C:
+it saves a checkpoint first; `./pretrain.sh --resume` continues.
+
+Options:
+  --depth N        transformer layers; width and steps follow (default 20)
+  --batch-size N   rows per forward pass per GPU (default 32; lower it on OOM)
+  --run NAME       log to wandb under this run name (default: no wandb)
+  --resume         continue from the newest complete checkpoint
+  --gpus N         processes/GPUs on this machine (default: all visible GPUs, 1 without GPU)
+  --nnodes N       machines in the run (default 1); with --node-rank and --master-addr
+  --node-rank R    this machine's index, 0 on the machine given as --master-addr
+  --master-addr A  address of node 0 (default 127.0.0.1), port via --master-port (29500)
+  -h, --help       show this help
+Everything after `--` goes to scripts.base_train (python -m scripts.base_train --help).
+Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
+USAGE
+}
+
+DEPTH=20; BATCH=32; RUN=""; RESUME=0; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --depth) DEPTH="$2"; shift 2 ;;
+    --batch-size) BATCH="$2"; shift 2 ;;
+    --run) RUN="$2"; shift 2 ;;
+    --resume) RESUME=1; shift ;;
+    --gpus) GPUS="$2"; shift 2 ;;
+    --nnodes) NNODES="$2"; shift 2 ;;
+    --node-rank) NODE_RANK="$2"; shift 2 ;;
+    --master-addr) MASTER_ADDR="$2"; shift 2 ;;
+    --master-port) MASTER_PORT="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+
+if [ -z "$GPUS" ]; then
+  GPUS=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+PIDFILE="$NANOCHAT_BASE_DIR/logs/download.pid"
+if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
+  echo "note: the background shard download is still running; training reads new shards as they arrive"
+fi
+
+TRAIN_ARGS=(--depth "$DEPTH" --device-batch-size "$BATCH")
+[ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
+[ "$RESUME" = 1 ] && TRAIN_ARGS+=(--resume)
+TRAIN_ARGS+=("${EXTRA[@]}")
+
+launch() {
+  if [ "$GPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+    if [ "$NNODES" -gt 1 ]; then
+      torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+        --nproc-per-node "$GPUS" -m "$@"
+    else
+      torchrun --standalone --nproc-per-node "$GPUS" -m "$@"
+    fi
+  else
+    python -m "$@"
+  fi
+}
+
+step "pretraining: depth $DEPTH, device batch $BATCH, $GPUS process(es) x $NNODES node(s)"
+launch scripts.base_train "${TRAIN_ARGS[@]}"
+
+step "base model loss"
+launch scripts.base_loss --device-batch-size "$BATCH"
+echo
+echo "base model ready in $NANOCHAT_BASE_DIR/base_checkpoints/"
