@@ -1,0 +1,59 @@
+"""The calculator tool: what it computes, and everything it refuses without raising."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from nanochat.calculator import evaluate
+
+
+@pytest.mark.parametrize("expr,expected", [
+    ("1+2*3", "7"), ("48/2", "24"), ("7/2", "3.5"), ("1/3", "0.3333333333"), ("2**10", "1024"),
+    ("-5 + +3", "-2"), ("17 // 5", "3"), ("17 % 5", "2"), ("(1.5+2.5)*3", "12"), ("  12 * 12  ", "144"),
+    ("'strawberry'.count('r')", "3"), ("'Hello'.upper()", "HELLO"), ("'a,b'.replace(',', ';')", "a;b"),
+    ("'abc'.startswith('a')", "True"), ("'ab' * 3", "ababab"), ("2 ** -2", "0.25"), ("10**99", "1" + "0" * 99),
+])
+def test_computes(expr, expected):
+    assert evaluate(expr) == expected
+
+
+@pytest.mark.parametrize("expr", [
+    "__import__('os')", "__import__('os').system('echo hi')", "().__class__", "().__class__.__bases__[0].__subclasses__()",
+    "open('/etc/passwd').read()", "x", "len('abc')", "'a'.__class__", "'abc'.count", "[1, 2, 3]", "{1: 2}",
+    "(lambda: 1)()", "[x for x in range(10)]", "1 if True else 2", "1 < 2", "a = 1", "import os", "exec('1')",
+    "'%s' % 5", "'x'.format(1)", "'abc'[0]", "'abc'.count(x='a')", "-'a'", "2 ** 'a'",
+])
+def test_refuses_unsafe_or_unsupported(expr):
+    assert evaluate(expr) is None
+
+
+@pytest.mark.parametrize("expr", [
+    "9**9**9", "10**101", "(10**60) * (10**60)", "'a' * 10**9", "10**9 * 'ab'", "'ab'.replace('', 'x' * 5000)",
+    "1/0", "1 % 0", "(-8) ** 0.5", "10.0 ** 400", "1e308 * 10", "1" * 600, "-" * 300 + "1", "1 +", "", "'unterminated",
+])
+def test_refuses_huge_failing_or_malformed(expr):
+    assert evaluate(expr) is None
+
+
+def test_never_raises_on_odd_input():
+    for value in (None, 123, b"1+1", "\x00", "ü" * 10, "1" * 499):
+        evaluate(value)  # must not raise
+
+
+def test_bounded_and_usable_off_the_main_thread():
+    results = {}
+
+    def work():
+        t0 = time.perf_counter()
+        results["value"] = [evaluate("9**9**9"), evaluate("'ab' * 5000"), evaluate("3*7")]
+        results["seconds"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert results["value"][0] is None and len(results["value"][1]) == 10_000 and results["value"][2] == "21"
+    assert results["seconds"] < 1.0
