@@ -275,7 +275,7 @@ def resolve_source(source: str = "auto") -> str:
 
 def load_model(source: str = "auto", model_tag: str | None = None, step: int | None = None, *, device="cpu", dtype: torch.dtype | None = None):
     """(GPT in eval mode, checkpoint metadata) for a stage's newest (or given) tag and step."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPTConfig, build_model
 
     source = resolve_source(source)
     folder = stage_dir(source)
@@ -288,10 +288,7 @@ def load_model(source: str = "auto", model_tag: str | None = None, step: int | N
         ckpt = load_checkpoint(folder / tag, step, with_training_state=False, device=device)
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {script} makes a new one") from None
-    with torch.device("meta"):
-        model = GPT(GPTConfig.from_dict(ckpt.meta["model_config"]))
-    model.to_empty(device=device)
-    model.init_weights()  # rebuilds the non-persistent rotary tables
+    model = build_model(GPTConfig.from_dict(ckpt.meta["model_config"]), device)
     model.load_state_dict(ckpt.model_state)
     if dtype is not None:
         model.to(dtype=dtype)

@@ -5,7 +5,8 @@ Weights map one-to-one onto HuggingFace transformers' NanoChat architecture
 
 - rotary position embeddings (theta 10000), no learned positions; the first
   half of each head is rotated against the second half
-- rotary is applied to queries and keys BEFORE their RMSNorm (QK-norm)
+- rotary is applied to queries and keys BEFORE their RMSNorm (QK-norm); a
+  rotation keeps the RMS, so the order only matters for bit-level agreement
 - one parameter-free RMSNorm (eps 1e-6) after the token embedding, before
   attention, before the MLP and before the head
 - grouped-query attention: n_kv_head key/value heads shared by n_head queries
@@ -26,15 +27,21 @@ import torch.nn.functional as F
 # run past it without recomputing anything.
 ROTARY_LENGTH_FACTOR = 10
 
+# The loss exponentiates capped logits without subtracting the row maximum,
+# which stays finite in fp32 while vocab_size * exp(cap) < 3e38.
+MAX_LOGIT_SOFTCAP = 50.0
+
 
 @dataclass
 class GPTConfig:
-    sequence_len: int = 2048
-    vocab_size: int = 65536
-    n_layer: int = 20
-    n_head: int = 10
-    n_kv_head: int = 10
-    n_embd: int = 1280
+    """Model shape; sizes have no defaults because config_for_depth derives them."""
+
+    sequence_len: int  # training context length
+    vocab_size: int
+    n_layer: int
+    n_head: int  # query heads; head_dim = n_embd // n_head
+    n_kv_head: int  # key/value heads, shared by n_head // n_kv_head query heads each
+    n_embd: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     logit_softcap: float = 15.0
@@ -46,6 +53,8 @@ class GPTConfig:
             raise ValueError(f"n_kv_head={self.n_kv_head} does not divide n_head={self.n_head}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.logit_softcap <= MAX_LOGIT_SOFTCAP:
+            raise ValueError(f"logit_softcap={self.logit_softcap} must be in (0, {MAX_LOGIT_SOFTCAP}]")
 
     @property
     def head_dim(self) -> int:
@@ -120,7 +129,9 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -182,8 +193,9 @@ class SoftcappedCrossEntropy(torch.autograd.Function):
         # d loss / d capped logits = softmax - one_hot(target)
         grad = torch.mul(squashed, ctx.cap).exp_().mul_(grad_rows / sum_exp.unsqueeze(1))
         grad.scatter_add_(1, safe_targets, -grad_rows)
-        # d capped / d logits = 1 - tanh^2
-        grad.addcmul_(grad * squashed, squashed, value=-1.0)
+        # d capped / d logits = 1 - tanh^2. Squaring the saved tensor in place saves
+        # an (N, V) allocation; autograd's version check makes a second backward fail loudly.
+        grad.addcmul_(grad, squashed.square_(), value=-1.0)
         return grad.to(ctx.logits_dtype), None, None
 
 
@@ -204,7 +216,9 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(norm(x, self.eps), cos, sin, kv_cache)
         return x + self.mlp(norm(x, self.eps))
 
@@ -213,6 +227,12 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """Token ids -> soft-capped next-token logits, or the loss against targets.
+
+    GPT(config) leaves the weights at torch defaults: call init_weights(), or
+    use build_model(config, device).
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -252,7 +272,13 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.fc2.weight)
         self.cos, self.sin = self._rotary_tables(device=self.lm_head.weight.device)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None, loss_reduction: str = "mean"):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+    ) -> torch.Tensor:
         """Logits (B, T, V) in fp32, or the cross-entropy loss when targets are given.
 
         targets: (B, T) token ids, -1 where no loss is wanted. loss_reduction
@@ -261,13 +287,11 @@ class GPT(nn.Module):
         kv_cache: see KVCache; idx then holds the tokens after the kv_cache.pos
         already cached ones, and the cache is advanced by T.
         """
+        if loss_reduction not in ("mean", "none"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
         T = idx.size(1)
-        pos = 0 if kv_cache is None else kv_cache.pos
-        if pos + T > self.cos.size(0):
-            raise ValueError(f"positions up to {pos + T} exceed the rotary tables ({self.cos.size(0)})")
-        cos, sin = (table[pos : pos + T, None, :] for table in (self.cos, self.sin))
         x = norm(self.wte(idx), self.config.norm_eps)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        cos, sin = self._rotary_slice(0 if kv_cache is None else kv_cache.pos, T, x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, kv_cache)
         if kv_cache is not None:
@@ -276,19 +300,21 @@ class GPT(nn.Module):
         cap = self.config.logit_softcap
         if targets is None:
             return cap * torch.tanh(logits.float() / cap)
-        losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap)
-        if loss_reduction == "none":
-            return losses.view_as(targets)
-        if loss_reduction == "mean":
-            return losses.sum() / (targets != -1).sum()
-        raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+        losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap).view_as(targets)
+        return losses if loss_reduction == "none" else losses.sum() / (targets != -1).sum()
+
+    def _rotary_slice(self, pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions pos..pos+T, shaped (T, 1, head_dim/2) to broadcast over heads."""
+        if pos + T > self.cos.size(0):
+            raise ValueError(f"position {pos + T} is past the rotary tables ({self.cos.size(0)} positions)")
+        return tuple(table[pos : pos + T, None, :].to(dtype) for table in (self.cos, self.sin))
 
     # ------------------------------------------------------------ accounting
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimizer treatment: block matrices (Muon), embedding, head."""
         groups = {
-            "matrix": [p for p in self.blocks.parameters()],
+            "matrix": list(self.blocks.parameters()),
             "embedding": [self.wte.weight],
             "lm_head": [self.lm_head.weight],
         }
@@ -298,8 +324,12 @@ class GPT(nn.Module):
         return groups
 
     def param_counts(self) -> dict[str, int]:
-        counts = {name: sum(p.numel() for p in params) for name, params in self.parameter_groups().items()}
-        counts = {"embedding": counts["embedding"], "matrices": counts["matrix"], "lm_head": counts["lm_head"]}
+        groups = self.parameter_groups()
+        counts = {
+            "embedding": _numel(groups["embedding"]),
+            "matrices": _numel(groups["matrix"]),
+            "lm_head": _numel(groups["lm_head"]),
+        }
         counts["total"] = sum(counts.values())
         return counts
 
@@ -309,16 +339,31 @@ class GPT(nn.Module):
     def estimate_flops(self) -> float:
         """Training FLOPs per token (forward + backward), the nanochat convention.
 
-        Each weight does a multiply-add (2 FLOPs) per token forward and twice
-        that backward: 6 per parameter. The embedding is a lookup, not a
-        matmul, so it is left out. Attention adds QK^T and AV: 2 matmuls of
-        head_dim per key per head, forward 2*2 and backward twice that, 12 in
-        all, counted over all sequence_len keys (the causal mask is ignored).
+        A weight costs one multiply-add (2 FLOPs) per token forward and two
+        backward (gradients of input and weight): 6 per parameter. The
+        embedding is a lookup, not a matmul, so it is left out. Attention's
+        QK^T and AV add 2 * 2 * head_dim FLOPs per head per key forward, 12 *
+        head_dim with backward, over all sequence_len keys: the causal mask,
+        which halves the real work, is ignored, as nanochat does.
         """
         c = self.config
         matmul_params = self.num_params() - self.wte.weight.numel()
         attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
         return float(6 * matmul_params + attention)
+
+
+def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
+    """A freshly initialised GPT on device. It is laid out on the meta device
+    first, so the weights are allocated once, where they will live."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
+def _numel(params: list[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
 
 
 # ---------------------------------------------------------------- inference cache
@@ -328,7 +373,8 @@ class KVCache:
     """Keys and values of the tokens seen so far, for every layer, preallocated.
 
     GPT.forward calls update() once per layer and advance() once at the end,
-    so `pos` counts the tokens whose keys and values are fully stored.
+    so `pos` counts the tokens whose keys and values are fully stored. dtype
+    must be the dtype the attention runs in (bf16 under bf16 autocast).
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):

@@ -205,6 +205,10 @@ class Tokenizer:
     def get_pattern(self) -> str:
         return self._pattern
 
+    def get_mergeable_ranks(self) -> dict[bytes, int]:
+        """Token bytes -> id for every non-special token (a copy; exporters rebuild merges from it)."""
+        return dict(self._ranks)
+
     def token_bytes(self) -> torch.Tensor:
         """int32 [vocab_size]: UTF-8 bytes each id stands for (0 for specials), for bits-per-byte."""
         return torch.from_numpy(self._token_bytes.copy())

@@ -23,7 +23,7 @@ from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from nanochat.common import compute_cleanup, compute_dtype, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, build_model, config_for_depth
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers
@@ -70,13 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_model(args, vocab_size: int, device: torch.device) -> GPT:
-    config = config_for_depth(args.depth, vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len)
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()
-    return model
+def model_config(args, vocab_size: int):
+    return config_for_depth(args.depth, vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim, max_seq_len=args.max_seq_len)
 
 
 def print_plan(model: GPT, plan, dtype, peak_source: str) -> None:
@@ -112,7 +107,7 @@ def train(args, info) -> int:
     dtype = compute_dtype(device.type)
     tokenizer = get_tokenizer()
     token_bytes = tokenizer.token_bytes()
-    model = build_model(args, tokenizer.get_vocab_size(), device)
+    model = build_model(model_config(args, tokenizer.get_vocab_size()), device)
     model_tag = args.model_tag or f"d{args.depth}"
     tag_dir = get_base_dir() / "base_checkpoints" / model_tag
     plan = derive_plan(
