@@ -147,13 +147,21 @@ class CausalSelfAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
     """Causal attention of T_new queries at positions pos.. over all T_total keys so far.
 
-    q is (B, H, T_new, D); k, v are (B, H_kv, T_total, D).
+    q is (B, H, T_new, D); k, v are (B, H_kv, T_total, D). `pos` is the number
+    of tokens cached before these, either shared (int) or per row (a (B,)
+    tensor, when sequences of different lengths decode together); keys past a
+    row's own length are masked out.
     """
     t_new, t_total = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
+    if isinstance(pos, torch.Tensor):
+        query_pos = pos[:, None] + torch.arange(t_new, device=q.device)  # (B, T_new)
+        key_pos = torch.arange(t_total, device=q.device)
+        mask = key_pos[None, None, None, :] <= query_pos[:, None, :, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     if t_new == t_total:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if t_new == 1:  # one new token sees everything cached before it
@@ -303,10 +311,15 @@ class GPT(nn.Module):
         losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap).view_as(targets)
         return losses if loss_reduction == "none" else losses.sum() / (targets != -1).sum()
 
-    def _rotary_slice(self, pos: int, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions pos..pos+T, shaped (T, 1, head_dim/2) to broadcast over heads."""
-        if pos + T > self.cos.size(0):
-            raise ValueError(f"position {pos + T} is past the rotary tables ({self.cos.size(0)} positions)")
+    def _rotary_slice(self, pos: int | torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions pos..pos+T, shaped (T, 1, head_dim/2) to broadcast over
+        rows and heads, or (B, T, 1, head_dim/2) when pos is a per-row (B,) tensor."""
+        last = (int(pos.max()) if isinstance(pos, torch.Tensor) else pos) + T
+        if last > self.cos.size(0):
+            raise ValueError(f"position {last} is past the rotary tables ({self.cos.size(0)} positions)")
+        if isinstance(pos, torch.Tensor):
+            positions = pos[:, None] + torch.arange(T, device=pos.device)
+            return tuple(table[positions][:, :, None, :].to(dtype) for table in (self.cos, self.sin))
         return tuple(table[pos : pos + T, None, :].to(dtype) for table in (self.cos, self.sin))
 
     # ------------------------------------------------------------ accounting

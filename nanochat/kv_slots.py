@@ -1,0 +1,77 @@
+"""A KV cache of independent rows ("slots"), for decoding many sequences together.
+
+Each slot holds one sequence and has its own length, so a request can join
+(prefill into a free slot) or leave (free its slot) between decode steps. The
+views below are what GPT.forward sees as its `kv_cache`: one slot during a
+prefill, the first `rows` slots (with per-row positions) during a decode step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanochat.gpt import GPTConfig
+
+
+class SlotKVCache:
+    def __init__(self, config: GPTConfig, slots: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (config.n_layer, slots, config.n_kv_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.slots, self.max_len = slots, max_len
+
+    def prefill_view(self, slot: int) -> "_PrefillView":
+        """Append tokens to one slot (its cached prefix stays)."""
+        return _PrefillView(self, slot)
+
+    def decode_view(self, rows: int, active: torch.Tensor) -> "_DecodeView":
+        """One new token for each of slots 0..rows-1; only rows where `active` is set advance."""
+        return _DecodeView(self, rows, active)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Give `dst` the same cached prefix as `src` (samples of one prompt share its prefill)."""
+        n = int(self.lengths[src])
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+
+class _PrefillView:
+    def __init__(self, cache: SlotKVCache, slot: int):
+        self.cache, self.slot = cache, slot
+        self.pos = int(cache.lengths[slot])
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.pos + k.size(2)
+        if end > self.cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.cache.max_len}")
+        s = self.slot
+        self.cache.k[layer_idx, s : s + 1, :, self.pos : end] = k
+        self.cache.v[layer_idx, s : s + 1, :, self.pos : end] = v
+        return self.cache.k[layer_idx, s : s + 1, :, :end], self.cache.v[layer_idx, s : s + 1, :, :end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.cache.lengths[self.slot] = self.pos + num_tokens
+
+
+class _DecodeView:
+    def __init__(self, cache: SlotKVCache, rows: int, active: torch.Tensor):
+        self.cache, self.rows, self.active = cache, rows, active
+        self.pos = cache.lengths[:rows].clone()  # per-row positions of the new tokens
+        self.end = int(self.pos.max()) + 1
+        if self.end > cache.max_len:
+            raise ValueError(f"a sequence reached the cache's {cache.max_len} tokens")
+        self.row_index = torch.arange(rows, device=self.pos.device)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # k, v are (rows, H_kv, 1, D); each row writes at its own position
+        self.cache.k[layer_idx][self.row_index, :, self.pos] = k[:, :, 0]
+        self.cache.v[layer_idx][self.row_index, :, self.pos] = v[:, :, 0]
+        return self.cache.k[layer_idx, : self.rows, :, : self.end], self.cache.v[layer_idx, : self.rows, :, : self.end]
+
+    def advance(self, num_tokens: int) -> None:
+        self.cache.lengths[: self.rows] += self.active.long() * num_tokens

@@ -1,0 +1,100 @@
+"""Chat with a model in the terminal.
+
+    python -m scripts.chat_cli                  # the most advanced model there is (rl > sft > mid > base)
+    python -m scripts.chat_cli -p "Why is the sky blue?"   # one answer, then exit
+
+Type `clear` for a new conversation, `quit` (or Ctrl-D) to leave; Ctrl-C stops
+an answer that is being written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_model
+from nanochat.common import autodetect_device_type
+from nanochat.engine import Engine, visible_to_parts
+from nanochat.sampling import SamplingParams
+from nanochat.tokenizer import TokenizerError, get_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description="Chat with a model in the terminal.")
+    p.add_argument("-s", "--source", default="auto", choices=["auto", "rl", "sft", "mid", "base"], help="which stage's model (default: the most advanced available)")
+    p.add_argument("--model-tag", default=None, help="model tag within the stage (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 for greedy (default %(default)s)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 for all (default %(default)s)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default %(default)s)")
+    p.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    return p.parse_args(argv)
+
+
+def answer(engine: Engine, tokenizer, messages: list[dict], params: SamplingParams) -> str:
+    """Stream one reply to stdout; Ctrl-C stops it early. Returns the text shown."""
+    request = engine.submit(tokenizer.render_for_completion({"messages": messages}), params)
+    shown = []
+    try:
+        while engine.has_work():
+            engine.step()
+            for event in request.drain():
+                shown.append(event.text)
+                print(event.text, end="", flush=True)
+    except KeyboardInterrupt:
+        request.cancel()
+        while engine.has_work():
+            engine.step()
+        print(" [stopped]", end="")
+    print(flush=True)
+    return "".join(shown)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(autodetect_device_type(args.device))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+        tokenizer = get_tokenizer()
+        model, meta = load_model(args.source, args.model_tag, args.step, device=device, dtype=dtype)
+    except (CheckpointError, TokenizerError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = Engine(model, tokenizer, max_batch=1)
+    messages: list[dict] = []
+    if args.prompt is not None:
+        answer(engine, tokenizer, [{"role": "user", "content": args.prompt}], params)
+        return 0
+    print(f"nanochat ({meta['source']} {meta['model_tag']} step {meta['step']:,}); 'clear' starts over, 'quit' or Ctrl-D leaves")
+    while True:
+        try:
+            text = input("\nYou: ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(type quit or press Ctrl-D to leave)")
+            continue
+        if text.lower() in ("quit", "exit"):
+            return 0
+        if text.lower() == "clear":
+            messages = []
+            print("(new conversation)")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        print("Assistant: ", end="", flush=True)
+        reply = answer(engine, tokenizer, messages, params)
+        messages.append({"role": "assistant", "content": visible_to_parts(reply)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Serve a model: the OpenAI-compatible API and the chat web page, one server.
+
+    python -m scripts.chat_service                    # http://localhost:8000
+    python -m scripts.chat_service --api-key secret   # bearer auth on /v1 and /stats
+
+chat.sh and chat_service.sh call this; their flags are these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+import torch
+import uvicorn
+
+from nanochat.checkpoint import CheckpointError, load_model
+from nanochat.common import autodetect_device_type
+from nanochat.engine import Engine
+from nanochat.server import ServerSettings, create_app
+from nanochat.tokenizer import TokenizerError, get_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
+    p.add_argument("-s", "--source", default="auto", choices=["auto", "rl", "sft", "mid", "base"], help="which stage's model (default: the most advanced available)")
+    p.add_argument("--model-tag", default=None, help="model tag within the stage (default: the newest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("-p", "--port", type=int, default=8000, help="port (default %(default)s)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default %(default)s: all)")
+    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature; requests override it (default %(default)s)")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k; requests override it (default %(default)s)")
+    p.add_argument("-m", "--max-tokens", type=int, default=512, help="default answer length in tokens (default %(default)s)")
+    p.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require 'Authorization: Bearer KEY' (env NANOCHAT_API_KEY); none: open")
+    p.add_argument("--cors", nargs="*", default=[], metavar="ORIGIN", help="allow browser clients from these origins ('*' for any)")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before new ones get 429 (default %(default)s)")
+    p.add_argument("--max-messages", type=int, default=64, help="messages per request (default %(default)s)")
+    p.add_argument("--max-message-chars", type=int, default=8000, help="characters per message (default %(default)s)")
+    p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
+    p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
+    return p.parse_args(argv)
+
+
+def urls(host: str, port: int) -> list[str]:
+    """Addresses a browser can open: localhost, and this machine's LAN address when listening on all interfaces."""
+    found = [f"http://localhost:{port}"]
+    if host in ("0.0.0.0", "::"):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect(("10.255.255.255", 1))  # no packet is sent; this picks the outgoing interface
+                found.append(f"http://{s.getsockname()[0]}:{port}")
+        except OSError:
+            pass
+    elif host not in ("127.0.0.1", "localhost"):
+        found = [f"http://{host}:{port}"]
+    return found
+
+
+def banner(args, meta: dict, device) -> str:
+    lines = [f"nanochat: {meta['source']} model {meta['model_tag']} step {meta['step']:,} on {device}"]
+    addresses = urls(args.host, args.port)
+    if args.banner == "web":
+        lines += ["open in your browser:"] + [f"  {u}" for u in addresses]
+    else:
+        lines += [f"OpenAI-compatible API: {addresses[0]}/v1  (model id 'nanochat')"]
+    lines.append("auth: bearer API key required" if args.api_key else "auth: none (anyone who can reach this port can use it; --api-key to require a key)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(autodetect_device_type(args.device))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        tokenizer = get_tokenizer()
+        model, meta = load_model(args.source, args.model_tag, args.step, device=device, dtype=dtype)
+    except (CheckpointError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    engine = Engine(model, tokenizer, max_batch=args.max_batch)
+    settings = ServerSettings(
+        api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,
+        max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
+        temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
+    )
+    info = {"source": meta["source"], "model_tag": meta["model_tag"], "step": meta["step"],
+            "parameters": model.num_params(), "device": str(device), "context": engine.max_len}
+    app = create_app(engine, settings, info)
+    print(banner(args, meta, device), flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Helpers for the serving tests: a tiny real model trained to say specific things, and a real server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from nanochat.checkpoint import save_checkpoint
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT_ANSWER = "<script>alert('pwned')</script> **bold** and `code`"
+
+
+def make_served_model(base: Path, sequence_len: int = 1024) -> None:
+    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with SCRIPT_ANSWER."""
+    words = ["hello", "world", "script", "alert", "bold", "code", "and", "the", "answer", "is"]
+    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + " <script> **x** `y`" for i in range(200)]
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
+    tokenizer.save(base / "tokenizer")
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
+    model = build_model(config, "cpu")
+    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SCRIPT_ANSWER}]})
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        model(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(base / "chatsft_checkpoints" / "tiny", 200, model_state=model.state_dict(), optim_state=None,
+                    data_state=None, meta={"model_config": config.to_dict()})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m scripts.chat_service` on a free port, until close()."""
+
+    def __init__(self, base: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env.pop("NANOCHAT_API_KEY", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 60) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("server exited:\n" + self.proc.stdout.read())
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become healthy")
+
+    def close(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out
+
+
+def make_slow_model(base: Path) -> None:
+    """Tokenizer + a base checkpoint of a random model big enough to decode slowly (a few dozen tokens/s on one
+    thread), so a browser can watch tokens arrive and stop an answer midway."""
+    make_served_model(base)  # for the tokenizer
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    torch.manual_seed(1)
+    config = GPTConfig(sequence_len=2048, vocab_size=tokenizer.get_vocab_size(), n_layer=8, n_head=4, n_kv_head=4, n_embd=512)
+    model = build_model(config, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_checkpoint(base / "base_checkpoints" / "slow", 1, model_state=model.state_dict(), optim_state=None,
+                    data_state=None, meta={"model_config": config.to_dict()})

@@ -1,0 +1,183 @@
+"""The inference engine: KV cache, batching, sampling, tool use, streaming, cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from nanochat.engine import Engine, EngineWorker, collect
+from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.kv_slots import SlotKVCache
+from nanochat.sampling import SamplingParams
+from nanochat.tokenizer import Tokenizer
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    words = ["hello", "world", "tool", "answer", "seven", "five", "sum", "is", "the", "a", "b", "2+3", "calc"]
+    texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) for i in range(200)]
+    return Tokenizer.train_from_iterator(texts, vocab_size=300)
+
+
+def random_model(vocab_size: int, n_kv_head: int = 2) -> GPT:
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=2, n_head=4, n_kv_head=n_kv_head, n_embd=64), "cpu")
+    with torch.no_grad():  # zero-initialised projections would make every position alike
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return random_model(tokenizer.get_vocab_size())
+
+
+def test_batched_decode_logits_equal_uncached_recomputation(model):
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+    cache = SlotKVCache(model.config, slots=4, max_len=32)
+    seqs = [list(p) for p in prompts]
+    with torch.no_grad():
+        for slot, p in enumerate(prompts):
+            model(torch.tensor([p]), kv_cache=cache.prefill_view(slot))
+        for step in range(5):
+            inputs = torch.tensor([[10 + step + i] for i in range(3)])
+            active = torch.tensor([True, True, True])
+            cached = model(inputs, kv_cache=cache.decode_view(3, active))[:, -1]
+            for i in range(3):
+                seqs[i].append(10 + step + i)
+                full = model(torch.tensor([seqs[i]]))[0, -1]
+                torch.testing.assert_close(cached[i], full, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_greedy_equals_one_at_a_time(model, tokenizer):
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("hello world", "the sum is", "a", "tool answer seven five")]
+    alone = [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
+    engine = Engine(model, tokenizer, max_batch=4)
+    requests = [engine.submit(p, GREEDY) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    together = [collect(r, 1)[0].tokens for r in requests]
+    assert together == alone and all(len(t) == 12 for t in alone)
+
+
+def test_more_requests_than_slots_wait_their_turn(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=2)
+    prompts = [tokenizer.encode(w, prepend="<|bos|>") for w in ("a", "b", "hello", "world", "sum")]
+    requests = [engine.submit(p, GREEDY) for p in prompts]
+    while engine.has_work():
+        engine.step()
+        assert len(engine.active) <= 2
+    assert [collect(r, 1)[0].tokens for r in requests] == [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
+
+
+def test_sampling_seed_topk_and_samples(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4)
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    hot = SamplingParams(temperature=1.5, top_k=0, max_tokens=20, seed=123)
+    first = engine.generate(prompt, hot, n=3)
+    again = engine.generate(prompt, hot, n=3)
+    assert [c.tokens for c in first] == [c.tokens for c in again]  # seeded: reproducible
+    assert len({tuple(c.tokens) for c in first}) > 1  # samples of one prompt differ
+    other = engine.generate(prompt, SamplingParams(temperature=1.5, top_k=0, max_tokens=20, seed=124))
+    assert other[0].tokens != first[0].tokens
+    top1 = engine.generate(prompt, SamplingParams(temperature=1.5, top_k=1, max_tokens=12, seed=5))
+    assert top1[0].tokens == engine.generate(prompt, GREEDY)[0].tokens
+    tiny_p = engine.generate(prompt, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=12, seed=9))
+    assert tiny_p[0].tokens == engine.generate(prompt, GREEDY)[0].tokens
+
+
+def test_limits_and_stop_strings(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    full = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30))[0]
+    assert full.finish_reason == "length" and len(full.tokens) == 30
+    stop = full.text[5:8]
+    cut = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=30, stop=(stop,)))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.find(stop)]
+    near_context = engine.generate(list(range(1, 120)), SamplingParams(temperature=0, max_tokens=100))[0]
+    assert near_context.finish_reason == "length" and len(near_context.tokens) == 128 - 119
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(list(range(1, 200)), GREEDY)
+
+
+def test_streamed_events_reassemble_the_answer(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    prompt = tokenizer.encode("the sum", prepend="<|bos|>")
+    request = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=15))
+    pieces = []
+    while engine.has_work():
+        engine.step()
+    events = list(request.events())
+    pieces = [e.text for e in events]
+    assert "".join(pieces) == engine.generate(prompt, SamplingParams(temperature=0, max_tokens=15))[0].text
+    assert events[-1].finish_reason == "length" and sum(e.token is not None for e in events) == 15
+
+
+def test_cancel_frees_the_slot(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=1)
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    first = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=100))
+    second = engine.submit(prompt, GREEDY)
+    engine.step()
+    assert engine.active[0].request is first
+    first.cancel()
+    engine.step()
+    assert engine.active and engine.active[0].request is second
+    while engine.has_work():
+        engine.step()
+    assert collect(first, 1)[0].finish_reason == "cancelled"
+    assert len(collect(second, 1)[0].tokens) == 12
+
+
+def test_worker_serves_concurrent_submitters(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch=4)
+    prompts = [tokenizer.encode(w, prepend="<|bos|>") for w in ("a", "b", "hello", "world", "sum", "tool")]
+    expected = [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
+    worker = EngineWorker(engine)
+    worker.start()
+    results = [None] * len(prompts)
+
+    def client(i):
+        results[i] = collect(engine.submit(prompts[i], GREEDY), 1)[0].tokens
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    worker.stop()
+    assert results == expected
+
+
+def test_tool_call_output_comes_from_the_calculator(tokenizer):
+    """A tiny model overfit on a conversation whose tool output is WRONG (2+3 -> 7):
+    the engine must force the calculator's 5 instead of the model's 7."""
+    conversation = {"messages": [
+        {"role": "user", "content": "calc"},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "sum"}, {"type": "python", "text": "2+3"},
+            {"type": "python_output", "text": "7"}, {"type": "text", "text": " answer"},
+        ]},
+    ]}
+    ids, _ = tokenizer.render_conversation(conversation)
+    model = random_model(tokenizer.get_vocab_size())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    for _ in range(150):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    assert loss.item() < 0.05
+    prompt = tokenizer.render_for_completion(conversation)
+    answer = Engine(model, tokenizer).generate(prompt, SamplingParams(temperature=0, max_tokens=30))[0]
+    assert answer.text == "sum<<2+3=5>> answer"
+    assert answer.finish_reason == "stop"
+    assert tokenizer.encode_special("<|output_start|>") in answer.tokens

@@ -1,0 +1,198 @@
+"""The OpenAI-compatible server, for real: uvicorn on 127.0.0.1, the `openai` client, httpx."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from serving import SCRIPT_ANSWER, ServerProcess, make_served_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("served")
+    make_served_model(base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    srv = ServerProcess(model_dir, "--max-batch", "8", "--max-messages", "6", "--max-message-chars", "400", "--max-total-chars", "1000")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def test_openai_client_non_streaming(client):
+    resp = client.chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=60)
+    choice = resp.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == SCRIPT_ANSWER
+    assert choice.finish_reason == "stop" and resp.object == "chat.completion" and resp.model == "nanochat"
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 5
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_streaming_reassembles_to_the_same_answer(client):
+    messages = [{"role": "user", "content": "tell me about the world"}]
+    whole = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=40)
+    stream = client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=40,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens > 0
+
+
+def test_n_samples_seed_and_stop(client):
+    resp = client.chat.completions.create(model="nanochat", messages=HI, temperature=1.0, n=3, seed=7, max_tokens=20)
+    again = client.chat.completions.create(model="nanochat", messages=HI, temperature=1.0, n=3, seed=7, max_tokens=20)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.message.content for c in resp.choices] == [c.message.content for c in again.choices]
+    stopped = client.chat.completions.create(model="nanochat", messages=HI, temperature=0, stop=["alert"], max_tokens=60)
+    assert stopped.choices[0].message.content == "<script>" and stopped.choices[0].finish_reason == "stop"
+    top_k_ext = client.chat.completions.create(model="nanochat", messages=HI, temperature=1.5, max_tokens=60, extra_body={"top_k": 1})
+    assert top_k_ext.choices[0].message.content == SCRIPT_ANSWER
+
+
+def test_models_health_stats(server, client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["nanochat"]
+    meta = httpx.get(server.url + "/v1/models").json()["data"][0]["metadata"]
+    assert meta["source"] == "sft" and meta["step"] == 200 and meta["parameters"] > 0
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    stats = httpx.get(server.url + "/stats").json()
+    for key in ("uptime_seconds", "requests_served", "requests_in_flight", "queue_depth", "tokens_generated", "recent_tokens_per_second", "model"):
+        assert key in stats
+    assert stats["requests_served"] >= 1 and stats["tokens_generated"] > 0 and stats["model"]["device"] == "cpu"
+
+
+def _chat(**fields):
+    return {"model": "nanochat", "messages": HI, **fields}
+
+
+MALFORMED = [
+    ("not json", "POST", "/v1/chat/completions", b"{not json", 400),
+    ("truncated json", "POST", "/v1/chat/completions", b'{"messages": [', 400),
+    ("json array", "POST", "/v1/chat/completions", [1, 2], 400),
+    ("json string", "POST", "/v1/chat/completions", "hello", 400),
+    ("empty body", "POST", "/v1/chat/completions", b"", 400),
+    ("no messages", "POST", "/v1/chat/completions", {"model": "nanochat"}, 400),
+    ("messages not a list", "POST", "/v1/chat/completions", _chat(messages="hi"), 400),
+    ("empty messages", "POST", "/v1/chat/completions", _chat(messages=[]), 400),
+    ("too many messages", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}] * 3 + HI), 400),
+    ("unknown role", "POST", "/v1/chat/completions", _chat(messages=[{"role": "wizard", "content": "hi"}]), 400),
+    ("missing content", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user"}]), 400),
+    ("content wrong type", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": 42}]), 400),
+    ("content too long", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "x" * 401}]), 400),
+    ("total too long", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "x" * 390}, {"role": "assistant", "content": "y" * 390}, {"role": "user", "content": "z" * 390}]), 400),
+    ("empty user message", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "   "}]), 400),
+    ("ends with assistant", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "assistant", "content": "yo"}]), 400),
+    ("two users in a row", "POST", "/v1/chat/completions", _chat(messages=HI + HI), 400),
+    ("late system message", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "system", "content": "be nice"}]), 400),
+    ("temperature too high", "POST", "/v1/chat/completions", _chat(temperature=2.5), 400),
+    ("temperature negative", "POST", "/v1/chat/completions", _chat(temperature=-0.1), 400),
+    ("temperature a word", "POST", "/v1/chat/completions", _chat(temperature="hot"), 400),
+    ("top_p zero", "POST", "/v1/chat/completions", _chat(top_p=0), 400),
+    ("top_p above one", "POST", "/v1/chat/completions", _chat(top_p=1.5), 400),
+    ("top_k negative", "POST", "/v1/chat/completions", _chat(top_k=-1), 400),
+    ("max_tokens zero", "POST", "/v1/chat/completions", _chat(max_tokens=0), 400),
+    ("max_tokens over context", "POST", "/v1/chat/completions", _chat(max_tokens=5000), 400),
+    ("max_completion_tokens over context", "POST", "/v1/chat/completions", _chat(max_completion_tokens=5000), 400),
+    ("n zero", "POST", "/v1/chat/completions", _chat(n=0), 400),
+    ("n above slots", "POST", "/v1/chat/completions", _chat(n=9), 400),
+    ("stream not a bool", "POST", "/v1/chat/completions", _chat(stream="yes"), 400),
+    ("too many stops", "POST", "/v1/chat/completions", _chat(stop=["a", "b", "c", "d", "e"]), 400),
+    ("empty stop", "POST", "/v1/chat/completions", _chat(stop=[""]), 400),
+    ("seed not an int", "POST", "/v1/chat/completions", _chat(seed="abc"), 400),
+    ("unknown model", "POST", "/v1/chat/completions", _chat(model="gpt-9"), 404),
+    ("unknown path", "GET", "/v1/nothing", None, 404),
+    ("wrong method", "GET", "/v1/chat/completions", None, 405),
+]
+
+
+@pytest.mark.parametrize("name,method,path,body,status", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_openai_errors(server, name, method, path, body, status):
+    content = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
+    resp = httpx.request(method, server.url + path, content=content, headers={"Content-Type": "application/json"}, timeout=30)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_unknown_fields_are_ignored_and_server_stays_healthy(server, client):
+    resp = httpx.post(server.url + "/v1/chat/completions", json=_chat(temperature=0, max_tokens=60, frobnicate=True, user="x"), timeout=30)
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == SCRIPT_ANSWER
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_eight_concurrent_streams_are_correct_and_isolated(client):
+    prompts = [f"hello {i} world" for i in range(7)] + ["hi"]
+    expected = [client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=30).choices[0].message.content for p in prompts]
+    results = [None] * len(prompts)
+
+    def stream(i):
+        chunks = client.chat.completions.create(model="nanochat", messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=30, stream=True)
+        results[i] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == expected and results[-1] == SCRIPT_ANSWER
+
+
+def test_client_disconnect_frees_the_slot(server, client):
+    messages = [{"role": "user", "content": "hello world"}]
+    # a seed whose answer runs to the limit, so an early disconnect really cuts it short
+    seed = next(s for s in range(40) if client.chat.completions.create(
+        model="nanochat", messages=messages, temperature=2.0, seed=s, max_tokens=150, extra_body={"top_k": 0}).choices[0].finish_reason == "length")
+    before = httpx.get(server.url + "/stats").json()["tokens_generated"]
+    body = _chat(messages=messages, temperature=2.0, top_k=0, seed=seed, max_tokens=150, stream=True)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
+        lines = resp.iter_lines()
+        for _ in range(3):
+            next(lines)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        stats = httpx.get(server.url + "/stats").json()
+        if stats["requests_in_flight"] == 0:
+            break
+        time.sleep(0.02)
+    assert stats["requests_in_flight"] == 0
+    time.sleep(0.3)
+    spent = httpx.get(server.url + "/stats").json()["tokens_generated"] - before
+    assert spent < 150  # decoding stopped when the client left, before max_tokens
+
+
+def test_api_key_required_when_configured(model_dir):
+    srv = ServerProcess(model_dir, "--api-key", "s3cret")
+    try:
+        anonymous = httpx.post(srv.url + "/v1/chat/completions", json=_chat(max_tokens=5))
+        assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(srv.url + "/health").status_code == 200
+        ok = OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=60)
+        assert ok.choices[0].message.content == SCRIPT_ANSWER
+    finally:
+        banner = srv.close()
+    assert "auth: bearer API key required" in banner
+
+
+def test_open_server_says_so(server):
+    assert httpx.get(server.url + "/v1/models").status_code == 200

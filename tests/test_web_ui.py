@@ -1,0 +1,122 @@
+"""The chat page in real headless Chromium (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+from serving import ServerProcess, make_served_model, make_slow_model
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def slow_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("slow")
+    make_slow_model(base)
+    srv = ServerProcess(base, "--source", "base")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    make_served_model(base)
+    srv = ServerProcess(base)
+    yield srv
+    srv.close()
+
+
+def set_setting(page, field: str, value: str) -> None:
+    if not page.evaluate("document.querySelector('details.settings').open"):
+        page.click("details.settings summary")
+    page.fill(field, value)
+
+
+def answer_length(page) -> int:
+    return page.evaluate("conversation.length > 1 ? conversation[conversation.length - 1].content.length : 0")
+
+
+def test_type_stream_stop_new_chat(browser, slow_server):
+    page = browser.new_page()
+    page.goto(slow_server.url)
+    set_setting(page, "#max-tokens", "1500")
+    page.fill("#input", "hello world")
+    page.press("#input", "Enter")
+    page.wait_for_function("conversation.length === 2 && conversation[1].content.length > 0", timeout=30000)
+    first = answer_length(page)
+    page.wait_for_function(f"conversation[1].content.length > {first}", timeout=30000)  # tokens keep arriving
+    assert page.is_enabled("#stop") and page.is_disabled("#send")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('stop').disabled", timeout=10000)
+    stopped_at = answer_length(page)
+    time.sleep(0.5)
+    assert answer_length(page) == stopped_at
+    deadline = time.time() + 5
+    while httpx.get(slow_server.url + "/stats").json()["requests_in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(slow_server.url + "/stats").json()["requests_in_flight"] == 0
+    assert page.locator(".message.user").count() == 1 and page.locator(".message.assistant").count() == 1
+    assert page.locator(".regenerate").count() == 1
+    page.click("#new-chat")
+    assert page.locator("#messages .message").count() == 0
+    page.close()
+
+
+def test_edit_a_user_message_resends_it(browser, slow_server):
+    page = browser.new_page()
+    page.goto(slow_server.url)
+    set_setting(page, "#max-tokens", "3")
+    page.fill("#input", "first question")
+    page.press("#input", "Enter")
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    page.click(".message.user .edit")
+    page.fill(".message.user textarea", "second question")
+    page.click(".save-edit")
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    assert page.evaluate("conversation[0].content") == "second question"
+    assert page.locator(".message.user .body").inner_text() == "second question"
+    page.close()
+
+
+def test_model_markup_is_shown_as_text(browser, tiny_server):
+    page = browser.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(tiny_server.url)
+    set_setting(page, "#temperature", "0")
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    body = page.locator(".message.assistant .body")
+    assert "<script>alert('pwned')</script>" in body.inner_text()
+    assert page.locator("#messages script").count() == 0 and dialogs == []
+    assert body.locator("strong").inner_text() == "bold" and body.locator("code").inner_text() == "code"
+    assert "sft" in page.inner_text("#model-info")
+    page.close()
+
+
+def test_phone_width_has_no_horizontal_scroll(browser, tiny_server):
+    page = browser.new_page(viewport={"width": 375, "height": 700})
+    page.goto(tiny_server.url)
+    page.fill("#input", "hi " * 200)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    assert page.is_visible("#send") and page.is_visible("#new-chat")
+    page.close()
