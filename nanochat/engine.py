@@ -31,7 +31,7 @@ import torch
 
 from nanochat.calculator import evaluate
 from nanochat.kv_slots import SlotKVCache
-from nanochat.sampling import SamplingParams, make_generator, sample_token
+from nanochat.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger("nanochat.engine")
 
@@ -131,6 +131,8 @@ class Sequence:
     forced: deque = field(default_factory=deque)
     tool_start: int | None = None  # index in tokens just after <|python_start|>
     visible: str = ""  # text so far, tool markers rendered
+    rendered_prefix: str = ""  # visible text up to and including the last tool marker
+    run_start: int = 0  # index in tokens where the plain text after that marker begins
     emitted: int = 0  # how much of `visible` was sent
     finish_reason: str | None = None
 
@@ -224,11 +226,12 @@ class Engine:
         logits = self.model(ids, kv_cache=self.cache.prefill_view(first))[0, -1]
         for slot in slots[1:]:
             self.cache.copy_slot(first, slot)
-        for index, slot in enumerate(slots):
-            seq = Sequence(request, index, slot, make_generator(request.params.seed, index, self.device))
-            self.active.append(seq)
-            self._accept(seq, sample_token(logits, request.params, seq.generator))
+        seqs = [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
+        self.active.extend(seqs)
         self.active.sort(key=lambda s: s.slot)
+        firsts = sample_tokens(logits.expand(len(seqs), -1), [request.params] * len(seqs), [s.generator for s in seqs])
+        for seq, token in zip(seqs, firsts):
+            self._accept(seq, token)
 
     def _decode(self) -> None:
         rows = max(s.slot for s in self.active) + 1
@@ -238,9 +241,11 @@ class Engine:
             inputs[seq.slot, 0] = seq.tokens[-1]
             active[seq.slot] = True
         logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
+        sampled = [s for s in self.active if not s.forced]
+        choices = sample_tokens(logits[[s.slot for s in sampled]], [s.request.params for s in sampled], [s.generator for s in sampled])
+        chosen = {id(s): token for s, token in zip(sampled, choices)}
         for seq in list(self.active):
-            token = seq.forced.popleft() if seq.forced else sample_token(logits[seq.slot], seq.request.params, seq.generator)
-            self._accept(seq, token)
+            self._accept(seq, seq.forced.popleft() if seq.forced else chosen[id(seq)])
 
     # ------------------------------------------------------------ one token
 
@@ -271,7 +276,10 @@ class Engine:
             seq.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
 
     def _stream_text(self, seq: Sequence, token: int) -> None:
-        seq.visible = self._render(seq.tokens)
+        if token in self.markers:
+            seq.rendered_prefix += self.tokenizer.decode(seq.tokens[seq.run_start : -1]) + self.markers[token]
+            seq.run_start = len(seq.tokens)
+        seq.visible = seq.rendered_prefix + self.tokenizer.decode(seq.tokens[seq.run_start :])
         stops = seq.request.params.stop
         cut = min((i for i in (seq.visible.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
@@ -284,18 +292,6 @@ class Engine:
         if seq.visible.endswith("\ufffd"):
             safe = min(safe, len(seq.visible) - 1)
         self._send(seq, seq.visible[: max(safe, seq.emitted)], token)
-
-    def _render(self, tokens: list[int]) -> str:
-        parts, run = [], []
-        for t in tokens:
-            if t in self.markers:
-                parts.append(self.tokenizer.decode(run))
-                parts.append(self.markers[t])
-                run = []
-            else:
-                run.append(t)
-        parts.append(self.tokenizer.decode(run))
-        return "".join(parts)
 
     def _send(self, seq: Sequence, text_upto: str, token: int) -> None:
         delta = text_upto[seq.emitted :]

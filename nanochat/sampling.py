@@ -37,20 +37,31 @@ def make_generator(seed: int | None, sample_index: int, device: torch.device) ->
     return gen
 
 
-def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """One token id from 1-D logits."""
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        k = min(params.top_k, logits.size(-1))
-        values, indices = torch.topk(logits, k)
-    else:
-        values, indices = torch.sort(logits, descending=True)
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of `logits` (rows, vocab), each row with its own parameters.
+
+    All rows are filtered and normalised in one batch; each row then draws one
+    uniform number from its own generator and picks by inverse CDF, so a seeded
+    sequence samples the same tokens whatever else is in the batch.
+    """
+    greedy = logits.argmax(dim=-1).tolist()
+    hot = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return greedy
+    vocab = logits.size(-1)
+    rows = logits[hot].float()
+    temps = torch.tensor([params[i].temperature for i in hot], device=logits.device)
+    ks = torch.tensor([min(params[i].top_k or vocab, vocab) for i in hot], device=logits.device)
+    top_ps = torch.tensor([params[i].top_p for i in hot], device=logits.device)
+    values, indices = torch.topk(rows / temps[:, None], int(ks.max()))
+    rank = torch.arange(values.size(1), device=logits.device)
+    values = values.masked_fill(rank[None, :] >= ks[:, None], float("-inf"))
     probs = torch.softmax(values, dim=-1)
-    if params.top_p < 1.0:
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = (torch.cumsum(probs, dim=-1) - probs) < params.top_p
-        probs = probs * keep
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return int(indices[choice])
+    # top-p: keep the smallest prefix whose mass reaches p (the first token always stays)
+    probs = probs * ((torch.cumsum(probs, dim=-1) - probs) < top_ps[:, None])
+    cdf = torch.cumsum(probs, dim=-1)
+    draws = torch.cat([torch.rand(1, generator=generators[i], device=logits.device) for i in hot]) * cdf[:, -1]
+    picks = torch.searchsorted(cdf, draws[:, None]).clamp(max=values.size(1) - 1)
+    for row, i in enumerate(hot):
+        greedy[i] = int(indices[row, picks[row, 0]])
+    return greedy
