@@ -181,7 +181,7 @@ def test_client_disconnect_frees_the_slot(server, client):
 
 
 def test_api_key_required_when_configured(model_dir):
-    srv = ServerProcess(model_dir, "--api-key", "s3cret")
+    srv = ServerProcess(model_dir, "--api-key", "s3cret", "--cors", "http://example.com")
     try:
         anonymous = httpx.post(srv.url + "/v1/chat/completions", json=_chat(max_tokens=5))
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
@@ -189,10 +189,16 @@ def test_api_key_required_when_configured(model_dir):
         assert httpx.get(srv.url + "/health").status_code == 200
         ok = OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=60)
         assert ok.choices[0].message.content == SCRIPT_ANSWER
+        preflight = httpx.options(srv.url + "/v1/chat/completions", headers={
+            "Origin": "http://example.com", "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert preflight.headers.get("access-control-allow-origin") == "http://example.com"
     finally:
         banner = srv.close()
     assert "auth: bearer API key required" in banner
 
 
-def test_open_server_says_so(server):
-    assert httpx.get(server.url + "/v1/models").status_code == 200
+def test_open_server_says_so(model_dir):
+    srv = ServerProcess(model_dir)
+    assert httpx.get(srv.url + "/v1/models").status_code == 200
+    banner = srv.close()
+    assert "auth: none" in banner and "/v1" in banner

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 
 import httpx
@@ -31,6 +32,16 @@ def slow_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("slow")
     make_slow_model(base)
     srv = ServerProcess(base, "--source", "base")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def slow_server_single(tmp_path_factory):
+    """The slow model with one decoding slot and one queue place."""
+    base = tmp_path_factory.mktemp("single")
+    make_slow_model(base)
+    srv = ServerProcess(base, "--source", "base", "--max-batch", "1", "--max-queue", "1")
     yield srv
     srv.close()
 
@@ -120,3 +131,36 @@ def test_phone_width_has_no_horizontal_scroll(browser, tiny_server):
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     assert page.is_visible("#send") and page.is_visible("#new-chat")
     page.close()
+
+
+def test_regenerate_replaces_the_last_answer(browser, tiny_server):
+    page = browser.new_page()
+    page.goto(tiny_server.url)
+    set_setting(page, "#temperature", "0")
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    first = page.evaluate("conversation[1].content")
+    page.evaluate("conversation[1].content = 'something else'")
+    page.click(".regenerate")
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    assert page.evaluate("conversation[1].content") == first
+    assert page.locator(".message.assistant").count() == 1
+    page.close()
+
+
+def test_full_queue_is_refused_with_429(slow_server_single):
+    url = slow_server_single.url
+    body = {"messages": [{"role": "user", "content": "hello world"}], "temperature": 0, "max_tokens": 1500, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as busy:
+        lines = busy.iter_lines()  # keep a reference: a collected iterator closes the response (a disconnect)
+        next(lines)  # the only slot is decoding
+        waiting = threading.Thread(target=lambda: httpx.post(url + "/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=120))
+        waiting.start()  # takes the only queue place
+        deadline = time.time() + 10
+        while httpx.get(url + "/stats").json()["queue_depth"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        refused = httpx.post(url + "/v1/chat/completions", json={**body, "stream": False}, timeout=30)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+    waiting.join(timeout=120)
+    assert httpx.get(url + "/health").status_code == 200
