@@ -12,28 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import autodetect_device_type
+from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine, visible_to_parts
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description="Chat with a model in the terminal.")
-    p.add_argument("-s", "--source", default="auto", choices=["auto", "rl", "sft", "mid", "base"], help="which stage's model (default: the most advanced available)")
-    p.add_argument("--model-tag", default=None, help="model tag within the stage (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_model_args(p, temperature=0.6)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 for greedy (default %(default)s)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 for all (default %(default)s)")
-    p.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default %(default)s)")
-    p.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     return p.parse_args(argv)
 
 
@@ -58,8 +47,7 @@ def answer(engine: Engine, tokenizer, messages: list[dict], params: SamplingPara
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(autodetect_device_type(args.device))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(args)
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
         tokenizer = get_tokenizer()

@@ -13,30 +13,20 @@ import os
 import socket
 import sys
 
-import torch
 import uvicorn
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import autodetect_device_type
+from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine
 from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
-    p.add_argument("-s", "--source", default="auto", choices=["auto", "rl", "sft", "mid", "base"], help="which stage's model (default: the most advanced available)")
-    p.add_argument("--model-tag", default=None, help="model tag within the stage (default: the newest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_model_args(p, temperature=0.8)  # sampling flags are defaults here; requests override them
     p.add_argument("-p", "--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default %(default)s: all)")
-    p.add_argument("-t", "--temperature", type=float, default=0.8, help="default temperature; requests override it (default %(default)s)")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k; requests override it (default %(default)s)")
-    p.add_argument("-m", "--max-tokens", type=int, default=512, help="default answer length in tokens (default %(default)s)")
-    p.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require 'Authorization: Bearer KEY' (env NANOCHAT_API_KEY); none: open")
     p.add_argument("--cors", nargs="*", default=[], metavar="ORIGIN", help="allow browser clients from these origins ('*' for any)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default %(default)s)")
@@ -76,8 +66,7 @@ def banner(args, meta: dict, device) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(autodetect_device_type(args.device))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(args)
     try:
         tokenizer = get_tokenizer()
         model, meta = load_model(args.source, args.model_tag, args.step, device=device, dtype=dtype)

@@ -61,6 +61,16 @@ def set_setting(page, field: str, value: str) -> None:
     page.fill(field, value)
 
 
+def ask(page, text: str) -> None:
+    """Type a question and send it with Enter."""
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def wait_answered(page) -> None:
+    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+
+
 def answer_length(page) -> int:
     return page.evaluate("conversation.length > 1 ? conversation[conversation.length - 1].content.length : 0")
 
@@ -69,8 +79,7 @@ def test_type_stream_stop_new_chat(browser, slow_server):
     page = browser.new_page()
     page.goto(slow_server.url)
     set_setting(page, "#max-tokens", "1500")
-    page.fill("#input", "hello world")
-    page.press("#input", "Enter")
+    ask(page, "hello world")
     page.wait_for_function("conversation.length === 2 && conversation[1].content.length > 0", timeout=30000)
     first = answer_length(page)
     page.wait_for_function(f"conversation[1].content.length > {first}", timeout=30000)  # tokens keep arriving
@@ -95,13 +104,12 @@ def test_edit_a_user_message_resends_it(browser, slow_server):
     page = browser.new_page()
     page.goto(slow_server.url)
     set_setting(page, "#max-tokens", "3")
-    page.fill("#input", "first question")
-    page.press("#input", "Enter")
-    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    ask(page, "first question")
+    wait_answered(page)
     page.click(".message.user .edit")
     page.fill(".message.user textarea", "second question")
     page.click(".save-edit")
-    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    wait_answered(page)
     assert page.evaluate("conversation[0].content") == "second question"
     assert page.locator(".message.user .body").inner_text() == "second question"
     page.close()
@@ -113,9 +121,8 @@ def test_model_markup_is_shown_as_text(browser, tiny_server):
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(tiny_server.url)
     set_setting(page, "#temperature", "0")
-    page.fill("#input", "hi")
-    page.press("#input", "Enter")
-    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    ask(page, "hi")
+    wait_answered(page)
     body = page.locator(".message.assistant .body")
     assert "<script>alert('pwned')</script>" in body.inner_text()
     assert page.locator("#messages script").count() == 0 and dialogs == []
@@ -137,13 +144,12 @@ def test_regenerate_replaces_the_last_answer(browser, tiny_server):
     page = browser.new_page()
     page.goto(tiny_server.url)
     set_setting(page, "#temperature", "0")
-    page.fill("#input", "hi")
-    page.press("#input", "Enter")
-    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    ask(page, "hi")
+    wait_answered(page)
     first = page.evaluate("conversation[1].content")
     page.evaluate("conversation[1].content = 'something else'")
     page.click(".regenerate")
-    page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+    wait_answered(page)
     assert page.evaluate("conversation[1].content") == first
     assert page.locator(".message.assistant").count() == 1
     page.close()
