@@ -13,13 +13,11 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from nanochat.checkpoint import CheckpointError
 from nanochat.common import compute_cleanup, compute_dtype, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
@@ -27,11 +25,10 @@ from nanochat.gpt import GPT, build_model, config_for_depth
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers
-from nanochat.progress import StepTimer, format_duration
-from nanochat.schedule import PlanError, derive_plan, lr_multiplier, muon_momentum
-from nanochat.signals import StopRequest
+from nanochat.schedule import PlanError, derive_plan
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, resume_from
 
 
 
@@ -104,164 +101,65 @@ def main(argv=None) -> int:
 
 def train(args, info) -> int:
     device = info.device
-    dtype = compute_dtype(device.type)
     tokenizer = get_tokenizer()
-    token_bytes = tokenizer.token_bytes()
     model = build_model(model_config(args, tokenizer.get_vocab_size()), device)
-    model_tag = args.model_tag or f"d{args.depth}"
-    tag_dir = get_base_dir() / "base_checkpoints" / model_tag
+    tag_dir = get_base_dir() / "base_checkpoints" / (args.model_tag or f"d{args.depth}")
     plan = derive_plan(
         device_batch_size=args.device_batch_size, seq_len=args.max_seq_len, world_size=info.world_size,
         total_batch_size=args.total_batch_size, num_params=model.num_params(), flops_per_token=model.estimate_flops(),
         num_iterations=args.num_iterations, target_flops=args.target_flops,
         target_param_data_ratio=args.target_param_data_ratio, warmdown_ratio=args.warmdown_ratio,
     )
-    peak, peak_source = peak_flops(device, dtype)
-    print_plan(model, plan, dtype, peak_source)
+    peak, peak_source = peak_flops(device, compute_dtype(device.type))
+    print_plan(model, plan, compute_dtype(device.type), peak_source)
     optimizers = build_optimizers(
         model, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, world_size=info.world_size
     )
-    start_step, data_state, meta = 0, None, {}
-    if args.resume:
-        start_step, data_state, meta = resume(tag_dir, model, optimizers, info)
+    resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
     loader = PretrainLoader(
         tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
-        rank=info.rank, world_size=info.world_size, state=data_state, directory=args.data_dir,
+        rank=info.rank, world_size=info.world_size, state=resumed.data_state, directory=args.data_dir,
     )
     step_model = model if args.no_compile or device.type != "cuda" else torch.compile(model)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    ctx = TrainContext(args, info, model, step_model, optimizers, loader, plan, tokenizer, token_bytes, autocast, tag_dir, peak)
-    config = {"args": vars(args), "plan": plan.to_dict(), "model": model.config.to_dict()}
-    ctx.tracker = Tracker(args.run, config, info.is_master)
-    ctx.smooth_loss = meta.get("smooth_loss", 0.0)
-    ctx.timer = StepTimer(plan.num_iterations, first_step=start_step, elapsed=meta.get("train_seconds", 0.0))
+    settings = LoopSettings(
+        num_iterations=plan.num_iterations, grad_accum_steps=plan.grad_accum_steps, warmdown_ratio=plan.warmdown_ratio,
+        eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
+    )
+    meta = {"model_config": model.config.to_dict(), "plan": plan.to_dict(), "args": vars(args)}
+    hooks = Hooks(evaluate=lambda step: {"val_bpb": validation_bpb(args, info, step_model, tokenizer, step)},
+                  sample=lambda: print_samples(model, tokenizer, info))
+    tracker = Tracker(args.run, {"args": vars(args), "plan": plan.to_dict(), "model": model.config.to_dict()}, info.is_master)
+    loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=loader, settings=settings, info=info,
+                     tag_dir=tag_dir, meta=meta, hooks=hooks, tracker=tracker, peak_flops=peak, resumed=resumed)
     try:
-        return ctx.run(start_step)
+        return loop.run()
     finally:
         loader.close()
-        ctx.tracker.finish()
+        tracker.finish()
 
 
-def resume(tag_dir, model, optimizers, info) -> tuple[int, dict, dict]:
-    ckpt = load_checkpoint(tag_dir, rank=info.rank, device=info.device)
-    saved_world = ckpt.meta.get("world_size", 1)
-    if saved_world != info.world_size:
-        raise CheckpointError(f"{ckpt.path} was written by {saved_world} rank(s); resume it with the same number (now {info.world_size})")
-    model.load_state_dict(ckpt.model_state)
-    for opt, state in zip(optimizers, ckpt.optim_state):
-        opt.load_state_dict(state)
-    print0(f"resumed from {ckpt.path} (step {ckpt.step:,})")
-    return ckpt.step, ckpt.data_state, ckpt.meta
+def validation_bpb(args, info, model, tokenizer, step: int) -> float:
+    rows = args.device_batch_size
+    steps = max(1, args.eval_tokens // (rows * args.max_seq_len * info.world_size))
+    val = PretrainLoader(
+        tokenizer, rows, args.max_seq_len, "val", device=info.device, rank=info.rank,
+        world_size=info.world_size, loop=False, directory=args.data_dir,
+    )
+    try:
+        bpb = evaluate_bpb(model, val, steps, tokenizer.token_bytes(), autocast_for(info.device))
+    finally:
+        val.close()
+    print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
+    return bpb
 
 
-class TrainContext:
-    """The pieces of one training run, and the loop over them."""
-
-    def __init__(self, args, info, model, step_model, optimizers, loader, plan, tokenizer, token_bytes, autocast, tag_dir, peak):
-        self.args, self.info, self.model, self.step_model = args, info, model, step_model
-        self.optimizers, self.loader, self.plan, self.tokenizer = optimizers, loader, plan, tokenizer
-        self.token_bytes, self.autocast, self.tag_dir, self.peak = token_bytes, autocast, tag_dir, peak
-        self.flops_per_token = model.estimate_flops()
-        self.metrics: dict = {}
-
-    def run(self, start_step: int) -> int:
-        stop = StopRequest()
-        last = self.plan.num_iterations
-        for step in range(start_step, last):
-            self.train_step(step)
-            done = step + 1
-            if self._due(self.args.eval_every, done) and done < last:
-                self.evaluate(done)
-            if self._due(self.args.sample_every, done) and done < last:
-                self.sample()
-            if stop.agreed(self.info.device):
-                self.save(done)
-                print0(f"stopped at step {done:,}; continue with --resume")
-                return stop.exit_code
-            if self._due(self.args.save_every, done) and done < last:
-                self.save(done)
-        if start_step < last or not (self.tag_dir / f"step_{last:06d}").exists():
-            self.save(last)  # before any final evaluation, so a crash there loses no training
-        self.evaluate(last)
-        self.sample()
-        print0(f"training done: {last:,} steps in {format_duration(self.timer.elapsed)}; checkpoint in {self.tag_dir}")
-        return 0
-
-    @staticmethod
-    def _due(every: int, step: int) -> bool:
-        return every > 0 and step % every == 0
-
-    def train_step(self, step: int) -> None:
-        self.timer.start()
-        total = 0.0
-        for _ in range(self.plan.grad_accum_steps):
-            x, y = next(self.loader)
-            with self.autocast:
-                loss = self.step_model(x, y)
-            (loss / self.plan.grad_accum_steps).backward()
-            total += loss.detach()
-        lrm = lr_multiplier(step, self.plan.num_iterations, self.plan.warmdown_ratio)
-        for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-                if "momentum" in group:
-                    group["momentum"] = muon_momentum(step)
-            opt.step()
-        self.model.zero_grad(set_to_none=True)
-        train_loss = (total / self.plan.grad_accum_steps).item()  # syncs, so the timer sees the real step time
-        dt = self.timer.stop()
-        self.log_step(step + 1, train_loss, lrm, dt)
-
-    def log_step(self, done: int, train_loss: float, lrm: float, dt: float) -> None:
-        beta = 0.9
-        self.smooth_loss = beta * self.smooth_loss + (1 - beta) * train_loss
-        debiased = self.smooth_loss / (1 - beta ** done)
-        tok_per_s = self.plan.total_batch_size / dt
-        mfu = f"{100 * self.flops_per_token * tok_per_s / (self.peak * self.info.world_size):.1f}%" if self.peak else "n/a"
-        pct = 100 * done / self.plan.num_iterations
-        print0(
-            f"step {done:06d}/{self.plan.num_iterations:06d} ({pct:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.3f} | "
-            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu} | elapsed {format_duration(self.timer.elapsed)} | eta {self.timer.eta()}"
-        )
-        self.tracker.log({"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/dt": dt}, step=done)
-
-    def evaluate(self, step: int) -> None:
-        rows = self.args.device_batch_size
-        steps = max(1, self.args.eval_tokens // (rows * self.args.max_seq_len * self.info.world_size))
-        val = PretrainLoader(
-            self.tokenizer, rows, self.args.max_seq_len, "val", device=self.info.device, rank=self.info.rank,
-            world_size=self.info.world_size, loop=False, directory=self.args.data_dir,
-        )
-        self.model.eval()
-        try:
-            bpb = evaluate_bpb(self.step_model, val, steps, self.token_bytes, self.autocast)
-        finally:
-            val.close()
-            self.model.train()
-        self.metrics["val_bpb"] = bpb
-        print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
-        self.tracker.log({"val/bpb": bpb}, step=step)
-
-    def sample(self) -> None:
-        if not self.info.is_master:
-            return
-        self.model.eval()
-        for prompt, completion in zip(SAMPLE_PROMPTS, greedy_complete(self.model, self.tokenizer, SAMPLE_PROMPTS, max_new_tokens=16)):
-            print0(f"sample | {prompt}{completion!r}")
-        self.model.train()
-
-    def save(self, step: int) -> None:
-        t0 = time.perf_counter()
-        meta = {
-            "model_config": self.model.config.to_dict(), "plan": self.plan.to_dict(), "args": vars(self.args),
-            "metrics": self.metrics, "smooth_loss": self.smooth_loss, "train_seconds": self.timer.elapsed,
-        }
-        path = save_checkpoint(
-            self.tag_dir, step, model_state=self.model.state_dict(), optim_state=[o.state_dict() for o in self.optimizers],
-            data_state=self.loader.state_dict(), meta=meta, rank=self.info.rank, local_rank=self.info.local_rank,
-            world_size=self.info.world_size, keep_last=self.args.keep_last,
-        )
-        print0(f"step {step:06d} | checkpoint saved to {path} in {time.perf_counter() - t0:.1f}s")
+def print_samples(model, tokenizer, info) -> None:
+    if not info.is_master:
+        return
+    model.eval()
+    for prompt, completion in zip(SAMPLE_PROMPTS, greedy_complete(model, tokenizer, SAMPLE_PROMPTS, max_new_tokens=16)):
+        print0(f"sample | {prompt}{completion!r}")
+    model.train()
 
 
 if __name__ == "__main__":

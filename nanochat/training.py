@@ -1,0 +1,172 @@
+"""The optimizer-step loop every training stage shares (pretraining, midtraining, SFT).
+
+A stage supplies a model, its optimizers, a batch source (an iterator of
+(inputs, targets) with a `state_dict()` that says where it stands) and hooks
+for evaluation and samples; this loop does gradient accumulation, the LR and
+momentum schedules, one progress line per step with ETA, checkpoints (every
+`save_every` steps, on SIGINT/SIGTERM, and at the end before the final
+evaluation) and resuming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
+from nanochat.common import DistInfo, compute_dtype, print0
+from nanochat.progress import StepTimer, format_duration
+from nanochat.schedule import lr_multiplier, muon_momentum
+from nanochat.signals import StopRequest
+
+
+@dataclass
+class LoopSettings:
+    num_iterations: int
+    grad_accum_steps: int
+    warmdown_ratio: float = 0.2
+    eval_every: int = 0  # 0: only at the end
+    sample_every: int = 0
+    save_every: int = 0
+    keep_last: int = 3
+    warm_momentum: bool = True  # Muon momentum 0.85 -> 0.95 over the first steps (pretraining)
+
+
+@dataclass
+class Hooks:
+    evaluate: Callable[[int], dict] | None = None  # step -> metrics to log and store
+    sample: Callable[[], None] | None = None
+
+
+@dataclass
+class Resumed:
+    step: int = 0
+    data_state: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast where the device computes in bf16, nothing otherwise."""
+    dtype = compute_dtype(device.type)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:
+    """Load the newest complete checkpoint of `tag_dir` into model and optimizers."""
+    ckpt = load_checkpoint(tag_dir, rank=info.rank, device=info.device)
+    saved_world = ckpt.meta.get("world_size", 1)
+    if saved_world != info.world_size:
+        raise CheckpointError(f"{ckpt.path} was written by {saved_world} rank(s); resume it with the same number (now {info.world_size})")
+    model.load_state_dict(ckpt.model_state)
+    for opt, state in zip(optimizers, ckpt.optim_state):
+        opt.load_state_dict(state)
+    print0(f"resumed from {ckpt.path} (step {ckpt.step:,})")
+    return Resumed(ckpt.step, ckpt.data_state, ckpt.meta)
+
+
+class TrainLoop:
+    def __init__(self, *, model, optimizers, batches, settings: LoopSettings, info: DistInfo, tag_dir: Path,
+                 meta: dict, hooks: Hooks | None = None, step_model=None, tracker=None, peak_flops: float | None = None,
+                 resumed: Resumed | None = None):
+        self.model, self.optimizers, self.batches, self.settings = model, optimizers, batches, settings
+        self.step_model = step_model or model
+        self.info, self.tag_dir, self.meta, self.hooks = info, Path(tag_dir), meta, hooks or Hooks()
+        self.tracker, self.peak = tracker, peak_flops
+        self.autocast = autocast_for(info.device)
+        self.flops_per_token = model.estimate_flops()
+        resumed = resumed or Resumed()
+        self.start_step = resumed.step
+        self.metrics: dict = resumed.meta.get("metrics", {})
+        self.smooth_loss = resumed.meta.get("smooth_loss", 0.0)
+        self.timer = StepTimer(settings.num_iterations, first_step=resumed.step, elapsed=resumed.meta.get("train_seconds", 0.0))
+
+    def run(self) -> int:
+        """Train to the last step; returns the process exit code (128+signal when stopped early)."""
+        stop, s, last = StopRequest(), self.settings, self.settings.num_iterations
+        for step in range(self.start_step, last):
+            self.train_step(step)
+            done = step + 1
+            if _due(s.eval_every, done) and done < last:
+                self.evaluate(done)
+            if _due(s.sample_every, done) and done < last and self.hooks.sample:
+                self.hooks.sample()
+            if stop.agreed(self.info.device):
+                self.save(done)
+                print0(f"stopped at step {done:,}; continue with --resume")
+                return stop.exit_code
+            if _due(s.save_every, done) and done < last:
+                self.save(done)
+        if self.start_step < last or not (self.tag_dir / step_dir_name(last)).exists():
+            self.save(last)  # before any final evaluation, so a crash there loses no training
+        self.evaluate(last)
+        if self.hooks.sample:
+            self.hooks.sample()
+        print0(f"training done: {last:,} steps in {format_duration(self.timer.elapsed)}; checkpoint in {self.tag_dir}")
+        return 0
+
+    def train_step(self, step: int) -> None:
+        self.timer.start()
+        total, tokens = 0.0, 0
+        accum = self.settings.grad_accum_steps
+        for _ in range(accum):
+            x, y = next(self.batches)
+            with self.autocast:
+                loss = self.step_model(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+            tokens += x.numel()
+        lrm = lr_multiplier(step, self.settings.num_iterations, self.settings.warmdown_ratio)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+                if "momentum" in group and self.settings.warm_momentum:
+                    group["momentum"] = muon_momentum(step)
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        train_loss = (total / accum).item()  # syncs, so the timer sees the real step time
+        self.log_step(step + 1, train_loss, lrm, self.timer.stop(), tokens * self.info.world_size)
+
+    def log_step(self, done: int, train_loss: float, lrm: float, dt: float, tokens: int) -> None:
+        beta = 0.9
+        self.smooth_loss = beta * self.smooth_loss + (1 - beta) * train_loss
+        debiased = self.smooth_loss / (1 - beta**done)
+        tok_per_s = tokens / dt
+        mfu = f"{100 * self.flops_per_token * tok_per_s / (self.peak * self.info.world_size):.1f}%" if self.peak else "n/a"
+        total = self.settings.num_iterations
+        print0(
+            f"step {done:06d}/{total:06d} ({100 * done / total:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.3f} | "
+            f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu} | elapsed {format_duration(self.timer.elapsed)} | eta {self.timer.eta()}"
+        )
+        if self.tracker:
+            self.tracker.log({"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/dt": dt}, step=done)
+
+    def evaluate(self, step: int) -> None:
+        if not self.hooks.evaluate:
+            return
+        self.model.eval()
+        try:
+            metrics = self.hooks.evaluate(step)
+        finally:
+            self.model.train()
+        self.metrics.update(metrics)
+        if self.tracker:
+            self.tracker.log(metrics, step=step)
+
+    def save(self, step: int) -> None:
+        t0 = time.perf_counter()
+        meta = {**self.meta, "metrics": self.metrics, "smooth_loss": self.smooth_loss, "train_seconds": self.timer.elapsed}
+        path = save_checkpoint(
+            self.tag_dir, step, model_state=self.model.state_dict(), optim_state=[o.state_dict() for o in self.optimizers],
+            data_state=self.batches.state_dict(), meta=meta, rank=self.info.rank, local_rank=self.info.local_rank,
+            world_size=self.info.world_size, keep_last=self.settings.keep_last,
+        )
+        print0(f"step {step:06d} | checkpoint saved to {path} in {time.perf_counter() - t0:.1f}s")
+
+
+def _due(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
