@@ -309,7 +309,8 @@ class GPT(nn.Module):
         if targets is None:
             return cap * torch.tanh(logits.float() / cap)
         losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap).view_as(targets)
-        return losses if loss_reduction == "none" else losses.sum() / (targets != -1).sum()
+        # clamp: a batch where every target is ignored adds 0 to the loss, not NaN
+        return losses if loss_reduction == "none" else losses.sum() / (targets != -1).sum().clamp(min=1)
 
     def _rotary_slice(self, pos: int | torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions pos..pos+T, shaped (T, 1, head_dim/2) to broadcast over
