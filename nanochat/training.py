@@ -72,9 +72,11 @@ def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:
 class TrainLoop:
     def __init__(self, *, model, optimizers, batches, settings: LoopSettings, info: DistInfo, tag_dir: Path,
                  meta: dict, hooks: Hooks | None = None, step_model=None, tracker=None, peak_flops: float | None = None,
-                 resumed: Resumed | None = None):
+                 resumed: Resumed | None = None, loss_fn: Callable | None = None):
         self.model, self.optimizers, self.batches, self.settings = model, optimizers, batches, settings
         self.step_model = step_model or model
+        # (model, batch) -> scalar loss; batches are (inputs, targets) unless a stage says otherwise (RL)
+        self.loss_fn = loss_fn or (lambda m, batch: m(*batch))
         self.info, self.tag_dir, self.meta, self.hooks = info, Path(tag_dir), meta, hooks or Hooks()
         self.tracker, self.peak = tracker, peak_flops
         self.autocast = autocast_for(info.device)
@@ -114,12 +116,12 @@ class TrainLoop:
         total, tokens = 0.0, 0
         accum = self.settings.grad_accum_steps
         for _ in range(accum):
-            x, y = next(self.batches)
+            batch = next(self.batches)
             with self.autocast:
-                loss = self.step_model(x, y)
+                loss = self.loss_fn(self.step_model, batch)
             (loss / accum).backward()
             total += loss.detach()
-            tokens += x.numel()
+            tokens += batch[0].numel()
         lrm = lr_multiplier(step, self.settings.num_iterations, self.settings.warmdown_ratio)
         for opt in self.optimizers:
             for group in opt.param_groups:

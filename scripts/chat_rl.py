@@ -1,0 +1,232 @@
+"""Reinforcement learning on GSM8K: sample answers, reward correct ones, push towards them.
+
+    python -m scripts.chat_rl                        # from the newest SFT model
+
+Each step takes --examples-per-step questions; for each, the engine samples
+--num-samples answers (tool use on). Reward is 1 for the right final number;
+advantage = reward - the mean reward of that question's group; the loss is
+the advantage-weighted negative log-likelihood of the sampled tokens (plain
+policy gradient: no KL term, no ratio clipping). Calculator outputs were
+forced, not sampled, so they carry no loss. Logs mean reward per step and
+pass@k on held-out questions; writes chatrl_checkpoints/<tag>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_model, stage_dir
+from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.engine import Engine
+from nanochat.optim import build_optimizers
+from nanochat.posttrain import FirstN
+from nanochat.report import write_section
+from nanochat.sampling import SamplingParams
+from nanochat.tokenizer import TokenizerError, get_tokenizer
+from nanochat.tracking import Tracker
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, resume_from
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K.")
+    p.add_argument("--source", default="sft", help="stage to start from (default %(default)s)")
+    p.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
+    p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step across all ranks (default %(default)s)")
+    p.add_argument("--num-samples", type=int, default=16, help="answers sampled per question (default %(default)s)")
+    p.add_argument("--device-batch-size", type=int, default=8, help="sequences per training forward pass (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=50, help="sampling top-k (default %(default)s)")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (default: one pass over GSM8K train)")
+    p.add_argument("--max-examples", type=int, default=None, help="use only the first N training questions")
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates as a fraction of pretraining's (default %(default)s)")
+    p.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (default %(default)s)")
+    p.add_argument("--eval-examples", type=int, default=100, help="held-out questions for pass@k (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete RL checkpoint")
+    p.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
+    p.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
+    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    return p.parse_args(argv)
+
+
+class Rollouts:
+    """Per optimizer step: sample answers for this rank's questions, then yield micro-batches
+    (inputs, targets, advantages) of `rows` sequences. A step's micro-batches are used up
+    before a checkpoint, so the state is just where the questions stand."""
+
+    def __init__(self, engine: Engine, task, args, info, state: dict | None):
+        self.engine, self.task, self.args, self.info = engine, task, args, info
+        self.tokenizer = engine.tokenizer
+        self.cursor = state["cursor"] if state else info.rank
+        self.pending: list = []
+        self.last_reward = 0.0
+        special = self.tokenizer.encode_special
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.pending:
+            self.pending = self._rollout()
+        return self.pending.pop(0)
+
+    def _questions(self) -> list[int]:
+        per_rank = self.args.examples_per_step // self.info.world_size
+        picked = []
+        for _ in range(per_rank):
+            picked.append(self.cursor % len(self.task))
+            self.cursor += self.info.world_size
+        return picked
+
+    def _rollout(self) -> list:
+        model = self.engine.model
+        model.eval()
+        sequences, advantages, rewards = [], [], []
+        for index in self._questions():
+            conv = self.task[index]
+            prompt = self.tokenizer.render_for_completion(conv)
+            params = SamplingParams(temperature=self.args.temperature, top_k=self.args.top_k, max_tokens=self.args.max_new_tokens,
+                                    seed=self.cursor * 1000 + index)
+            answers = self.engine.generate(prompt, params, n=self.args.num_samples)
+            group = [float(self.task.reward(conv, a.text)) for a in answers]
+            mean = sum(group) / len(group)
+            rewards += group
+            for answer, reward in zip(answers, group):
+                sequences.append((prompt, answer.tokens))
+                advantages.append(reward - mean)
+        model.train()
+        self.last_reward = sum(rewards) / len(rewards)
+        print0(f"rollout | mean reward {self.last_reward:.3f} over {len(rewards)} answers")
+        return self._micro_batches(sequences, advantages)
+
+    def _micro_batches(self, sequences, advantages) -> list:
+        rows, device = self.args.device_batch_size, self.info.device
+        batches = []
+        for start in range(0, len(sequences), rows):
+            chunk = sequences[start : start + rows]
+            width = max(len(p) + len(c) for p, c in chunk)
+            x = torch.full((len(chunk), width), self.tokenizer.get_bos_token_id(), dtype=torch.long)
+            y = torch.full((len(chunk), width), -1, dtype=torch.long)
+            for r, (prompt, completion) in enumerate(chunk):
+                ids = prompt + completion
+                x[r, : len(ids)] = torch.tensor(ids)
+                y[r, len(prompt) - 1 : len(ids) - 1] = torch.tensor(self._learnable(completion))
+            adv = torch.tensor(advantages[start : start + rows], dtype=torch.float32)
+            batches.append((x.to(device), y.to(device), adv.to(device)))
+        return batches
+
+    def _learnable(self, completion: list[int]) -> list[int]:
+        """The completion as targets, with forced calculator outputs masked out (-1)."""
+        out, inside = [], False
+        for t in completion:
+            inside = inside or t == self.output_start
+            out.append(-1 if inside else t)
+            if t == self.output_end:
+                inside = False
+        return out
+
+
+def policy_gradient_loss(model, batch) -> torch.Tensor:
+    """Advantage-weighted NLL of the sampled tokens, averaged over them."""
+    x, y, adv = batch
+    nll = model(x, y, loss_reduction="none")  # (B, T), 0 where y == -1
+    counted = (y != -1).sum().clamp(min=1)
+    return (nll * adv[:, None]).sum() / counted
+
+
+def pass_at_k(engine: Engine, task, args, indices: list[int]) -> dict:
+    """Fraction of questions with at least one right answer among the first k samples."""
+    ks = [k for k in (1, 2, 4, 8, 16) if k <= args.num_samples]
+    solved = {k: 0 for k in ks}
+    for index in indices:
+        conv = task[index]
+        params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_new_tokens, seed=index)
+        answers = engine.generate(engine.tokenizer.render_for_completion(conv), params, n=args.num_samples)
+        right = [task.reward(conv, a.text) > 0 for a in answers]
+        for k in ks:
+            solved[k] += any(right[:k])
+    return {f"pass@{k}": solved[k] / max(len(indices), 1) for k in ks}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    info = compute_init(args.device)
+    try:
+        code = train(args, info)
+    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
+        print0(f"error: {exc}")
+        code = 2
+    finally:
+        compute_cleanup()
+    if code == 0 and not args.no_eval:
+        from scripts.chat_eval import main as chat_eval
+
+        code = chat_eval(["-i", "rl", "-a", "GSM8K"] + (["--max-problems", "200"] if args.max_examples else []))
+    return code
+
+
+def train(args, info) -> int:
+    from tasks import GSM8K
+
+    t0 = time.time()
+    if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % args.device_batch_size:
+        raise ValueError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
+    tokenizer = get_tokenizer()
+    model, start = load_model(args.source, args.model_tag, args.step, device=info.device)
+    model.train()
+    train_task, test_task = GSM8K("train"), GSM8K("test")
+    n_train = min(len(train_task), args.max_examples or len(train_task))
+    steps = args.num_iterations if args.num_iterations > 0 else max(1, n_train // args.examples_per_step)
+    frac = args.init_lr_frac
+    optimizers = build_optimizers(model, embedding_lr=0.2 * frac, unembedding_lr=0.004 * frac, matrix_lr=0.02 * frac, world_size=info.world_size)
+    tag_dir = stage_dir("rl") / start["model_tag"]
+    resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
+    engine = Engine(model, tokenizer, max_batch=args.num_samples)
+    rollouts = Rollouts(engine, FirstN(train_task, n_train), args, info, resumed.data_state)
+    eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
+    hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices))
+    micro = args.examples_per_step // info.world_size * args.num_samples // args.device_batch_size
+    settings = LoopSettings(num_iterations=steps, grad_accum_steps=micro, warmdown_ratio=1.0, eval_every=args.eval_every,
+                            save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False)
+    print0(f"RL: from {start['source']} {start['model_tag']} step {start['step']:,}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
+    tracker = Tracker(args.run, {"args": vars(args), "stage": "rl"}, info.is_master)
+    meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start[k] for k in ("source", "model_tag", "step")}}
+    loop = TrainLoop(model=model, optimizers=optimizers, batches=rollouts, settings=settings, info=info, tag_dir=tag_dir, meta=meta,
+                     hooks=hooks, tracker=tracker, resumed=resumed, loss_fn=policy_gradient_loss)
+    try:
+        code = loop.run()
+    finally:
+        tracker.finish()
+    if code == 0 and info.is_master:
+        write_section("rl-train", "Reinforcement learning (GSM8K)", {
+            "started from": f"{start['source']} {start['model_tag']} step {start['step']}", "steps": steps,
+            "last mean reward": rollouts.last_reward, **loop.metrics, "wall time (s)": round(time.time() - t0, 1)})
+    return code
+
+
+def _report_pass_at_k(step: int, engine: Engine, task, args, indices: list[int]) -> dict:
+    import torch.distributed as dist
+
+    metrics = pass_at_k(engine, task, args, indices)
+    if dist.is_available() and dist.is_initialized():
+        values = torch.tensor([metrics[k] * len(indices) for k in metrics] + [len(indices)], dtype=torch.float64, device=engine.device)
+        dist.all_reduce(values)
+        metrics = {k: float(values[i] / values[-1]) for i, k in enumerate(metrics)}
+    print0(f"step {step:06d} | " + " | ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Supervised finetuning: one conversation per row, loss only on what the assistant says.
+
+    python -m scripts.chat_sft                       # from the newest midtrained model
+    python -m scripts.chat_sft --source base         # straight from the base model
+
+Mixture: ARC-Easy + ARC-Challenge train, GSM8K train, 10K SmolTalk, identity
+conversations and a few hundred spelling rows. Writes chatsft_checkpoints/<tag>/
+and the "sft-train" report section, then runs scripts.chat_eval (unless --no-eval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nanochat.chat_data import PaddedConversations
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_stage, steps_for_epochs
+from nanochat.tokenizer import TokenizerError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_sft", description="Supervised finetuning on conversations.")
+    add_stage_args(p, device_batch=4, init_lr_frac=0.02)
+    p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step across all ranks (default %(default)s)")
+    return p.parse_args(argv)
+
+
+def train_mixture(args):
+    from tasks import ARC, GSM8K, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee, TaskMixture
+
+    parts = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("train"), SmolTalk("train", stop=10_000),
+             CustomJSON(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
+    return FirstN(TaskMixture(parts, seed=42), args.max_examples)
+
+
+def val_mixture(args):
+    from tasks import SmolTalk
+
+    return FirstN(SmolTalk("test", stop=1_000), args.max_examples)
+
+
+SPEC = StageSpec(name="sft", title="Supervised finetuning", start_from="mid", batches=PaddedConversations,
+                 train_mixture=train_mixture, val_mixture=val_mixture,
+                 steps_for=lambda args, task, tokenizer, rows, seq_len: steps_for_epochs(args, len(task), rows),
+                 rows_per_step=lambda args, seq_len: args.examples_per_step)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    info = compute_init(args.device)
+    try:
+        code = run_stage(SPEC, args, info)
+    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
+        print0(f"error: {exc}")
+        code = 2
+    finally:
+        compute_cleanup()
+    if code == 0 and not args.no_eval:
+        from scripts.chat_eval import main as chat_eval
+
+        code = chat_eval(["-i", "sft"] + (["--model-tag", args.model_tag] if args.model_tag else []) + (["--max-problems", "200"] if args.max_examples else []))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
