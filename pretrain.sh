@@ -46,9 +46,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-if [ -z "$GPUS" ]; then
-  GPUS=$(python -c "import torch; print(max(1, torch.cuda.device_count()))")
-fi
+[ -n "$GPUS" ] || GPUS=$(visible_gpus)
 PIDFILE="$NANOCHAT_BASE_DIR/logs/download.pid"
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "note: the background shard download is still running; training reads new shards as they arrive"
@@ -58,19 +56,6 @@ TRAIN_ARGS=(--depth "$DEPTH" --device-batch-size "$BATCH")
 [ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
 [ "$RESUME" = 1 ] && TRAIN_ARGS+=(--resume)
 TRAIN_ARGS+=("${EXTRA[@]}")
-
-launch() {
-  if [ "$GPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
-    if [ "$NNODES" -gt 1 ]; then
-      torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
-        --nproc-per-node "$GPUS" -m "$@"
-    else
-      torchrun --standalone --nproc-per-node "$GPUS" -m "$@"
-    fi
-  else
-    python -m "$@"
-  fi
-}
 
 step "pretraining: depth $DEPTH, device batch $BATCH, $GPUS process(es) x $NNODES node(s)"
 launch scripts.base_train "${TRAIN_ARGS[@]}"

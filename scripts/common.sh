@@ -18,3 +18,21 @@ cd "$NANOCHAT_ROOT" || exit 1
 
 die() { echo "error: $*" >&2; exit 1; }
 step() { echo; echo "== $* ($(date '+%H:%M:%S'))"; }
+
+# launch MODULE ARGS...: python -m MODULE on one process, or torchrun when GPUS > 1 or NNODES > 1
+# (GPUS, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT are set by the calling stage script).
+launch() {
+  if [ "${GPUS:-1}" -gt 1 ] || [ "${NNODES:-1}" -gt 1 ]; then
+    if [ "${NNODES:-1}" -gt 1 ]; then
+      torchrun --nnodes "$NNODES" --node-rank "$NODE_RANK" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+        --nproc-per-node "$GPUS" -m "$@"
+    else
+      torchrun --standalone --nproc-per-node "$GPUS" -m "$@"
+    fi
+  else
+    python -m "$@"
+  fi
+}
+
+# visible_gpus: how many CUDA devices torch sees (at least 1, so CPU runs one process)
+visible_gpus() { python -c "import torch; print(max(1, torch.cuda.device_count()))"; }
