@@ -16,11 +16,11 @@ import datetime
 import json
 import math
 import os
-import secrets
 import subprocess
 import sys
 from pathlib import Path
 
+from nanochat.fileio import atomic_write
 from nanochat.common import environment_report, get_base_dir
 
 # Stages in the order the pipeline runs them; sections with other slugs follow, by name.
@@ -46,17 +46,6 @@ def report_dir() -> Path:
     path = get_base_dir() / "report"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write beside the target and rename over it, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _format(value) -> str:
@@ -110,9 +99,9 @@ def write_section(slug: str, title: str, items: dict, notes: str = "", metrics: 
     directory = report_dir()
     sidecar = {"slug": slug, "title": title, "timestamp": timestamp, "metrics": numbers}
     # Sidecar first: whenever the markdown is new, so are its numbers.
-    atomic_write_text(directory / f"{slug}.json", json.dumps(sidecar, indent=2, allow_nan=False) + "\n")
+    atomic_write(directory / f"{slug}.json", json.dumps(sidecar, indent=2, allow_nan=False) + "\n")
     path = directory / f"{slug}.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -272,10 +261,10 @@ def generate() -> tuple[Path, list[str]]:
     directory = report_dir()
     text, problems = assemble(directory, datetime.datetime.now())
     path = directory / REPORT_NAME
-    atomic_write_text(path, text)
+    atomic_write(path, text)
     copy = Path.cwd() / REPORT_NAME
     if copy.resolve() != path.resolve():
-        atomic_write_text(copy, text)
+        atomic_write(copy, text)
     return copy, problems
 
 

@@ -18,8 +18,6 @@ import binascii
 import hashlib
 import io
 import json
-import os
-import secrets
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import rustbpe
 import tiktoken
 import torch
 
+from nanochat.fileio import atomic_write
 from nanochat.common import get_base_dir
 
 SPLIT_PATTERN = (
@@ -121,8 +120,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         ranks_blob = _ranks_to_text(self._ranks).encode("ascii")
         token_bytes_blob = _npy_bytes(self._token_bytes)
-        _atomic_write(directory / RANKS_FILE, ranks_blob)
-        _atomic_write(directory / TOKEN_BYTES_FILE, token_bytes_blob)
+        atomic_write(directory / RANKS_FILE, ranks_blob)
+        atomic_write(directory / TOKEN_BYTES_FILE, token_bytes_blob)
         manifest = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -131,7 +130,7 @@ class Tokenizer:
             "special_tokens": self._special_ids,
             "sha256": {RANKS_FILE: _sha256(ranks_blob), TOKEN_BYTES_FILE: _sha256(token_bytes_blob)},
         }
-        _atomic_write(directory / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        atomic_write(directory / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         return directory
 
     @classmethod
@@ -401,19 +400,3 @@ def _npy_bytes(array: np.ndarray) -> bytes:
 
 def _sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
-
-
-def _atomic_write(path: Path, blob: bytes) -> None:
-    """Write beside the target and rename over it, so readers see the old or the new file, never half."""
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 honours the umask; tempfile.mkstemp would leave the file 0600
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise

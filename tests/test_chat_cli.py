@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from serving import ROOT, SCRIPT_ANSWER, make_served_model, make_slow_model
+from serving import ROOT, SCRIPT_ANSWER, make_slow_model
 
 
 @pytest.fixture(scope="module")
