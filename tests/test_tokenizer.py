@@ -24,7 +24,7 @@ import tiktoken
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from nanochat import tokenizer as tokenizer_module
+from nanochat import fileio
 from nanochat.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
@@ -244,7 +244,7 @@ def test_interrupted_save_is_refused_not_mixed(tok, tmp_path, monkeypatch):
         real_replace(src, dst)
 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(tokenizer_module.os, "replace", replace_then_die)
+        patch.setattr(fileio.os, "replace", replace_then_die)
         other.save(folder)
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
     with pytest.raises(TokenizerError, match="interrupted save"):

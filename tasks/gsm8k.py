@@ -1,0 +1,47 @@
+"""GSM8K (openai/gsm8k): grade-school math word problems, for SFT, RL and evaluation.
+
+Subset "main" (or "socratic"), splits "train" (~7.5K) and "test" (~1.3K).
+Columns: question, answer. The answer's calculator annotations <<expr=result>>
+become tool-call parts, so the model learns to call its calculator: the text
+before, {"type": "python", "text": expr}, {"type": "python_output", "text": result},
+and so on; the last line "#### N" stays in the text as the final answer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nanochat.engine import visible_to_parts
+from tasks.answers import MARKED_RE, same_final_number
+from tasks.base import Task, TaskDataError
+from tasks.hub import HubDataset, open_records
+from tasks.records import field
+
+REPO = "openai/gsm8k"
+SUBSETS = ("main", "socratic")
+SPLITS = ("train", "test")
+ENV_VAR = "NANOCHAT_GSM8K_PATH"
+
+
+class GSM8K(Task):
+    def __init__(self, split: str = "test", subset: str = "main", path: str | Path | None = None, **slicing):
+        super().__init__(**slicing)
+        if subset not in SUBSETS or split not in SPLITS:
+            raise ValueError(f"GSM8K subset must be one of {', '.join(SUBSETS)} and split one of "
+                             f"{', '.join(SPLITS)}, got {subset!r}, {split!r}")
+        self.records = open_records(HubDataset(REPO, subset, split, ENV_VAR), path)
+
+    def num_examples(self) -> int:
+        return len(self.records)
+
+    def get_example(self, index: int) -> dict:
+        where = self.records.where(index)
+        row = self.records[index]
+        question, answer = field(row, "question", str, where), field(row, "answer", str, where)
+        if not MARKED_RE.search(answer):
+            raise TaskDataError(f"{where}: the answer has no final '#### N' line")
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": visible_to_parts(answer)}]}
+
+    def evaluate(self, conversation: dict, completion: str) -> int:
+        """1 when the completion's final number (after its last ####, else its last number) is the reference's."""
+        return same_final_number(conversation, completion)
