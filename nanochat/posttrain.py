@@ -59,8 +59,24 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
     g.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
-    g.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
+    add_final_eval_args(g)
     g.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+
+
+def add_final_eval_args(group) -> None:
+    group.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
+    group.add_argument("--eval-problems", type=int, default=None, help="problems per task in that evaluation (default: all)")
+
+
+def run_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
+    """The chat evaluation that ends every post-training stage (unless --no-eval)."""
+    if args.no_eval:
+        return 0
+    from scripts.chat_eval import main as chat_eval
+
+    argv = ["-i", stage] + (["-a", *tasks] if tasks else []) + (["--model-tag", args.model_tag] if args.model_tag else [])
+    argv += ["--max-problems", str(args.eval_problems)] if args.eval_problems else []
+    return chat_eval(argv + (["--device", args.device] if args.device else []))
 
 
 def run_stage(spec: StageSpec, args, info: DistInfo) -> int:

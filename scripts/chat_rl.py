@@ -23,7 +23,7 @@ from nanochat.checkpoint import CheckpointError, load_model, stage_dir
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizers
-from nanochat.posttrain import FirstN
+from nanochat.posttrain import add_final_eval_args, run_chat_eval
 from nanochat.report import write_section
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete RL checkpoint")
     p.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
-    p.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
+    add_final_eval_args(p)
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     return p.parse_args(argv)
 
@@ -170,10 +170,8 @@ def main(argv=None) -> int:
         code = 2
     finally:
         compute_cleanup()
-    if code == 0 and not args.no_eval:
-        from scripts.chat_eval import main as chat_eval
-
-        code = chat_eval(["-i", "rl", "-a", "GSM8K"] + (["--max-problems", "200"] if args.max_examples else []))
+    if code == 0:
+        code = run_chat_eval("rl", args, ["GSM8K"])
     return code
 
 
@@ -186,15 +184,14 @@ def train(args, info) -> int:
     tokenizer = get_tokenizer()
     model, start = load_model(args.source, args.model_tag, args.step, device=info.device)
     model.train()
-    train_task, test_task = GSM8K("train"), GSM8K("test")
-    n_train = min(len(train_task), args.max_examples or len(train_task))
-    steps = args.num_iterations if args.num_iterations > 0 else max(1, n_train // args.examples_per_step)
+    train_task, test_task = GSM8K("train", stop=args.max_examples), GSM8K("test")
+    steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
     frac = args.init_lr_frac
     optimizers = build_optimizers(model, embedding_lr=0.2 * frac, unembedding_lr=0.004 * frac, matrix_lr=0.02 * frac, world_size=info.world_size)
     tag_dir = stage_dir("rl") / start["model_tag"]
     resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
     engine = Engine(model, tokenizer, max_batch=args.num_samples)
-    rollouts = Rollouts(engine, FirstN(train_task, n_train), args, info, resumed.data_state)
+    rollouts = Rollouts(engine, train_task, args, info, resumed.data_state)
     eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
     hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices))
     micro = args.examples_per_step // info.world_size * args.num_samples // args.device_batch_size

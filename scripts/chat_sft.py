@@ -16,7 +16,7 @@ import sys
 from nanochat.chat_data import PaddedConversations
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
-from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_stage, steps_for_epochs
+from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_chat_eval, run_stage, steps_for_epochs
 from nanochat.tokenizer import TokenizerError
 
 
@@ -58,10 +58,8 @@ def main(argv=None) -> int:
         code = 2
     finally:
         compute_cleanup()
-    if code == 0 and not args.no_eval:
-        from scripts.chat_eval import main as chat_eval
-
-        code = chat_eval(["-i", "sft"] + (["--model-tag", args.model_tag] if args.model_tag else []) + (["--max-problems", "200"] if args.max_examples else []))
+    if code == 0:
+        code = run_chat_eval("sft", args)
     return code
 
 

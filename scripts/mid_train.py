@@ -19,7 +19,7 @@ import sys
 from nanochat.chat_data import PackedConversations
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
-from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_stage
+from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_chat_eval, run_stage
 from nanochat.tokenizer import TokenizerError
 
 
@@ -68,10 +68,8 @@ def main(argv=None) -> int:
         code = 2
     finally:
         compute_cleanup()
-    if code == 0 and not args.no_eval:
-        from scripts.chat_eval import main as chat_eval
-
-        code = chat_eval(["-i", "mid"] + (["--model-tag", args.model_tag] if args.model_tag else []) + (["--max-problems", "200"] if args.max_examples else []))
+    if code == 0:
+        code = run_chat_eval("mid", args)
     return code
 
 
