@@ -20,13 +20,15 @@ Options:
   --vocab-size N      tokenizer vocabulary (default 65536)
   --max-chars N       characters of training text for the tokenizer (default 2000000000)
   --retrain-tokenizer train the tokenizer again even if one exists
+  --offline           download nothing (with --from); the evaluation bundle and
+                      post-training data must then come from local files
   --no-wandb          do not offer `wandb login`
   -h, --help          show this help
 The download log is $NANOCHAT_BASE_DIR/logs/download.log.
 USAGE
 }
 
-SHARDS=8; TOTAL_SHARDS=240; SOURCE=""; VOCAB=65536; MAX_CHARS=2000000000; RETRAIN=0; WANDB=1
+SHARDS=8; TOTAL_SHARDS=240; SOURCE=""; VOCAB=65536; MAX_CHARS=2000000000; RETRAIN=0; WANDB=1; OFFLINE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --shards) SHARDS="$2"; shift 2 ;;
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --vocab-size) VOCAB="$2"; shift 2 ;;
     --max-chars) MAX_CHARS="$2"; shift 2 ;;
     --retrain-tokenizer) RETRAIN=1; shift ;;
+    --offline) OFFLINE=1; shift ;;
     --no-wandb) WANDB=0; shift ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
@@ -42,6 +45,9 @@ while [ $# -gt 0 ]; do
 done
 
 step "pretraining data"
+if [ "$OFFLINE" = 1 ] && [ -z "$SOURCE" ]; then
+  die "--offline needs --from PATH (a local corpus)"
+fi
 if [ -n "$SOURCE" ]; then
   if python -c "import sys; from nanochat.dataset import list_shards; sys.exit(0 if list_shards() else 1)"; then
     echo "shards already present in $NANOCHAT_BASE_DIR/base_data; keeping them (remove the folder to re-import)"
@@ -70,8 +76,12 @@ else
 fi
 python -m scripts.tok_eval
 
-# Evaluation bundle (CORE) and identity conversations are fetched here once the
-# post-training stages exist (issue: post-training and evaluation).
+if [ "$OFFLINE" = 0 ]; then
+  step "evaluation bundle and post-training data"
+  # Not fatal: pretraining doesn't need them, and each can be fetched again later.
+  python -m nanochat.eval_bundle || echo "warning: no CORE evaluation bundle yet; retry with: python -m nanochat.eval_bundle"
+  python -m tasks.fetch || echo "warning: identity/spelling data missing; retry with: python -m tasks.fetch"
+fi
 
 if [ "$WANDB" = 1 ] && [ -t 0 ] && python -c "import wandb" 2>/dev/null; then
   if [ -z "${WANDB_API_KEY:-}" ] && ! grep -q "api.wandb.ai" "$HOME/.netrc" 2>/dev/null; then

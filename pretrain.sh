@@ -9,7 +9,8 @@ Usage: ./pretrain.sh [options] [-- extra base_train flags]
 
 Trains the base model on the shards prepare.sh fetched, checkpointing to
 $NANOCHAT_BASE_DIR/base_checkpoints/d<depth>/, then reports bits per byte on
-the train and validation splits (scripts.base_loss). Safe to stop with Ctrl-C:
+the train and validation splits (scripts.base_loss) and the CORE score
+(scripts.base_eval, when the evaluation bundle is present). Safe to stop with Ctrl-C:
 it saves a checkpoint first; `./pretrain.sh --resume` continues.
 
 Options:
@@ -62,5 +63,11 @@ launch scripts.base_train "${TRAIN_ARGS[@]}"
 
 step "base model loss"
 launch scripts.base_loss --device-batch-size "$BATCH"
+if [ -d "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}" ]; then
+  step "base model CORE"
+  launch scripts.base_eval
+else
+  echo "skipping CORE: no evaluation bundle (python -m nanochat.eval_bundle, then python -m scripts.base_eval)"
+fi
 echo
 echo "base model ready in $NANOCHAT_BASE_DIR/base_checkpoints/"

@@ -84,3 +84,70 @@ def test_missing_predecessor_is_one_clear_error(tmp_path):
     Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer")
     out = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--no-eval"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "mid_checkpoints" in out.stdout and "./midtrain.sh" in out.stdout
+
+
+def test_chat_core_is_the_mean_of_chance_centered_accuracies():
+    from scripts.chat_eval import chat_core
+
+    results = {"ARC-Easy": (0.5, "categorical"), "MMLU": (0.25, "categorical"), "GSM8K": (0.2, "generative")}
+    assert chat_core(results) == pytest.approx(((0.5 - 0.25) / 0.75 + 0.0 + 0.2) / 3)
+
+
+def test_categorical_scoring_picks_the_letter_with_the_highest_logit(workspace):
+    from scripts.chat_eval import score_categorical
+    from tasks import ARC
+
+    base, env = workspace
+    tokenizer = Tokenizer.load(base / "tokenizer")
+    torch.manual_seed(3)
+    model = build_model(GPTConfig(sequence_len=256, vocab_size=400, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    task = ARC("ARC-Easy", "test", path=env["NANOCHAT_ARC_PATH"].format(subset="ARC-Easy", split="test"))
+    expected = 0
+    for i in range(8):
+        conv = task[i]
+        prompt = tokenizer.render_for_completion(conv)
+        logits = model(torch.tensor([prompt]))[0, -1]
+        scores = [logits[tokenizer.encode(letter)[0]].item() for letter in conv["letters"]]
+        expected += task.evaluate(conv, conv["letters"][scores.index(max(scores))])
+    assert score_categorical(model, tokenizer, task, list(range(8)), batch_size=3) == expected
+
+
+def test_sft_resume_after_sigterm_is_bit_identical(workspace, tmp_path):
+    import shutil
+    import signal
+
+    from safetensors.torch import load_file
+
+    base, env = workspace
+    args = ["--source", "base", "--num-iterations", "12", "--device-batch-size", "2", "--examples-per-step", "4",
+            "--max-seq-len", "128", "--eval-every", "0", "--eval-steps", "1", "--save-every", "0", "--no-eval"]
+    copies = {}
+    for name in ("straight", "stopped"):
+        copies[name] = tmp_path / name
+        shutil.copytree(base, copies[name], ignore=shutil.ignore_patterns("*_checkpoints", "report"))
+        shutil.copytree(base / "base_checkpoints", copies[name] / "base_checkpoints")
+    run({**env, "NANOCHAT_BASE_DIR": str(copies["straight"])}, "scripts.chat_sft", *args)
+    stopped_env = {**env, "NANOCHAT_BASE_DIR": str(copies["stopped"])}
+    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_sft", *args], cwd=ROOT, env=stopped_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 000004/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.stdout.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    resumed = run(stopped_env, "scripts.chat_sft", *args, "--resume")
+    assert "resumed from" in resumed.stdout
+    final = [load_file(str(c / "chatsft_checkpoints" / "d2" / "step_000012" / "model.safetensors")) for c in copies.values()]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+@pytest.mark.parametrize("script", ["midtrain.sh", "sft.sh", "rl.sh"])
+def test_stage_scripts_help(script):
+    out = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "--resume" in out.stdout and "--gpus" in out.stdout
+    bad = subprocess.run(["bash", script, "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown option" in bad.stderr

@@ -26,17 +26,18 @@ def _prepare(base_dir: Path, *args: str) -> subprocess.CompletedProcess:
 
 def test_prepare_from_local_corpus(tmp_path, base_dir):
     source = _corpus(tmp_path / "texts")
-    first = _prepare(base_dir, "--from", str(source), "--vocab-size", "400", "--no-wandb")
+    first = _prepare(base_dir, "--from", str(source), "--vocab-size", "400", "--no-wandb", "--offline")
     assert first.returncode == 0, first.stdout + first.stderr
     assert sorted(p.name for p in (base_dir / "base_data").iterdir()) == ["shard_00000.parquet", "shard_00001.parquet"]
     assert (base_dir / "tokenizer" / "tokenizer.tiktoken").is_file()
     assert "bytes/token" in first.stdout or "bytes per token" in first.stdout.lower()
-    again = _prepare(base_dir, "--from", str(source), "--vocab-size", "400", "--no-wandb")
+    again = _prepare(base_dir, "--from", str(source), "--vocab-size", "400", "--no-wandb", "--offline")
     assert again.returncode == 0
     assert "already present" in again.stdout and "already trained" in again.stdout
 
 
 def test_prepare_help_and_bad_flag(base_dir):
     assert "--total-shards" in _prepare(base_dir, "--help").stdout
+    assert "needs --from" in _prepare(base_dir, "--offline").stderr
     bad = _prepare(base_dir, "--frobnicate")
     assert bad.returncode != 0 and "unknown option" in bad.stderr
