@@ -33,5 +33,5 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$GPUS" ] || GPUS=$(visible_gpus)
 
-step "midtrain ( process(es))"
+step "midtrain ($GPUS process(es))"
 launch scripts.mid_train "${EXTRA[@]}"

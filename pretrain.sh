@@ -18,6 +18,7 @@ Options:
   --batch-size N   rows per forward pass per GPU (default 32; lower it on OOM)
   --run NAME       log to wandb under this run name (default: no wandb)
   --resume         continue from the newest complete checkpoint
+  --eval-tokens N  tokens per validation / base-loss evaluation (default: base_train's and base_loss's)
   --gpus N         processes/GPUs on this machine (default: all visible GPUs, 1 without GPU)
   --nnodes N       machines in the run (default 1); with --node-rank and --master-addr
   --node-rank R    this machine's index, 0 on the machine given as --master-addr
@@ -28,7 +29,7 @@ Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
 USAGE
 }
 
-DEPTH=20; BATCH=32; RUN=""; RESUME=0; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=20; BATCH=32; RUN=""; RESUME=0; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,6 +37,7 @@ while [ $# -gt 0 ]; do
     --batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
+    --eval-tokens) EVAL_TOKENS="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --nnodes) NNODES="$2"; shift 2 ;;
     --node-rank) NODE_RANK="$2"; shift 2 ;;
@@ -56,13 +58,15 @@ fi
 TRAIN_ARGS=(--depth "$DEPTH" --device-batch-size "$BATCH")
 [ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
 [ "$RESUME" = 1 ] && TRAIN_ARGS+=(--resume)
+LOSS_ARGS=(--device-batch-size "$BATCH")
+if [ -n "$EVAL_TOKENS" ]; then TRAIN_ARGS+=(--eval-tokens "$EVAL_TOKENS"); LOSS_ARGS+=(--split-tokens "$EVAL_TOKENS"); fi
 TRAIN_ARGS+=("${EXTRA[@]}")
 
 step "pretraining: depth $DEPTH, device batch $BATCH, $GPUS process(es) x $NNODES node(s)"
 launch scripts.base_train "${TRAIN_ARGS[@]}"
 
 step "base model loss"
-launch scripts.base_loss --device-batch-size "$BATCH"
+launch scripts.base_loss "${LOSS_ARGS[@]}"
 if [ -d "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}" ]; then
   step "base model CORE"
   launch scripts.base_eval

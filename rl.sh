@@ -33,5 +33,5 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$GPUS" ] || GPUS=$(visible_gpus)
 
-step "rl ( process(es))"
+step "rl ($GPUS process(es))"
 launch scripts.chat_rl "${EXTRA[@]}"

@@ -33,5 +33,5 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$GPUS" ] || GPUS=$(visible_gpus)
 
-step "sft ( process(es))"
+step "sft ($GPUS process(es))"
 launch scripts.chat_sft "${EXTRA[@]}"

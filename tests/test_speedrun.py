@@ -1,0 +1,59 @@
+"""speedrun.sh --tiny --smoke end to end on a generated corpus (no network), then a rerun that
+skips every finished stage, then --force of one stage."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("speedrun")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    rnd = random.Random(0)
+    words = ["".join(rnd.choice("etaoinshrdlucmfwypvbgk") for _ in range(rnd.randint(2, 9))) for _ in range(3000)]
+    for i in range(120):
+        (corpus / f"doc{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(800)), encoding="utf-8")
+    return base
+
+
+def speedrun(base: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base / "home"), "OMP_NUM_THREADS": "2"}
+    return subprocess.run(["bash", "speedrun.sh", "--tiny", "--smoke", "--data", str(base / "corpus"), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_tiny_pipeline_end_to_end_then_rerun_skips(run_dir):
+    first = speedrun(run_dir)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    home = run_dir / "home"
+    for stage in ("base_checkpoints", "mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
+        assert list(home.glob(f"{stage}/*/step_*")), stage
+    report = (home / "report" / "report.md").read_text()
+    assert "| ChatCORE |" in report or "ChatCORE" in report
+    assert "speedrun finished" in first.stdout and "./chat_cli.sh" in first.stdout
+    again = speedrun(run_dir)
+    assert again.returncode == 0
+    for stage in ("prepare", "pretrain", "mid", "sft", "rl", "chat-eval"):
+        assert f"== {stage}: already done, skipping" in again.stdout
+    forced = speedrun(run_dir, "--force", "sft")
+    assert forced.returncode == 0, forced.stdout[-3000:] + forced.stderr[-3000:]
+    assert "== sft: already done" not in forced.stdout and "== mid: already done" in forced.stdout
+    assert list(home.glob("chatsft_checkpoints.old-*/*/step_*")) and list(home.glob("chatsft_checkpoints/*/step_*"))
+
+
+def test_bad_flags(run_dir):
+    bad = subprocess.run(["bash", "speedrun.sh", "--force", "everything"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--force takes one of" in bad.stderr
+    missing = subprocess.run(["bash", "speedrun.sh", "--tiny", "--data", str(run_dir / "nope")], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    helped = subprocess.run(["bash", "speedrun.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert helped.returncode == 0 and "--tiny" in helped.stdout and "--skip-rl" in helped.stdout
