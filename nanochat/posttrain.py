@@ -20,7 +20,8 @@ from nanochat.optim import build_optimizers
 from nanochat.report import write_section
 from nanochat.tokenizer import get_tokenizer
 from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, resume_from
+from nanochat.energy import add_cost_args
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, cost_settings, resume_from
 
 
 @dataclass
@@ -60,6 +61,7 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
     g.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
     g.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
     add_final_eval_args(g)
+    add_cost_args(g)
     g.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
 
 
@@ -112,7 +114,8 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
         return {"val_bpb": bpb}
 
     settings = LoopSettings(num_iterations=steps, grad_accum_steps=rows_per_step // per_pass, warmdown_ratio=args.warmdown_ratio,
-                            eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False)
+                            eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,
+                            cost=cost_settings(args))
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start_meta[k] for k in ("source", "model_tag", "step")}}
     tracker = Tracker(args.run, {"args": vars(args), "stage": spec.name}, info.is_master)
     loop = TrainLoop(model=model, optimizers=optimizers, batches=batches, settings=settings, info=info, tag_dir=tag_dir,
@@ -123,7 +126,7 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
         tracker.finish()
     if code == 0 and info.is_master:
         items = {"started from": f"{source} {tag} step {start_meta['step']}", "steps": steps, "training conversations": len(train_task),
-                 "val bpb": loop.metrics.get("val_bpb", float("nan")), "wall time (s)": round(time.time() - t0, 1)}
+                 "val bpb": loop.metrics.get("val_bpb", float("nan")), "wall time (s)": round(time.time() - t0, 1), **loop.energy_items()}
         write_section(f"{spec.name}-train", spec.title, items)
     return code
 

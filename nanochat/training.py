@@ -20,6 +20,7 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from nanochat.common import DistInfo, compute_dtype, print0
+from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy
 from nanochat.progress import StepTimer, format_duration
 from nanochat.schedule import lr_multiplier, muon_momentum
 from nanochat.signals import StopRequest
@@ -35,6 +36,7 @@ class LoopSettings:
     save_every: int = 0
     keep_last: int = 3
     warm_momentum: bool = True  # Muon momentum 0.85 -> 0.95 over the first steps (pretraining)
+    cost: dict = field(default_factory=dict)  # price_per_kwh / hardware_price / lifetime_years for EnergyReport
 
 
 @dataclass
@@ -48,6 +50,11 @@ class Resumed:
     step: int = 0
     data_state: dict | None = None
     meta: dict = field(default_factory=dict)
+
+
+def cost_settings(args) -> dict:
+    """The EnergyReport cost figures from add_cost_args flags."""
+    return {"price_per_kwh": args.price_per_kwh, "hardware_price": args.hardware_price, "lifetime_years": args.hardware_lifetime_years}
 
 
 def autocast_for(device: torch.device):
@@ -86,9 +93,27 @@ class TrainLoop:
         self.metrics: dict = resumed.meta.get("metrics", {})
         self.smooth_loss = resumed.meta.get("smooth_loss", 0.0)
         self.timer = StepTimer(settings.num_iterations, first_step=resumed.step, elapsed=resumed.meta.get("train_seconds", 0.0))
+        # One meter per node (local rank 0) reads every GPU of that node; energy carries over resumes.
+        earlier = resumed.meta.get("energy_kwh", 0.0) if resumed.step else 0.0
+        self.power = PowerMeter.autodetect(kwh_before=earlier) if info.local_rank == 0 else None
+
+    def energy_items(self) -> dict:
+        """Energy, cost and depreciation of the training so far, for report sections ("n/a" without a sensor)."""
+        power = self.power
+        return EnergyReport(power.kwh if power else None, power.mean_watts if power else None, self.timer.elapsed,
+                            **self.settings.cost).items()
 
     def run(self) -> int:
         """Train to the last step; returns the process exit code (128+signal when stopped early)."""
+        if self.power:
+            self.power.start()
+        try:
+            return self._run()
+        finally:
+            if self.power:
+                self.power.stop()
+
+    def _run(self) -> int:
         stop, s, last = StopRequest(), self.settings, self.settings.num_iterations
         for step in range(self.start_step, last):
             self.train_step(step)
@@ -156,12 +181,18 @@ class TrainLoop:
         finally:
             self.model.train()
         self.metrics.update(metrics)
+        if self.power and self.power.kwh is not None:
+            price = self.settings.cost.get("price_per_kwh")
+            cost = cost_usd(self.power.kwh, price) if price is not None else cost_usd(self.power.kwh)
+            print0(f"step {step:06d} | energy so far: {format_energy(self.power.kwh, cost)}")
+            metrics = {**metrics, "energy_kwh": self.power.kwh}
         if self.tracker:
             self.tracker.log(metrics, step=step)
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
-        meta = {**self.meta, "metrics": self.metrics, "smooth_loss": self.smooth_loss, "train_seconds": self.timer.elapsed}
+        meta = {**self.meta, "metrics": self.metrics, "smooth_loss": self.smooth_loss, "train_seconds": self.timer.elapsed,
+                "energy_kwh": self.power.kwh if self.power else None}
         path = save_checkpoint(
             self.tag_dir, step, model_state=self.model.state_dict(), optim_state=[o.state_dict() for o in self.optimizers],
             data_state=self.batches.state_dict(), meta=meta, rank=self.info.rank, local_rank=self.info.local_rank,

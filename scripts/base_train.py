@@ -28,7 +28,10 @@ from nanochat.optim import build_optimizers
 from nanochat.schedule import PlanError, derive_plan
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, resume_from
+from nanochat.energy import add_cost_args
+from nanochat.memory import available_memory, check_fits, estimate_training_memory
+from nanochat.report import write_section
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, cost_settings, resume_from
 
 
 
@@ -64,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (compiled by default on CUDA)")
     r.add_argument("--seed", type=int, default=42, help="random seed for initialisation (default %(default)s)")
     r.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
+    r.add_argument("--ignore-memory-check", action="store_true", help="start even when the memory estimate says the run will not fit")
+    add_cost_args(r)
     return p.parse_args(argv)
 
 
@@ -112,6 +117,12 @@ def train(args, info) -> int:
     )
     peak, peak_source = peak_flops(device, compute_dtype(device.type))
     print_plan(model, plan, compute_dtype(device.type), peak_source)
+    estimate = estimate_training_memory(model.config, args.device_batch_size, args.max_seq_len, compute_dtype(device.type), info.world_size)
+    fits, message = check_fits(estimate, available_memory(device), margin=1.0)
+    print0(message)
+    if not fits and not args.ignore_memory_check:
+        print0("error: refusing to start (--ignore-memory-check overrides)")
+        return 3
     optimizers = build_optimizers(
         model, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, world_size=info.world_size
     )
@@ -124,6 +135,7 @@ def train(args, info) -> int:
     settings = LoopSettings(
         num_iterations=plan.num_iterations, grad_accum_steps=plan.grad_accum_steps, warmdown_ratio=plan.warmdown_ratio,
         eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
+        cost=cost_settings(args),
     )
     meta = {"model_config": model.config.to_dict(), "plan": plan.to_dict(), "args": vars(args)}
     hooks = Hooks(evaluate=lambda step: {"val_bpb": validation_bpb(args, info, step_model, tokenizer, step)},
@@ -132,10 +144,21 @@ def train(args, info) -> int:
     loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=loader, settings=settings, info=info,
                      tag_dir=tag_dir, meta=meta, hooks=hooks, tracker=tracker, peak_flops=peak, resumed=resumed)
     try:
-        return loop.run()
+        code = loop.run()
     finally:
         loader.close()
         tracker.finish()
+    if code == 0 and info.is_master:
+        write_train_section(model, plan, loop)
+    return code
+
+
+def write_train_section(model, plan, loop) -> None:
+    items = {"depth": model.config.n_layer, "width": model.config.n_embd, "parameters": model.num_params(),
+             "steps": plan.num_iterations, "tokens": plan.total_tokens, "tokens per parameter": round(plan.tokens_per_param, 2),
+             "training FLOPs": f"{plan.total_flops:.3e}", **{f"final {k}": v for k, v in loop.metrics.items()},
+             "wall time (s)": round(loop.timer.elapsed, 1), **loop.energy_items()}
+    write_section("base-train", "Pretraining", items)
 
 
 def validation_bpb(args, info, model, tokenizer, step: int) -> float:

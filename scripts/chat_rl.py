@@ -28,7 +28,8 @@ from nanochat.report import write_section
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, resume_from
+from nanochat.energy import add_cost_args
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the newest complete RL checkpoint")
     p.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
     add_final_eval_args(p)
+    add_cost_args(p)
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     return p.parse_args(argv)
 
@@ -196,7 +198,8 @@ def train(args, info) -> int:
     hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices))
     micro = args.examples_per_step // info.world_size * args.num_samples // args.device_batch_size
     settings = LoopSettings(num_iterations=steps, grad_accum_steps=micro, warmdown_ratio=1.0, eval_every=args.eval_every,
-                            save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False)
+                            save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,
+                            cost=cost_settings(args))
     print0(f"RL: from {start['source']} {start['model_tag']} step {start['step']:,}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
     tracker = Tracker(args.run, {"args": vars(args), "stage": "rl"}, info.is_master)
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start[k] for k in ("source", "model_tag", "step")}}
@@ -209,7 +212,8 @@ def train(args, info) -> int:
     if code == 0 and info.is_master:
         write_section("rl-train", "Reinforcement learning (GSM8K)", {
             "started from": f"{start['source']} {start['model_tag']} step {start['step']}", "steps": steps,
-            "last mean reward": rollouts.last_reward, **loop.metrics, "wall time (s)": round(time.time() - t0, 1)})
+            "last mean reward": rollouts.last_reward, **loop.metrics, "wall time (s)": round(time.time() - t0, 1),
+            **loop.energy_items()})
     return code
 
 
