@@ -6,7 +6,7 @@ The folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and
     config.json               NanoChatConfig
     model.safetensors         weights under HF parameter names
     tokenizer.json            byte-level BPE equivalent to our tiktoken encoding
-    tokenizer_config.json     special tokens; the place for a chat template
+    tokenizer_config.json     special tokens and, for chat models, CHAT_TEMPLATE
     special_tokens_map.json
 
 Our parameter and config names map onto HF's through the two tables below,
@@ -57,6 +57,54 @@ CONFIG_FIELDS = (
 BOS_TOKEN = "<|bos|>"
 # A chat turn ends with <|assistant_end|>, so generation stops there.
 EOS_TOKEN = "<|assistant_end|>"
+
+# Renders a conversation to the same ids as Tokenizer.render_conversation, and with
+# add_generation_prompt to those of render_for_completion: a system message joins
+# the first user turn, roles must alternate, and assistant content may be a string
+# or our parts (text / python / python_output). The {% generation %} blocks cover
+# exactly the tokens our SFT trains on, so return_assistant_tokens_mask matches our
+# loss mask. Every tag trims the whitespace around it: only the quoted strings and
+# message contents reach the output.
+CHAT_TEMPLATE = r"""
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
+        {{- raise_exception('a system message must be followed by a user message') -}}
+    {%- endif -%}
+    {%- set system_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set turns = messages[1:] -%}
+{%- else -%}
+    {%- set system_prefix = '' -%}
+    {%- set turns = messages -%}
+{%- endif -%}
+{{- '<|bos|>' -}}
+{%- for message in turns -%}
+    {%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
+        {{- raise_exception('roles must alternate user, assistant, user, ... starting with user (a system message may only come first)') -}}
+    {%- endif -%}
+    {%- if message['role'] == 'user' -%}
+        {{- '<|user_start|>' + (system_prefix if loop.first else '') + message['content'] + '<|user_end|>' -}}
+    {%- else -%}
+        {{- '<|assistant_start|>' -}}
+        {%- if message['content'] is string -%}
+            {%- generation -%}{{- message['content'] -}}{%- endgeneration -%}
+        {%- else -%}
+            {%- for part in message['content'] -%}
+                {%- if part['type'] == 'python' -%}
+                    {%- generation -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}{%- endgeneration -%}
+                {%- elif part['type'] == 'python_output' -%}
+                    {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+                {%- else -%}
+                    {%- generation -%}{{- part['text'] -}}{%- endgeneration -%}
+                {%- endif -%}
+            {%- endfor -%}
+        {%- endif -%}
+        {%- generation -%}{{- '<|assistant_end|>' -}}{%- endgeneration -%}
+    {%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{- '<|assistant_start|>' -}}
+{%- endif -%}
+"""
 
 
 # ---------------------------------------------------------------- export
