@@ -75,8 +75,12 @@ source scripts/common.sh
 MARKS="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$MARKS"
 if [ -n "$DATA" ]; then
-  # Offline: the post-training and evaluation tasks come from generated sample files.
-  eval "$(python -m tasks.sample_data "$NANOCHAT_BASE_DIR/sample_tasks" --size 400)"
+  # Offline: post-training and evaluation tasks come from generated sample files, except
+  # for the datasets whose NANOCHAT_*_PATH you already set to your own files.
+  while IFS= read -r line; do
+    var=${line#export }; var=${var%%=*}
+    [ -n "${!var:-}" ] || eval "$line"
+  done < <(python -m tasks.sample_data "$NANOCHAT_BASE_DIR/sample_tasks" --size 400)
 fi
 
 has_checkpoint() { [ -n "$(ls -d "$NANOCHAT_BASE_DIR/$1"/*/step_* 2>/dev/null | head -n1)" ]; }

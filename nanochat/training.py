@@ -21,6 +21,7 @@ import torch
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from nanochat.common import DistInfo, compute_dtype, print0
 from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy
+from nanochat.memory import current_usage
 from nanochat.progress import StepTimer, format_duration
 from nanochat.schedule import lr_multiplier, muon_momentum
 from nanochat.signals import StopRequest
@@ -181,6 +182,9 @@ class TrainLoop:
         finally:
             self.model.train()
         self.metrics.update(metrics)
+        used, source = current_usage(self.info.device)
+        if used is not None:
+            print0(f"step {step:06d} | memory in use: {used / 2**30:.1f} GiB ({source})")
         if self.power and self.power.kwh is not None:
             price = self.settings.cost.get("price_per_kwh")
             cost = cost_usd(self.power.kwh, price) if price is not None else cost_usd(self.power.kwh)

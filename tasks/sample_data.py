@@ -60,8 +60,9 @@ def arc_rows(n: int, rnd: random.Random) -> list[dict]:
     rows = []
     for i in range(n):
         a = rnd.randint(2, 9)
-        options = [a * 2, a * 3, a + 1, a * a]
-        rows.append({"id": f"s{i}", "question": f"What is double {a}?", "answerKey": "A",
+        options = [a * 2, a * 3, a + 1, a * a + 1]
+        rnd.shuffle(options)  # the right answer's letter varies, so a constant guess scores ~25%
+        rows.append({"id": f"s{i}", "question": f"What is double {a}?", "answerKey": "ABCD"[options.index(a * 2)],
                      "choices": {"text": [str(o) for o in options], "label": ["A", "B", "C", "D"]}})
     return rows
 

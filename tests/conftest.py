@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,6 +16,16 @@ def base_dir(tmp_path, monkeypatch) -> Path:
     base = tmp_path / "nanochat_base"
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     return base
+
+
+@pytest.fixture(autouse=True)
+def fresh_nanochat_logger():
+    """Undo setup_logging() between tests: it stops propagation, which would hide records from caplog."""
+    yield
+    logger = logging.getLogger("nanochat")
+    logger.handlers.clear()
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
 
 
 def write_shard(path: Path, texts: list[str], rows_per_group: int = 1024) -> Path:

@@ -151,3 +151,23 @@ def test_stage_scripts_help(script):
     assert out.returncode == 0 and "--resume" in out.stdout and "--gpus" in out.stdout
     bad = subprocess.run(["bash", script, "--bogus"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option" in bad.stderr
+
+
+def test_sample_task_answers_are_right():
+    import random
+    import re
+
+    from tasks.sample_data import arc_rows, gsm8k_rows, mmlu_rows
+
+    rnd = random.Random(1)
+    for row in arc_rows(50, rnd):
+        doubled = int(re.search(r"double (\d+)", row["question"]).group(1)) * 2
+        assert row["choices"]["text"][row["choices"]["label"].index(row["answerKey"])] == str(doubled)
+    assert len({row["answerKey"] for row in arc_rows(50, rnd)}) == 4
+    for row in mmlu_rows(50, rnd):
+        a, b = map(int, re.findall(r"\d+", row["question"]))
+        assert row["choices"][row["answer"]] == str(a + b)
+    for row in gsm8k_rows(50, rnd):
+        for expr, result in re.findall(r"<<([^=]+)=([^>]+)>>", row["answer"]):
+            assert eval(expr) == int(result)  # the fixture's own arithmetic, nothing untrusted
+        assert row["answer"].endswith(f"#### {result}")
