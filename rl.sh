@@ -1,37 +1,5 @@
 #!/usr/bin/env bash
-# Reinforcement learning on GSM8K, then evaluate it (scripts.chat_eval).
+# Reinforcement learning on GSM8K, then evaluate it (scripts.chat_eval). ./rl.sh --help
 set -euo pipefail
 source "$(dirname "$0")/scripts/common.sh"
-
-usage() {
-  cat <<'USAGE'
-Usage: ./rl.sh [--gpus N] [--resume] [--run NAME] [-- extra flags for scripts.chat_rl]
-
-Reinforcement learning on GSM8K, starting from the newest sft model,
-then runs the chat evaluation and writes the report sections.
-Safe to stop with Ctrl-C (a checkpoint is saved); --resume continues.
-
-Options:
-  --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
-  --resume      continue from this stage's newest complete checkpoint
-  --run NAME    log to wandb under this run name
-  -h, --help    show this help
-Everything after `--` goes to scripts.chat_rl (python -m scripts.chat_rl --help).
-USAGE
-}
-
-GPUS=""; EXTRA=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --gpus) GPUS="$2"; shift 2 ;;
-    --resume) EXTRA+=(--resume); shift ;;
-    --run) EXTRA+=(--run "$2"); shift 2 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; EXTRA+=("$@"); break ;;
-    *) die "unknown option '$1' (see --help)" ;;
-  esac
-done
-[ -n "$GPUS" ] || GPUS=$(visible_gpus)
-
-step "rl ($GPUS process(es))"
-launch scripts.chat_rl "${EXTRA[@]}"
+post_stage chat_rl "Reinforcement learning on GSM8K" sft "$@"

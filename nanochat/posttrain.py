@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from nanochat.checkpoint import CheckpointError, load_model, stage_dir
-from nanochat.common import DistInfo, print0
+from nanochat.common import DistInfo, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers
 from nanochat.report import write_section
-from nanochat.tokenizer import get_tokenizer
+from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
 from nanochat.energy import add_cost_args
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, cost_settings, resume_from
@@ -79,6 +79,20 @@ def run_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
     argv = ["-i", stage] + (["-a", *tasks] if tasks else []) + (["--model-tag", args.model_tag] if args.model_tag else [])
     argv += ["--max-problems", str(args.eval_problems)] if args.eval_problems else []
     return chat_eval(argv + (["--device", args.device] if args.device else []))
+
+
+def stage_main(spec: StageSpec, args) -> int:
+    """What a stage script's main() does: set up, train, clean up, then the final chat evaluation."""
+    setup_logging()
+    info = compute_init(args.device)
+    try:
+        code = run_stage(spec, args, info)
+    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
+        print0(f"error: {exc}")
+        code = 2
+    finally:
+        compute_cleanup()
+    return run_chat_eval(spec.name, args) if code == 0 else code
 
 
 def run_stage(spec: StageSpec, args, info: DistInfo) -> int:

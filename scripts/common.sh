@@ -36,3 +36,39 @@ launch() {
 
 # visible_gpus: how many CUDA devices torch sees (at least 1, so CPU runs one process)
 visible_gpus() { python -c "import torch; print(max(1, torch.cuda.device_count()))"; }
+
+# post_stage MODULE WHAT PREDECESSOR ARGS...: the shared body of midtrain.sh, sft.sh and rl.sh
+post_stage() {
+  local module="$1" what="$2" from="$3" name
+  name=$(basename "$0" .sh)
+  shift 3
+  local gpus="" extra=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --gpus) gpus="$2"; shift 2 ;;
+      --resume) extra+=(--resume); shift ;;
+      --run) extra+=(--run "$2"); shift 2 ;;
+      -h|--help)
+        cat <<USAGE
+Usage: ./$name.sh [--gpus N] [--resume] [--run NAME] [-- extra flags for scripts.$module]
+
+$what, starting from the newest $from model,
+then runs the chat evaluation and writes the report sections.
+Safe to stop with Ctrl-C (a checkpoint is saved); --resume continues.
+
+Options:
+  --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
+  --resume      continue from this stage's newest complete checkpoint
+  --run NAME    log to wandb under this run name
+  -h, --help    show this help
+Everything after \`--\` goes to scripts.$module (python -m scripts.$module --help).
+USAGE
+        exit 0 ;;
+      --) shift; extra+=("$@"); break ;;
+      *) die "unknown option '$1' (see --help)" ;;
+    esac
+  done
+  GPUS=${gpus:-$(visible_gpus)}
+  step "$name ($GPUS process(es))"
+  launch "scripts.$module" "${extra[@]}"
+}

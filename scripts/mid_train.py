@@ -17,10 +17,7 @@ import math
 import sys
 
 from nanochat.chat_data import PackedConversations
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
-from nanochat.posttrain import FirstN, StageSpec, add_stage_args, run_chat_eval, run_stage
-from nanochat.tokenizer import TokenizerError
+from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,19 +55,7 @@ SPEC = StageSpec(name="mid", title="Midtraining", start_from="base", batches=Pac
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    setup_logging()
-    info = compute_init(args.device)
-    try:
-        code = run_stage(SPEC, args, info)
-    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
-        print0(f"error: {exc}")
-        code = 2
-    finally:
-        compute_cleanup()
-    if code == 0:
-        code = run_chat_eval("mid", args)
-    return code
+    return stage_main(SPEC, parse_args(argv))
 
 
 if __name__ == "__main__":
