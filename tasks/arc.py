@@ -11,26 +11,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.base import TaskDataError
-from tasks.hub import HubDataset, open_records
+from tasks.hub import HubTask
 from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
 from tasks.records import field
 
 REPO = "allenai/ai2_arc"
-SUBSETS = ("ARC-Easy", "ARC-Challenge")
-SPLITS = ("train", "validation", "test")
-ENV_VAR = "NANOCHAT_ARC_PATH"
+class ARC(MultipleChoiceTask, HubTask):
+    repo = REPO
+    env_var = "NANOCHAT_ARC_PATH"
+    splits = {subset: ("train", "validation", "test") for subset in ("ARC-Easy", "ARC-Challenge")}
 
-
-class ARC(MultipleChoiceTask):
     def __init__(self, subset: str = "ARC-Easy", split: str = "test", path: str | Path | None = None, **slicing):
-        super().__init__(**slicing)
-        if subset not in SUBSETS or split not in SPLITS:
-            raise ValueError(f"ARC subset must be one of {', '.join(SUBSETS)} and split one of "
-                             f"{', '.join(SPLITS)}, got {subset!r}, {split!r}")
-        self.records = open_records(HubDataset(REPO, subset, split, ENV_VAR), path)
-
-    def num_examples(self) -> int:
-        return len(self.records)
+        super().__init__(subset, split, path, **slicing)
 
     def get_example(self, index: int) -> dict:
         where = self.records.where(index)

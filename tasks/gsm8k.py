@@ -13,26 +13,18 @@ from pathlib import Path
 
 from nanochat.engine import visible_to_parts
 from tasks.answers import MARKED_RE, same_final_number
-from tasks.base import Task, TaskDataError
-from tasks.hub import HubDataset, open_records
+from tasks.base import TaskDataError
+from tasks.hub import HubTask
 from tasks.records import field
 
 REPO = "openai/gsm8k"
-SUBSETS = ("main", "socratic")
-SPLITS = ("train", "test")
-ENV_VAR = "NANOCHAT_GSM8K_PATH"
+class GSM8K(HubTask):
+    repo = REPO
+    env_var = "NANOCHAT_GSM8K_PATH"
+    splits = {subset: ("train", "test") for subset in ("main", "socratic")}
 
-
-class GSM8K(Task):
     def __init__(self, split: str = "test", subset: str = "main", path: str | Path | None = None, **slicing):
-        super().__init__(**slicing)
-        if subset not in SUBSETS or split not in SPLITS:
-            raise ValueError(f"GSM8K subset must be one of {', '.join(SUBSETS)} and split one of "
-                             f"{', '.join(SPLITS)}, got {subset!r}, {split!r}")
-        self.records = open_records(HubDataset(REPO, subset, split, ENV_VAR), path)
-
-    def num_examples(self) -> int:
-        return len(self.records)
+        super().__init__(subset, split, path, **slicing)
 
     def get_example(self, index: int) -> dict:
         where = self.records.where(index)

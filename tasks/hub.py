@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir
 from nanochat.download import DownloadError, download_file
-from tasks.base import TaskDataError
+from tasks.base import Task, TaskDataError
 from tasks.records import Records, data_files, read_records
 
 PARQUET_LIST_API = "https://datasets-server.huggingface.co/parquet"
@@ -98,3 +98,22 @@ def _read_listing(path: Path) -> list[tuple[str, str]]:
             raise ValueError(f"unexpected entry in the parquet file list: {entry!r}")
         files.append((name, url))
     return files
+
+
+class HubTask(Task):
+    """A task read row by row from one split of a Hub dataset, or from a local file with the same schema."""
+
+    repo = ""
+    env_var = ""
+    splits: dict[str, tuple[str, ...]] = {}  # subset -> the splits it has
+
+    def __init__(self, subset: str, split: str, path: str | Path | None = None, **slicing):
+        super().__init__(**slicing)
+        if split not in self.splits.get(subset, ()):
+            available = "; ".join(f"subset {s!r}: {', '.join(splits)}" for s, splits in self.splits.items())
+            raise ValueError(f"{type(self).__name__} has no subset {subset!r} split {split!r} (available: {available})")
+        self.records = open_records(HubDataset(self.repo, subset, split, self.env_var), path)
+
+    def num_examples(self) -> int:
+        return len(self.records)
+

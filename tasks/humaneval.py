@@ -12,25 +12,23 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tasks.base import Task
-from tasks.hub import HubDataset, open_records
+from tasks.hub import HubTask
 from tasks.records import field
 
 REPO = "openai/openai_humaneval"
-ENV_VAR = "NANOCHAT_HUMANEVAL_PATH"
 TIMEOUT_S = 10.0
 # A fenced block, possibly cut off by the token limit before its closing fence.
 FENCED_RE = re.compile(r"```[ \t]*(?:python|py|python3)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 IMPORT_RE = re.compile(r"^(?:import|from)\s.*$", re.MULTILINE)
 
 
-class HumanEval(Task):
-    def __init__(self, path: str | Path | None = None, **slicing):
-        super().__init__(**slicing)
-        self.records = open_records(HubDataset(REPO, "openai_humaneval", "test", ENV_VAR), path)
+class HumanEval(HubTask):
+    repo = REPO
+    env_var = "NANOCHAT_HUMANEVAL_PATH"
+    splits = {"openai_humaneval": ("test",)}
 
-    def num_examples(self) -> int:
-        return len(self.records)
+    def __init__(self, path: str | Path | None = None, **slicing):
+        super().__init__("openai_humaneval", "test", path, **slicing)
 
     def get_example(self, index: int) -> dict:
         where = self.records.where(index)

@@ -10,25 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.hub import HubDataset, open_records
+from tasks.hub import HubTask
 from tasks.multiple_choice import MultipleChoiceTask, multiple_choice_conversation
 from tasks.records import field
 
 REPO = "cais/mmlu"
-SPLITS = {"all": ("test", "validation", "dev"), "auxiliary_train": ("train",)}
-ENV_VAR = "NANOCHAT_MMLU_PATH"
+class MMLU(MultipleChoiceTask, HubTask):
+    repo = REPO
+    env_var = "NANOCHAT_MMLU_PATH"
+    splits = {"all": ("test", "validation", "dev"), "auxiliary_train": ("train",)}
 
-
-class MMLU(MultipleChoiceTask):
     def __init__(self, subset: str = "all", split: str = "test", path: str | Path | None = None, **slicing):
-        super().__init__(**slicing)
-        if split not in SPLITS.get(subset, ()):
-            choices = "; ".join(f"subset {s!r}: {', '.join(splits)}" for s, splits in SPLITS.items())
-            raise ValueError(f"MMLU has no subset {subset!r} split {split!r} (available: {choices})")
-        self.records = open_records(HubDataset(REPO, subset, split, ENV_VAR), path)
-
-    def num_examples(self) -> int:
-        return len(self.records)
+        super().__init__(subset, split, path, **slicing)
 
     def get_example(self, index: int) -> dict:
         where = self.records.where(index)

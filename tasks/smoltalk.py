@@ -9,24 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.base import Task, TaskDataError, validate_conversation
-from tasks.hub import HubDataset, open_records
+from tasks.base import TaskDataError, validate_conversation
+from tasks.hub import HubTask
 from tasks.records import field
 
 REPO = "HuggingFaceTB/smol-smoltalk"
-SPLITS = ("train", "test")
-ENV_VAR = "NANOCHAT_SMOLTALK_PATH"
+class SmolTalk(HubTask):
+    repo = REPO
+    env_var = "NANOCHAT_SMOLTALK_PATH"
+    splits = {"default": ("train", "test")}
 
-
-class SmolTalk(Task):
     def __init__(self, split: str = "train", path: str | Path | None = None, **slicing):
-        super().__init__(**slicing)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split must be one of {', '.join(SPLITS)}, got {split!r}")
-        self.records = open_records(HubDataset(REPO, "default", split, ENV_VAR), path)
-
-    def num_examples(self) -> int:
-        return len(self.records)
+        super().__init__("default", split, path, **slicing)
 
     def get_example(self, index: int) -> dict:
         where = self.records.where(index)
