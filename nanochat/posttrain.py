@@ -56,13 +56,18 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-every", type=int, default=150, help="validation every N steps; 0 for only at the end (default %(default)s)")
     g.add_argument("--eval-steps", type=int, default=20, help="validation batches per evaluation (default %(default)s)")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
-    g.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
-    g.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
-    add_final_eval_args(g)
-    add_cost_args(g)
-    g.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_run_args(g, save_every=500)
+
+
+def add_run_args(group, *, save_every: int) -> None:
+    """Checkpoints, resume, wandb, the final chat evaluation, cost figures and device: every post-training stage's."""
+    group.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
+    group.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
+    group.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
+    group.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
+    add_final_eval_args(group)
+    add_cost_args(group)
+    group.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
 
 
 def add_final_eval_args(group) -> None:

@@ -23,12 +23,11 @@ from nanochat.checkpoint import CheckpointError, load_model, stage_dir
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizers
-from nanochat.posttrain import add_final_eval_args, run_chat_eval
+from nanochat.posttrain import add_run_args, run_chat_eval
 from nanochat.report import write_section
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
-from nanochat.energy import add_cost_args
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
@@ -48,13 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates as a fraction of pretraining's (default %(default)s)")
     p.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=100, help="held-out questions for pass@k (default %(default)s)")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete RL checkpoint")
-    p.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
-    add_final_eval_args(p)
-    add_cost_args(p)
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_run_args(p, save_every=60)
     return p.parse_args(argv)
 
 
