@@ -124,6 +124,9 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
 def compute_cleanup() -> None:
     """Leave the process group, if one was joined; safe to call always."""
     if dist.is_available() and dist.is_initialized():
+        # Every rank finishes its last collective before any tears its connections down;
+        # gloo aborts a peer whose connection closes mid-operation.
+        dist.barrier()
         dist.destroy_process_group()
 
 
