@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.common import autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.gpt import build_model, config_for_depth  # noqa: E402
 from nanochat.hardware import device_name, peak_flops  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
@@ -42,25 +42,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="measurements of the same config (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile the model (auto: on CUDA only)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     return p.parse_args(argv)
 
 
 def measure(args, device: torch.device, dtype: torch.dtype, use_compile: bool) -> dict:
     torch.manual_seed(0)
     config = config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len)
-    model = build_model(config, device)
+    model = build_model(config, device, dtype)
     optimizers = build_optimizers(model)
     step_model = torch.compile(model) if use_compile else model
     x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
     y = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
-        with autocast:
-            loss = step_model(x, y)
+        loss = step_model(x, y)
         loss.backward()
         for opt in optimizers:
             opt.step()
@@ -89,7 +88,7 @@ def peak_memory_gib(device: torch.device) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(autodetect_device_type(args.device))
-    dtype = compute_dtype(device.type)
+    dtype = compute_dtype(device.type, args.dtype)
     use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
     repeats = args.repeats or (2 if device.type == "cpu" else 1)
     runs = [measure(args, device, dtype, use_compile) for _ in range(repeats)]

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from nanochat.runtime import bucket_length
+
 
 class _Cursor:
     """Walks one rank's stride of a task, epoch after epoch."""
@@ -73,7 +75,8 @@ class PackedConversations:
 
 
 class PaddedConversations:
-    """One conversation per row, padded to the longest in the batch (at most seq_len + 1 tokens).
+    """One conversation per row, padded to the longest in the batch rounded up to a
+    bucket (runtime.bucket_length: few shapes for a compiled model), at most seq_len + 1 tokens.
 
     Targets are -1 (no loss) wherever the render mask is 0 (user turns, tool
     outputs, framing) and on padding, so SFT learns only the assistant's part.
@@ -90,7 +93,7 @@ class PaddedConversations:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         rendered = [self.tokenizer.render_conversation(self.cursor.next_example(), max_tokens=self.max_len) for _ in range(self.rows)]
-        width = max(len(ids) for ids, _ in rendered)
+        width = bucket_length(max(len(ids) for ids, _ in rendered) - 1, self.max_len - 1) + 1
         tokens = torch.full((self.rows, width), self.pad, dtype=torch.long)
         learn = torch.zeros((self.rows, width), dtype=torch.bool)
         for r, (ids, mask) in enumerate(rendered):

@@ -290,7 +290,8 @@ def load_model(source: str = "auto", model_tag: str | None = None, step: int | N
         raise CheckpointError(f"{exc}; {script} makes a new one") from None
     model = build_model(GPTConfig.from_dict(ckpt.meta["model_config"]), device)
     model.load_state_dict(ckpt.model_state)
-    if dtype is not None:
+    if dtype is not None:  # weights in the dtype the model then computes in (serving, evaluation)
         model.to(dtype=dtype)
+        model.compute_dtype = dtype
     model.eval()
     return model, {**ckpt.meta, "source": source, "model_tag": tag, "step": ckpt.step}

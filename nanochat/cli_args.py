@@ -6,9 +6,7 @@ import argparse
 
 import torch
 
-from nanochat.common import autodetect_device_type
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from nanochat.common import DTYPES, autodetect_device_type, compute_dtype
 
 
 def add_model_args(parser: argparse.ArgumentParser, temperature: float) -> None:
@@ -19,11 +17,10 @@ def add_model_args(parser: argparse.ArgumentParser, temperature: float) -> None:
     parser.add_argument("-t", "--temperature", type=float, default=temperature, help="sampling temperature, 0 for greedy (default %(default)s)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 for all (default %(default)s)")
     parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default %(default)s)")
-    parser.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     parser.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
     device = torch.device(autodetect_device_type(args.device))
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return device, dtype
+    return device, compute_dtype(device.type, args.dtype)

@@ -66,8 +66,16 @@ def bf16_supported(device_type: str) -> bool:
     return major >= 8
 
 
-def compute_dtype(device_type: str) -> torch.dtype:
-    """bf16 where the hardware runs it natively, fp32 everywhere else."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(device_type: str, requested: str | None = None) -> torch.dtype:
+    """The dtype the model computes in: `requested` (a DTYPES name) when given,
+    else bf16 where the GPU runs it natively and fp32 everywhere else. On CPU
+    bf16 is opt-in: x86 CPUs with AVX512-BF16 or AMX run bf16 matmuls natively,
+    older ones emulate them slowly."""
+    if requested is not None:
+        return DTYPES[requested]
     return torch.bfloat16 if bf16_supported(device_type) else torch.float32
 
 

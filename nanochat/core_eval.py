@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from nanochat.common import print0
 from nanochat.eval_bundle import TaskSpec, load_task_data, load_task_specs
+from nanochat.runtime import bucket_length
 
 SHUFFLE_SEED = 1337  # task order is shuffled once, so a --max-per-task prefix is a fair sample
 FEWSHOT_SEED = 1234  # plus the example's index: each example gets its own fixed shots
@@ -147,19 +148,21 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _pad(tokens: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    # Right padding: causal attention keeps it from touching the real tokens.
-    batch = torch.full((len(tokens), max(map(len, tokens))), pad_id, dtype=torch.long)
+def _pad(tokens: list[list[int]], pad_id: int, model) -> torch.Tensor:
+    # Right padding: causal attention keeps it from touching the real tokens. The
+    # width is bucketed so a compiled model meets few shapes.
+    width = bucket_length(max(map(len, tokens)), model.config.sequence_len)
+    batch = torch.full((len(tokens), width), pad_id, dtype=torch.long)
     for i, row in enumerate(tokens):
         batch[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-    return batch.to(device)
+    return batch.to(_model_device(model))
 
 
 @torch.no_grad()
 def mean_continuation_losses(model, rows: Rows, pad_id: int) -> list[float]:
     """Mean loss (nats per token) of each row's continuation, all rows in one forward pass."""
     tokens, starts, ends = rows
-    inputs = _pad(tokens, pad_id, _model_device(model))
+    inputs = _pad(tokens, pad_id, model)
     targets = torch.full_like(inputs, -1)
     for i, (start, end) in enumerate(zip(starts, ends)):
         targets[i, start - 1 : end - 1] = inputs[i, start:end]
@@ -168,10 +171,10 @@ def mean_continuation_losses(model, rows: Rows, pad_id: int) -> list[float]:
 
 
 @torch.no_grad()
-def greedy_reproduces(model, rows: Rows) -> bool:
+def greedy_reproduces(model, rows: Rows, pad_id: int) -> bool:
     """Whether argmax at every position predicts the next continuation token (one row)."""
     (tokens,), (start,), (end,) = rows
-    inputs = torch.tensor([tokens], dtype=torch.long, device=_model_device(model))
+    inputs = _pad([tokens], pad_id, model)
     predicted = model(inputs)[0, start - 1 : end - 1].argmax(dim=-1)
     return bool(torch.equal(predicted, inputs[0, start:end]))
 
@@ -184,7 +187,8 @@ def option_losses(model, tokenizer, data: list[dict], idx: int, spec: TaskSpec) 
 
 def example_correct(model, tokenizer, data: list[dict], idx: int, spec: TaskSpec) -> bool:
     if spec.task_type == "language_modeling":
-        return greedy_reproduces(model, prepare_example(tokenizer, data, idx, spec, model.config.sequence_len))
+        rows = prepare_example(tokenizer, data, idx, spec, model.config.sequence_len)
+        return greedy_reproduces(model, rows, tokenizer.get_bos_token_id())
     losses = option_losses(model, tokenizer, data, idx, spec)
     return losses.index(min(losses)) == data[idx]["gold"]
 

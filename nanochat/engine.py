@@ -143,7 +143,7 @@ class Engine:
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.sequence_len
-        self.cache = SlotKVCache(model.config, max_batch, self.max_len, self.device, param.dtype)
+        self.cache = SlotKVCache(model.config, max_batch, self.max_len, self.device, model.compute_dtype)
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.waiting: deque[Request] = deque()

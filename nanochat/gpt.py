@@ -12,6 +12,14 @@ Weights map one-to-one onto HuggingFace transformers' NanoChat architecture
 - grouped-query attention: n_kv_head key/value heads shared by n_head queries
 - ReLU^2 MLP with 4x expansion; no biases anywhere
 - untied embedding (wte) and head (lm_head); logits soft-capped at 15*tanh(x/15)
+
+Precision: the parameters stay fp32 (the optimizers' master weights) and the
+forward pass runs in one compute dtype, `GPT.compute_dtype`, on every device,
+without autocast: the embedding output, residual stream, rotary tables,
+attention inputs and KV cache are in it, and every matmul casts its weight
+to it. Norm statistics and the loss accumulate in fp32 (nanochat.ops). So
+what runs on CPU in bf16 is what runs on CUDA in bf16, and memory measured on
+CPU is what CUDA holds.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from nanochat.ops import head_loss, head_losses, relu_squared_linear, rms_norm
 
 # Rotary tables cover this many times the training length, so generation can
 # run past it without recomputing anything.
@@ -101,11 +112,20 @@ def config_for_depth(
 
 
 def norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),), eps=eps)
+    return rms_norm(x, eps)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose fp32 master weight is cast to the input's dtype,
+    so the layer computes in the model's compute dtype without autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
 
 
 def rotary_tables(length: int, head_dim: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, each (length, head_dim // 2), fp32."""
+    """cos and sin of position * frequency, each (length, head_dim // 2), fp32
+    (the model casts the slice it uses to its compute dtype)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     positions = torch.arange(length, dtype=torch.float32, device=device)
     angles = torch.outer(positions, inv_freq)
@@ -124,10 +144,10 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.eps = config.norm_eps
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        self.q_proj = Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
+        self.k_proj = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.v_proj = Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
+        self.o_proj = Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
@@ -172,49 +192,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int | torch.T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_pos <= query_pos, enable_gqa=gqa)
 
 
-class SoftcappedCrossEntropy(torch.autograd.Function):
-    """Per-row cross-entropy (fp32) of cap * tanh(logits / cap); rows with target -1 get loss 0.
-
-    Autograd through the plain expression keeps two (N, V) tensors for the
-    backward pass and allocates several more; with a large vocabulary each is
-    gigabytes, and on CPU touching fresh memory alone costs as much as the
-    arithmetic. This keeps one, tanh(logits / cap), and recomputes the softmax
-    from it in backward.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
-        squashed = (logits.float() / cap).tanh_()
-        # capped logits lie in [-cap, cap], so exp needs no max subtraction to stay finite
-        sum_exp = torch.mul(squashed, cap).exp_().sum(dim=-1)
-        valid = targets != -1
-        safe_targets = torch.where(valid, targets, 0).unsqueeze(1)
-        target_logit = cap * squashed.gather(1, safe_targets).squeeze(1)
-        ctx.save_for_backward(squashed, sum_exp, safe_targets, valid)
-        ctx.cap, ctx.logits_dtype = cap, logits.dtype
-        return torch.where(valid, sum_exp.log() - target_logit, 0.0)
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        squashed, sum_exp, safe_targets, valid = ctx.saved_tensors
-        grad_rows = torch.where(valid, grad_loss, 0.0).unsqueeze(1)
-        # d loss / d capped logits = softmax - one_hot(target)
-        grad = torch.mul(squashed, ctx.cap).exp_().mul_(grad_rows / sum_exp.unsqueeze(1))
-        grad.scatter_add_(1, safe_targets, -grad_rows)
-        # d capped / d logits = 1 - tanh^2. Squaring the saved tensor in place saves
-        # an (N, V) allocation; autograd's version check makes a second backward fail loudly.
-        grad.addcmul_(grad, squashed.square_(), value=-1.0)
-        return grad.to(ctx.logits_dtype), None, None
-
-
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.fc2 = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.fc1 = Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.fc2 = Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.relu(self.fc1(x)).square())
+        return relu_squared_linear(self.fc1(x), self.fc2.weight.to(x.dtype))
 
 
 class Block(nn.Module):
@@ -238,15 +223,21 @@ class GPT(nn.Module):
     """Token ids -> soft-capped next-token logits, or the loss against targets.
 
     GPT(config) leaves the weights at torch defaults: call init_weights(), or
-    use build_model(config, device).
+    use build_model(config, device, compute_dtype).
+
+    compute_dtype: what the forward pass computes in (see the module doc).
+    checkpoint_blocks: recompute each block in backward instead of keeping its
+    activations (a third more matmul FLOPs, for models that do not fit otherwise).
     """
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
+        self.compute_dtype = compute_dtype
+        self.checkpoint_blocks = False
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         # Derived from the config, so kept out of the state dict; init_weights
         # rebuilds them after construction on the meta device.
         cos, sin = self._rotary_tables(device=self.lm_head.weight.device)
@@ -286,31 +277,49 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        loss_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in fp32, or the cross-entropy loss when targets are given.
 
         targets: (B, T) token ids, -1 where no loss is wanted. loss_reduction
         "mean" averages over the counted tokens; "none" gives the (B, T) losses
-        (0 where ignored).
+        (0 where ignored), for evaluation only (no gradient: the head computes
+        its gradient in the forward pass, which needs to know how the losses
+        are combined). loss_weights (B, T) instead gives sum(weights * losses),
+        with gradient (policy-gradient losses).
         kv_cache: see KVCache; idx then holds the tokens after the kv_cache.pos
         already cached ones, and the cache is advanced by T.
         """
         if loss_reduction not in ("mean", "none"):
             raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
+        x = self.hidden_states(idx, kv_cache)
+        cap, head = self.config.logit_softcap, self.lm_head.weight
+        if targets is None:
+            return cap * torch.tanh(self.lm_head(x).float() / cap)
+        x, flat_targets = x.flatten(0, 1), targets.flatten()
+        if loss_weights is not None:
+            return head_loss(x, head, flat_targets, loss_weights.flatten(), cap)
+        if loss_reduction == "none":
+            if torch.is_grad_enabled() and x.requires_grad:
+                raise ValueError("loss_reduction='none' gives no gradient; pass loss_weights to weight the losses")
+            return head_losses(x, head, flat_targets, cap).view_as(targets)
+        # clamp: a batch where every target is ignored adds 0 to the loss, not NaN
+        counted = (flat_targets != -1).sum().clamp(min=1)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return head_losses(x, head, flat_targets, cap).sum() / counted
+        return head_loss(x, head, flat_targets, torch.ones_like(flat_targets, dtype=torch.float32) / counted, cap)
+
+    def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The normalised final residual stream (B, T, C), in the compute dtype."""
         T = idx.size(1)
-        x = norm(self.wte(idx), self.config.norm_eps)
+        x = norm(self.wte(idx).to(self.compute_dtype), self.config.norm_eps)
         cos, sin = self._rotary_slice(0 if kv_cache is None else kv_cache.pos, T, x.dtype)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled() and kv_cache is None
         for block in self.blocks:
-            x = block(x, cos, sin, kv_cache)
+            x = checkpoint(block, x, cos, sin, use_reentrant=False) if recompute else block(x, cos, sin, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        logits = self.lm_head(norm(x, self.config.norm_eps))
-        cap = self.config.logit_softcap
-        if targets is None:
-            return cap * torch.tanh(logits.float() / cap)
-        losses = SoftcappedCrossEntropy.apply(logits.flatten(0, 1), targets.flatten(), cap).view_as(targets)
-        # clamp: a batch where every target is ignored adds 0 to the loss, not NaN
-        return losses if loss_reduction == "none" else losses.sum() / (targets != -1).sum().clamp(min=1)
+        return norm(x, self.config.norm_eps)
 
     def _rotary_slice(self, pos: int | torch.Tensor, T: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions pos..pos+T, shaped (T, 1, head_dim/2) to broadcast over
@@ -366,11 +375,12 @@ class GPT(nn.Module):
         return float(6 * matmul_params + attention)
 
 
-def build_model(config: GPTConfig, device: torch.device | str) -> GPT:
-    """A freshly initialised GPT on device. It is laid out on the meta device
-    first, so the weights are allocated once, where they will live."""
+def build_model(config: GPTConfig, device: torch.device | str, compute_dtype: torch.dtype = torch.float32) -> GPT:
+    """A freshly initialised GPT on device, fp32 weights computing in compute_dtype.
+    It is laid out on the meta device first, so the weights are allocated once,
+    where they will live."""
     with torch.device("meta"):
-        model = GPT(config)
+        model = GPT(config, compute_dtype)
     model.to_empty(device=device)
     model.init_weights()
     return model
@@ -388,7 +398,7 @@ class KVCache:
 
     GPT.forward calls update() once per layer and advance() once at the end,
     so `pos` counts the tokens whose keys and values are fully stored. dtype
-    must be the dtype the attention runs in (bf16 under bf16 autocast).
+    must be the model's compute dtype.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor, autocast=None) -> float:
+def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor) -> float:
     """Sum of per-token losses (nats) over the bytes those target tokens stand for.
 
     Special tokens count 0 bytes and are left out, as are ignored targets (-1),
@@ -25,8 +25,7 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
             x, y = next(batches)
         except StopIteration:
             break
-        with autocast if autocast is not None else torch.autocast("cpu", enabled=False):
-            loss = model(x, y, loss_reduction="none").reshape(-1)
+        loss = model(x, y, loss_reduction="none").reshape(-1)
         y = y.reshape(-1)
         nbytes = torch.where(y >= 0, token_bytes[y.clamp(min=0)], 0)
         counted = nbytes > 0

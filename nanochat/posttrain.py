@@ -21,7 +21,8 @@ from nanochat.report import write_section
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
 from nanochat.energy import add_cost_args
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, cost_settings, resume_from
+from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
 @dataclass
@@ -68,6 +69,7 @@ def add_run_args(group, *, save_every: int) -> None:
     add_final_eval_args(group)
     add_cost_args(group)
     group.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_compute_args(group)
 
 
 def add_final_eval_args(group) -> None:
@@ -83,6 +85,7 @@ def run_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
 
     argv = ["-i", stage] + (["-a", *tasks] if tasks else []) + (["--model-tag", args.model_tag] if args.model_tag else [])
     argv += ["--max-problems", str(args.eval_problems)] if args.eval_problems else []
+    argv += ["--dtype", args.dtype] if args.dtype else []
     return chat_eval(argv + (["--device", args.device] if args.device else []))
 
 
@@ -122,13 +125,14 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
     optimizers = build_optimizers(model, embedding_lr=args.embedding_lr * frac, unembedding_lr=args.unembedding_lr * frac,
                                   matrix_lr=args.matrix_lr * frac, world_size=info.world_size)
     resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
+    step_model = prepare_model(model, args, info.device, steps)
     batches = spec.batches(tokenizer, train_task, args.device_batch_size, seq_len, device=info.device, rank=info.rank,
                            world_size=info.world_size, state=resumed.data_state)
     val_task = spec.val_mixture(args)
 
     def validate(step: int) -> dict:
         val = spec.batches(tokenizer, val_task, args.device_batch_size, seq_len, device=info.device, rank=info.rank, world_size=info.world_size)
-        bpb = evaluate_bpb(model, val, args.eval_steps, tokenizer.token_bytes(), autocast_for(info.device))
+        bpb = evaluate_bpb(step_model, val, args.eval_steps, tokenizer.token_bytes())
         print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
         return {"val_bpb": bpb}
 
@@ -137,7 +141,7 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
                             cost=cost_settings(args))
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start_meta[k] for k in ("source", "model_tag", "step")}}
     tracker = Tracker(args.run, {"args": vars(args), "stage": spec.name}, info.is_master)
-    loop = TrainLoop(model=model, optimizers=optimizers, batches=batches, settings=settings, info=info, tag_dir=tag_dir,
+    loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=batches, settings=settings, info=info, tag_dir=tag_dir,
                      meta=meta, hooks=Hooks(evaluate=validate), tracker=tracker, resumed=resumed)
     try:
         code = loop.run()

@@ -10,7 +10,6 @@ evaluation) and resuming.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +18,11 @@ from typing import Callable
 import torch
 
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
-from nanochat.common import DistInfo, compute_dtype, print0
+from nanochat.common import DistInfo, print0
 from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy
 from nanochat.memory import current_usage
 from nanochat.progress import StepTimer, format_duration
+from nanochat.runtime import release_cached_memory
 from nanochat.schedule import lr_multiplier, muon_momentum
 from nanochat.signals import StopRequest
 
@@ -58,12 +58,6 @@ def cost_settings(args) -> dict:
     return {"price_per_kwh": args.price_per_kwh, "hardware_price": args.hardware_price, "lifetime_years": args.hardware_lifetime_years}
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast where the device computes in bf16, nothing otherwise."""
-    dtype = compute_dtype(device.type)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
 def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:
     """Load the newest complete checkpoint of `tag_dir` into model and optimizers."""
     ckpt = load_checkpoint(tag_dir, rank=info.rank, device=info.device)
@@ -87,7 +81,6 @@ class TrainLoop:
         self.loss_fn = loss_fn or (lambda m, batch: m(*batch))
         self.info, self.tag_dir, self.meta, self.hooks = info, Path(tag_dir), meta, hooks or Hooks()
         self.tracker, self.peak = tracker, peak_flops
-        self.autocast = autocast_for(info.device)
         self.flops_per_token = model.estimate_flops()
         resumed = resumed or Resumed()
         self.start_step = resumed.step
@@ -143,8 +136,7 @@ class TrainLoop:
         accum = self.settings.grad_accum_steps
         for _ in range(accum):
             batch = next(self.batches)
-            with self.autocast:
-                loss = self.loss_fn(self.step_model, batch)
+            loss = self.loss_fn(self.step_model, batch)
             (loss / accum).backward()
             total += loss.detach()
             tokens += batch[0].numel()
@@ -176,6 +168,7 @@ class TrainLoop:
     def evaluate(self, step: int) -> None:
         if not self.hooks.evaluate:
             return
+        release_cached_memory(self.info.device)
         self.model.eval()
         try:
             metrics = self.hooks.evaluate(step)

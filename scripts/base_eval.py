@@ -11,16 +11,14 @@ Writes the "base-eval" section of the report card.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_dtype, compute_init, print0, setup_logging
+from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.eval_bundle import BUNDLE_ENV, BundleError, resolve_bundle_dir
 from nanochat.report import write_section
+from nanochat.runtime import add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -31,6 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-per-task", type=int, default=None, help="evaluate only this many examples per task, the same ones every run (default: all)")
     p.add_argument("--bundle", default=None, help=f"unpacked eval bundle folder (default: ${BUNDLE_ENV}, else $NANOCHAT_BASE_DIR/eval_bundle)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_compute_args(p)
     args = p.parse_args(argv)
     if args.max_per_task is not None and args.max_per_task < 1:
         p.error("--max-per-task must be at least 1")
@@ -57,12 +56,10 @@ def main(argv=None) -> int:
         print0(f"error: {exc}")
         compute_cleanup()
         return 2
-    dtype = compute_dtype(info.device.type)
-    autocast = torch.autocast(info.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    step_model = prepare_model(model, args, info.device)
     subset = "all examples" if args.max_per_task is None else f"at most {args.max_per_task} examples per task"
     print0(f"CORE of {meta['model_tag']} step {meta['step']:,} ({subset}, {info.world_size} rank(s), bundle {bundle})")
-    with autocast:
-        result = evaluate_core(model, tokenizer, bundle, args.max_per_task)
+    result = evaluate_core(step_model, tokenizer, bundle, args.max_per_task)
     print0(results_table(result))
     if info.is_master:
         items = {"model": f"{meta['model_tag']} step {meta['step']}", "examples per task": args.max_per_task or "all", "CORE": result.core}

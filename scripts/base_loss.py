@@ -9,17 +9,15 @@ Writes the "base-loss" section of the report card.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_dtype, compute_init, print0, setup_logging
+from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_section
+from nanochat.runtime import add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -30,11 +28,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split (default %(default)s)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_compute_args(p)
     p.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
     return p.parse_args(argv)
 
 
-def split_bpb(model, tokenizer, split: str, args, info, autocast) -> float:
+def split_bpb(model, tokenizer, split: str, args, info) -> float:
     seq_len = model.config.sequence_len
     steps = max(1, args.split_tokens // (args.device_batch_size * seq_len * info.world_size))
     loader = PretrainLoader(
@@ -42,7 +41,7 @@ def split_bpb(model, tokenizer, split: str, args, info, autocast) -> float:
         world_size=info.world_size, loop=False, directory=args.data_dir,
     )
     try:
-        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes(), autocast)
+        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
     finally:
         loader.close()
 
@@ -58,10 +57,9 @@ def main(argv=None) -> int:
         print0(f"error: {exc}")
         compute_cleanup()
         return 2
-    dtype = compute_dtype(info.device.type)
-    autocast = torch.autocast(info.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    step_model = prepare_model(model, args, info.device)
     print0(f"evaluating {meta['model_tag']} step {meta['step']:,} on {args.split_tokens:,} tokens per split")
-    results = {split: split_bpb(model, tokenizer, split, args, info, autocast) for split in ("train", "val")}
+    results = {split: split_bpb(step_model, tokenizer, split, args, info) for split in ("train", "val")}
     for split, bpb in results.items():
         print0(f"{split} bits per byte: {bpb:.4f}")
     samples = []

@@ -18,7 +18,7 @@ import sys
 import torch
 
 from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_cleanup, compute_dtype, compute_init, get_base_dir, print0, setup_logging
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.gpt import GPT, build_model, config_for_depth
@@ -31,7 +31,8 @@ from nanochat.tracking import Tracker
 from nanochat.energy import add_cost_args
 from nanochat.memory import available_memory, check_fits, estimate_training_memory
 from nanochat.report import write_section
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, autocast_for, cost_settings, resume_from
+from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
 
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
-    r.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (compiled by default on CUDA)")
+    add_compute_args(r)
     r.add_argument("--seed", type=int, default=42, help="random seed for initialisation (default %(default)s)")
     r.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
     r.add_argument("--ignore-memory-check", action="store_true", help="start even when the memory estimate says the run will not fit")
@@ -115,9 +116,10 @@ def train(args, info) -> int:
         num_iterations=args.num_iterations, target_flops=args.target_flops,
         target_param_data_ratio=args.target_param_data_ratio, warmdown_ratio=args.warmdown_ratio,
     )
-    peak, peak_source = peak_flops(device, compute_dtype(device.type))
-    print_plan(model, plan, compute_dtype(device.type), peak_source)
-    estimate = estimate_training_memory(model.config, args.device_batch_size, args.max_seq_len, compute_dtype(device.type), info.world_size)
+    step_model = prepare_model(model, args, device, plan.num_iterations)
+    peak, peak_source = peak_flops(device, model.compute_dtype)
+    print_plan(model, plan, model.compute_dtype, peak_source)
+    estimate = estimate_training_memory(model.config, args.device_batch_size, args.max_seq_len, model.compute_dtype, info.world_size)
     fits, message = check_fits(estimate, available_memory(device), margin=1.0)
     print0(message)
     if not fits and not args.ignore_memory_check:
@@ -131,7 +133,6 @@ def train(args, info) -> int:
         tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
         rank=info.rank, world_size=info.world_size, state=resumed.data_state, directory=args.data_dir,
     )
-    step_model = model if args.no_compile or device.type != "cuda" else torch.compile(model)
     settings = LoopSettings(
         num_iterations=plan.num_iterations, grad_accum_steps=plan.grad_accum_steps, warmdown_ratio=plan.warmdown_ratio,
         eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
@@ -169,7 +170,7 @@ def validation_bpb(args, info, model, tokenizer, step: int) -> float:
         world_size=info.world_size, loop=False, directory=args.data_dir,
     )
     try:
-        bpb = evaluate_bpb(model, val, steps, tokenizer.token_bytes(), autocast_for(info.device))
+        bpb = evaluate_bpb(model, val, steps, tokenizer.token_bytes())
     finally:
         val.close()
     print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")

@@ -23,6 +23,7 @@ from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine, collect
 from nanochat.report import write_section
+from nanochat.runtime import add_dtype_arg, set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass / sequences decoded together (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest generated answer (default %(default)s)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_dtype_arg(p)
     return p.parse_args(argv)
 
 
@@ -123,6 +125,7 @@ def evaluate(args, info) -> int:
     t0 = time.time()
     tokenizer = get_tokenizer()
     model, meta = load_model(args.source, args.model_tag, args.step, device=info.device)
+    set_compute_dtype(model, args, info.device)
     table = task_table()
     names = args.tasks or list(table)
     unknown = [n for n in names if n not in table]

@@ -25,6 +25,7 @@ from nanochat.engine import Engine
 from nanochat.optim import build_optimizers
 from nanochat.posttrain import add_run_args, run_chat_eval
 from nanochat.report import write_section
+from nanochat.runtime import bucket_length, prepare_model
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
@@ -110,7 +111,7 @@ class Rollouts:
         batches = []
         for start in range(0, len(sequences), rows):
             chunk = sequences[start : start + rows]
-            width = max(len(p) + len(c) for p, c in chunk)
+            width = bucket_length(max(len(p) + len(c) for p, c in chunk), self.engine.max_len)
             x = torch.full((len(chunk), width), self.tokenizer.get_bos_token_id(), dtype=torch.long)
             y = torch.full((len(chunk), width), -1, dtype=torch.long)
             for r, (prompt, completion) in enumerate(chunk):
@@ -135,9 +136,8 @@ class Rollouts:
 def policy_gradient_loss(model, batch) -> torch.Tensor:
     """Advantage-weighted NLL of the sampled tokens, averaged over them."""
     x, y, adv = batch
-    nll = model(x, y, loss_reduction="none")  # (B, T), 0 where y == -1
     counted = (y != -1).sum().clamp(min=1)
-    return (nll * adv[:, None]).sum() / counted
+    return model(x, y, loss_weights=(adv[:, None] / counted).expand_as(y))  # ignored targets (-1) weigh 0
 
 
 def pass_at_k(engine: Engine, task, args, indices: list[int]) -> dict:
@@ -185,6 +185,7 @@ def train(args, info) -> int:
     optimizers = build_optimizers(model, embedding_lr=0.2 * frac, unembedding_lr=0.004 * frac, matrix_lr=0.02 * frac, world_size=info.world_size)
     tag_dir = stage_dir("rl") / start["model_tag"]
     resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
+    step_model = prepare_model(model, args, info.device, steps)  # rollouts run the model itself, through the engine
     engine = Engine(model, tokenizer, max_batch=args.num_samples)
     rollouts = Rollouts(engine, train_task, args, info, resumed.data_state)
     eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
@@ -196,7 +197,7 @@ def train(args, info) -> int:
     print0(f"RL: from {start['source']} {start['model_tag']} step {start['step']:,}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
     tracker = Tracker(args.run, {"args": vars(args), "stage": "rl"}, info.is_master)
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start[k] for k in ("source", "model_tag", "step")}}
-    loop = TrainLoop(model=model, optimizers=optimizers, batches=rollouts, settings=settings, info=info, tag_dir=tag_dir, meta=meta,
+    loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=rollouts, settings=settings, info=info, tag_dir=tag_dir, meta=meta,
                      hooks=hooks, tracker=tracker, resumed=resumed, loss_fn=policy_gradient_loss)
     try:
         code = loop.run()

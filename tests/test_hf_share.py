@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -216,10 +217,14 @@ def test_special_token_text_stays_text_when_sanitized(prepared, trained):
     assert ids == tokenizer.render_for_completion(messages)
 
 
-def test_greedy_generation_matches_our_engine(prepared, trained):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_greedy_generation_matches_our_engine(prepared, trained, dtype):
+    """bf16: our weights cast as `chat_service -d bfloat16` does, theirs loaded in bf16 from the exported files."""
     tokenizer, model = trained
+    model = copy.deepcopy(model).to(dtype)
+    model.compute_dtype = dtype
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(prepared)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(prepared, dtype=torch.float32)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(prepared, dtype=dtype)
     engine = Engine(model, tokenizer, max_batch=1)
     stops = [tokenizer.encode_special("<|assistant_end|>"), tokenizer.encode_special("<|bos|>")]  # the engine's stop tokens
     answers = []

@@ -1,0 +1,150 @@
+"""The model's memory-lean operations: each keeps for backward only what its
+backward needs, and recomputes cheap elementwise work instead of saving it.
+
+At depth 20, batch 32 x 2048 and a 65,536-token vocabulary, autograd through
+the plain expressions keeps about twice the activations these do:
+- F.rms_norm on bf16 input saves an fp32 copy of the input (torch 2.13); the
+  gradient can be had from the output and one fp32 scale per row instead, and
+  the output is saved by the next matmul anyway.
+- relu(h)^2 followed by a matmul saves h, relu(h) and relu(h)^2 (three 4x-wide
+  tensors); relu(h) alone gives back both the square and its derivative.
+- the head and soft-capped loss hold (B*T, V) logits, their fp32 copy and the
+  fp32 gradient: 40 GiB. head_loss never holds more than one chunk of rows.
+
+All three compute in the dtype of their input (the model's compute dtype) and
+accumulate statistics in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rows of logits the head materialises at once: 2^28 fp32 values (1 GiB) per
+# chunk, so 4,096 rows at vocab 65,536 and 16 chunks at batch 32 x 2048; big
+# enough that each chunk's three matmuls stay efficient.
+HEAD_CHUNK_ELEMENTS = 2**28
+
+
+class RMSNorm(torch.autograd.Function):
+    """x / sqrt(mean(x^2) + eps) over the last dim, statistics in fp32.
+
+    Saves the output and the fp32 per-row scale r: with y = x * r,
+    dx = r * (dy - y * mean(dy * y)).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        scale = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
+        y = (xf * scale).to(x.dtype)
+        ctx.save_for_backward(y, scale)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        y, scale = ctx.saved_tensors
+        yf, dyf = y.float(), dy.float()
+        dx = scale * (dyf - yf * (dyf * yf).mean(dim=-1, keepdim=True))
+        return dx.to(dy.dtype), None
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return RMSNorm.apply(x, eps)
+
+
+class ReluSquaredLinear(torch.autograd.Function):
+    """relu(h)^2 @ weight.T, keeping only relu(h): the square is recomputed in
+    backward for the weight gradient, and d relu(h)^2 / dh = 2 relu(h)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        r = F.relu(h)
+        ctx.save_for_backward(r, weight)
+        return F.linear(r.square(), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        r, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.size(-1))
+        grad_weight = grad_rows.t() @ r.square().reshape(-1, r.size(-1))
+        grad_h = (grad_out @ weight).mul_(r).mul_(2)
+        return grad_h, grad_weight
+
+
+def relu_squared_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return ReluSquaredLinear.apply(h, weight)
+
+
+def _chunk_rows(vocab_size: int) -> int:
+    return max(1, HEAD_CHUNK_ELEMENTS // vocab_size)
+
+
+def _capped_logits(x: torch.Tensor, weight: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tanh(logits / cap) and cap * that), fp32, for rows x."""
+    squashed = F.linear(x, weight.to(x.dtype)).float().div_(cap).tanh_()
+    return squashed, squashed * cap
+
+
+def _row_losses(capped: torch.Tensor, safe_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp, cross-entropy) per row. Capped logits lie in [-cap, cap] and
+    cap <= 50 (gpt.MAX_LOGIT_SOFTCAP), so exp needs no max subtraction in fp32."""
+    lse = capped.exp().sum(dim=-1).log()
+    return lse, lse - capped.gather(1, safe_targets[:, None]).squeeze(1)
+
+
+class HeadLoss(torch.autograd.Function):
+    """sum_i w_i * cross_entropy(cap * tanh(x_i @ weight.T / cap), target_i), the
+    gradients computed in the same pass, a chunk of rows at a time.
+
+    The gradient of a weighted sum is known up to the incoming scalar before
+    backward runs, so forward computes it while each chunk's logits exist and
+    backward only scales it: the head's three matmuls run once each, as with
+    autograd, and only (N, C) + (V, C) gradients are kept instead of (N, V)
+    tensors. `weight` is the fp32 master weight (its gradient stays fp32);
+    the matmuls run in x's dtype. Row weights are 0 where the target is ignored.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, row_weights, cap: float):
+        grad_x = torch.empty_like(x)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        compute_weight = weight.to(x.dtype)
+        step = _chunk_rows(weight.size(0))
+        for start in range(0, x.size(0), step):
+            xs, ts, ws = x[start : start + step], targets[start : start + step], row_weights[start : start + step, None]
+            squashed, capped = _capped_logits(xs, compute_weight, cap)
+            lse, losses = _row_losses(capped, ts)
+            total = total + (ws.squeeze(1) * losses).sum()
+            # d/d capped = w * (softmax - one_hot(target)); d capped / d logits = 1 - tanh^2
+            grad = capped.sub_(lse[:, None]).exp_().mul_(ws)
+            grad.scatter_add_(1, ts[:, None], -ws)
+            grad = grad.mul_(squashed.square_().neg_().add_(1)).to(x.dtype)
+            grad_x[start : start + step] = grad @ compute_weight
+            grad_weight += (grad.t() @ xs).float()
+        ctx.save_for_backward(grad_x, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_x, grad_weight = ctx.saved_tensors
+        return grad_x * grad_total.to(grad_x.dtype), grad_weight * grad_total, None, None, None
+
+
+def head_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """Per-row losses (fp32, 0 where target is -1) without gradients, a chunk at a time."""
+    valid = targets != -1
+    safe = torch.where(valid, targets, 0)
+    step = _chunk_rows(weight.size(0))
+    compute_weight = weight.to(x.dtype)
+    parts = [_row_losses(_capped_logits(x[s : s + step], compute_weight, cap)[1], safe[s : s + step])[1]
+             for s in range(0, x.size(0), step)]
+    return torch.where(valid, torch.cat(parts), 0.0)
+
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, row_weights: torch.Tensor, cap: float) -> torch.Tensor:
+    """The weighted loss sum of HeadLoss; x (N, C), targets (N,) with -1 ignored, row_weights (N,)."""
+    valid = targets != -1
+    safe = torch.where(valid, targets, 0)
+    return HeadLoss.apply(x, weight, safe, torch.where(valid, row_weights.float(), 0.0), cap)

@@ -1,0 +1,74 @@
+"""How a stage runs the model: its compute dtype and whether it is compiled.
+
+Every training stage and evaluation takes the same flags (add_compute_args)
+and turns them into a model set up the same way (prepare_model).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from nanochat.common import DTYPES, compute_dtype, print0
+
+# torch.compile costs about a minute of compilation on a 2-core CPU at depth 4
+# and then saves ~17% of each step (bench/README.md), so on CPU it pays only
+# for runs of at least this many steps; on CUDA it always pays.
+CPU_COMPILE_MIN_STEPS = 500
+# Variable-length batches (SFT, RL, CORE) are padded up to one of these row
+# lengths, so a compiled model sees a handful of shapes instead of a new one
+# (and a recompilation) at nearly every step.
+MIN_BUCKET = 64
+
+
+def add_dtype_arg(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    group.add_argument("--dtype", default=None, choices=list(DTYPES),
+                       help="compute dtype; weights stay float32 (default: bfloat16 on a GPU that runs it natively, "
+                            "float32 elsewhere; bfloat16 is fast on CPUs with AVX512-BF16 or AMX)")
+
+
+def add_compute_args(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--dtype and --compile / --no-compile."""
+    add_dtype_arg(group)
+    group.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
+                       help=f"torch.compile the model (auto: on CUDA, and on CPU for runs of {CPU_COMPILE_MIN_STEPS}+ steps)")
+    group.add_argument("--no-compile", dest="compile", action="store_const", const="no", help="same as --compile no")
+
+
+def wants_compile(choice: str, device_type: str, num_steps: int | None = None) -> bool:
+    if choice != "auto":
+        return choice == "yes"
+    return device_type == "cuda" or (num_steps is not None and num_steps >= CPU_COMPILE_MIN_STEPS)
+
+
+def prepare_model(model, args, device: torch.device, num_steps: int | None = None):
+    """Set the model's compute dtype from --dtype; return what to call for
+    steps: the model compiled (per --compile) or the model itself."""
+    set_compute_dtype(model, args, device)
+    compiled = wants_compile(args.compile, device.type, num_steps)
+    print0(f"compute dtype {str(model.compute_dtype).removeprefix('torch.')}; torch.compile {'on' if compiled else 'off'}")
+    # dynamic=False: shapes are fixed or bucketed (bucket_length), and static shapes compile to faster kernels
+    return torch.compile(model, dynamic=False) if compiled else model
+
+
+def set_compute_dtype(model, args, device: torch.device) -> None:
+    """The model computes in --dtype (its weights stay as they are)."""
+    model.compute_dtype = compute_dtype(device.type, args.dtype)
+
+
+def bucket_length(length: int, limit: int) -> int:
+    """The row length to pad `length` tokens to: the next power of two (at least
+    MIN_BUCKET), never past `limit`."""
+    bucket = MIN_BUCKET
+    while bucket < length:
+        bucket *= 2
+    return max(length, min(bucket, limit))
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Give the allocator's cached blocks back before an evaluation, so its
+    (differently shaped) allocations do not stack a second peak on top of
+    what training left cached."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
