@@ -35,7 +35,7 @@ class RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
+        xf = _at_least_fp32(x)
         scale = torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + eps)
         y = (xf * scale).to(x.dtype)
         ctx.save_for_backward(y, scale)
@@ -44,9 +44,13 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         y, scale = ctx.saved_tensors
-        yf, dyf = y.float(), dy.float()
+        yf, dyf = _at_least_fp32(y), _at_least_fp32(dy)
         dx = scale * (dyf - yf * (dyf * yf).mean(dim=-1, keepdim=True))
         return dx.to(dy.dtype), None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.element_size() >= 4 else x.float()
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -76,3 +76,12 @@ def test_all_ignored_batch_gives_zero_loss_not_nan(tokenizer):
 def test_too_small_a_mixture_is_a_clear_error(tokenizer):
     with pytest.raises(ValueError, match="too few"):
         PackedConversations(tokenizer, conversations(1), 1, 8, rank=1, world_size=2)
+
+
+def test_padded_widths_are_bucketed_for_a_compiled_model(tokenizer):
+    """Rows of 20 to 150 tokens: each batch is padded to 64, 128 or the 200 limit, never to its own length."""
+    convs = [{"messages": [{"role": "user", "content": "question"}, {"role": "assistant", "content": "hello" + " there" * (i * 7)}]}
+             for i in range(20)]
+    source = PaddedConversations(tokenizer, convs, batch_size=2, seq_len=200)
+    widths = [next(source)[0].size(1) for _ in range(10)]
+    assert set(widths) <= {64, 128, 200} and len(set(widths)) >= 2
