@@ -34,6 +34,9 @@ def add_compute_args(group: argparse.ArgumentParser | argparse._ArgumentGroup) -
     group.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                        help=f"torch.compile the model (auto: on CUDA, and on CPU for runs of {CPU_COMPILE_MIN_STEPS}+ steps)")
     group.add_argument("--no-compile", dest="compile", action="store_const", const="no", help="same as --compile no")
+    group.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each block in backward instead of keeping its activations: about a third more "
+                            "matmul FLOPs, for models that do not fit otherwise")
 
 
 def wants_compile(choice: str, device_type: str, num_steps: int | None = None) -> bool:
@@ -46,6 +49,7 @@ def prepare_model(model, args, device: torch.device, num_steps: int | None = Non
     """Set the model's compute dtype from --dtype; return what to call for
     steps: the model compiled (per --compile) or the model itself."""
     set_compute_dtype(model, args, device)
+    model.checkpoint_blocks = args.activation_checkpointing
     compiled = wants_compile(args.compile, device.type, num_steps)
     print0(f"compute dtype {str(model.compute_dtype).removeprefix('torch.')}; torch.compile {'on' if compiled else 'off'}")
     # dynamic=False: shapes are fixed or bucketed (bucket_length), and static shapes compile to faster kernels

@@ -74,13 +74,14 @@ def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:
 class TrainLoop:
     def __init__(self, *, model, optimizers, batches, settings: LoopSettings, info: DistInfo, tag_dir: Path,
                  meta: dict, hooks: Hooks | None = None, step_model=None, tracker=None, peak_flops: float | None = None,
-                 resumed: Resumed | None = None, loss_fn: Callable | None = None):
+                 resumed: Resumed | None = None, loss_fn: Callable | None = None, memory_estimate: int | None = None):
         self.model, self.optimizers, self.batches, self.settings = model, optimizers, batches, settings
         self.step_model = step_model or model
         # (model, batch) -> scalar loss; batches are (inputs, targets) unless a stage says otherwise (RL)
         self.loss_fn = loss_fn or (lambda m, batch: m(*batch))
         self.info, self.tag_dir, self.meta, self.hooks = info, Path(tag_dir), meta, hooks or Hooks()
         self.tracker, self.peak = tracker, peak_flops
+        self.memory_estimate = memory_estimate  # bytes, printed next to the measured peak after the first step
         self.flops_per_token = model.estimate_flops()
         resumed = resumed or Resumed()
         self.start_step = resumed.step
@@ -112,6 +113,8 @@ class TrainLoop:
         for step in range(self.start_step, last):
             self.train_step(step)
             done = step + 1
+            if step == self.start_step:
+                self.report_peak_memory(done)
             if _due(s.eval_every, done) and done < last:
                 self.evaluate(done)
             if _due(s.sample_every, done) and done < last and self.hooks.sample:
@@ -150,6 +153,14 @@ class TrainLoop:
         self.model.zero_grad(set_to_none=True)
         train_loss = (total / accum).item()  # syncs, so the timer sees the real step time
         self.log_step(step + 1, train_loss, lrm, self.timer.stop(), tokens * self.info.world_size)
+
+    def report_peak_memory(self, done: int) -> None:
+        """What the first step really took on a GPU, next to what was estimated before it."""
+        if self.info.device.type != "cuda":
+            return
+        peak = torch.cuda.max_memory_allocated(self.info.device) / 2**30
+        estimate = f"{self.memory_estimate / 2**30:.1f} GiB" if self.memory_estimate else "n/a"
+        print0(f"step {done:06d} | peak memory {peak:.1f} GiB (torch.cuda.max_memory_allocated), estimated {estimate}")
 
     def log_step(self, done: int, train_loss: float, lrm: float, dt: float, tokens: int) -> None:
         beta = 0.9

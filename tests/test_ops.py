@@ -164,3 +164,19 @@ def test_a_bf16_layer_keeps_eleven_widths_per_token():
     weight_copies = 12 * C * C * 2  # the layer's bf16 weights, kept for the input gradients
     per_token = (two - one - weight_copies) / (B * T)
     assert 10 * C * 2 <= per_token < 11 * C * 2
+
+
+def test_activation_checkpointing_keeps_less_and_changes_no_gradient():
+    config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=3, n_head=2, n_kv_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = build_model(config, "cpu")
+    idx = torch.randint(0, 256, (2, 32))
+    kept_plain = saved_bytes(model, idx, idx)
+    model(idx, idx).backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.checkpoint_blocks = True
+    assert saved_bytes(model, idx, idx) < kept_plain / 2
+    model(idx, idx).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[n], msg=n)
