@@ -15,7 +15,8 @@ it saves a checkpoint first; `./pretrain.sh --resume` continues.
 
 Options:
   --depth N        transformer layers; width and steps follow (default 20)
-  --batch-size N   rows per forward pass per GPU (default 32; lower it on OOM)
+  --batch-size N   rows per forward pass per GPU (default: 32, or the largest power of
+                   two below it whose measured training step fits in memory)
   --run NAME       log to wandb under this run name (default: no wandb)
   --resume         continue from the newest complete checkpoint
   --eval-tokens N  tokens per validation / base-loss evaluation (default: base_train's and base_loss's)
@@ -29,7 +30,7 @@ Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
 USAGE
 }
 
-DEPTH=20; BATCH=32; RUN=""; RESUME=0; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=20; BATCH=""; RUN=""; RESUME=0; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -55,14 +56,15 @@ if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "note: the background shard download is still running; training reads new shards as they arrive"
 fi
 
-TRAIN_ARGS=(--depth "$DEPTH" --device-batch-size "$BATCH")
+TRAIN_ARGS=(--depth "$DEPTH"); LOSS_ARGS=()
+# unset: base_train measures its step and picks the batch (the log says why); base_loss keeps its own default
+[ -n "$BATCH" ] && TRAIN_ARGS+=(--device-batch-size "$BATCH") && LOSS_ARGS+=(--device-batch-size "$BATCH")
 [ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
 [ "$RESUME" = 1 ] && TRAIN_ARGS+=(--resume)
-LOSS_ARGS=(--device-batch-size "$BATCH")
 if [ -n "$EVAL_TOKENS" ]; then TRAIN_ARGS+=(--eval-tokens "$EVAL_TOKENS"); LOSS_ARGS+=(--split-tokens "$EVAL_TOKENS"); fi
 TRAIN_ARGS+=("${EXTRA[@]}")
 
-step "pretraining: depth $DEPTH, device batch $BATCH, $GPUS process(es) x $NNODES node(s)"
+step "pretraining: depth $DEPTH, device batch ${BATCH:-auto}, $GPUS process(es) x $NNODES node(s)"
 launch scripts.base_train "${TRAIN_ARGS[@]}"
 
 step "base model loss"

@@ -14,7 +14,7 @@ newest checkpoint. On a DGX Spark the default depth-20 run takes days: use tmux.
 
 Options:
   --depth N        model depth (default 20; 4 with --tiny)
-  --batch-size N   rows per forward pass per GPU (default 32; 16 with --tiny)
+  --batch-size N   rows per forward pass per GPU (default: measured to fit, at most 32; 16 with --tiny)
   --run NAME       log the training stages to wandb under this name
   --skip-rl        stop after SFT (no RL stage)
   --force STAGE    redo STAGE (prepare, pretrain, base-eval, mid, sft, rl, chat-eval);
@@ -63,7 +63,8 @@ if [ "$TINY" = 1 ]; then
   RL_ARGS=(--num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 --device-batch-size 8 --max-new-tokens "$MAX_NEW" --max-examples 200 --eval-every 0 --eval-examples 8 --no-eval)
   EVAL_ARGS=(--max-problems "$EVAL_PROBLEMS" --max-new-tokens "$MAX_NEW")
 else
-  DEPTH=${DEPTH:-20}; BATCH=${BATCH:-32}; VOCAB=65536; TOK_CHARS=2000000000; CORE_PER_TASK=""
+  # BATCH stays unset unless given: each stage then measures its step and picks a device batch that fits
+  DEPTH=${DEPTH:-20}; VOCAB=65536; TOK_CHARS=2000000000; CORE_PER_TASK=""
   PRE_ARGS=(); MID_ARGS=(--no-eval); SFT_ARGS=(--no-eval); RL_ARGS=(--no-eval); EVAL_ARGS=(); PRETRAIN_EVAL_TOKENS=()
 fi
 RUN_ARGS=(); [ -n "$RUN" ] && RUN_ARGS=(--run "$RUN")
@@ -132,7 +133,7 @@ if [ -z "$(ls "$MARKS"/*.done 2>/dev/null)" ]; then
   python -m nanochat.report reset  # a fresh run starts a fresh report card; old sections are archived
 fi
 run_stage prepare prepare
-run_stage pretrain ./pretrain.sh --depth "$DEPTH" --batch-size "$BATCH" "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
+run_stage pretrain ./pretrain.sh --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
 run_stage base-eval base_eval
 run_stage mid ./midtrain.sh "${RUN_ARGS[@]}" $(resume_flag mid_checkpoints) -- "${MID_ARGS[@]}"
 run_stage sft ./sft.sh "${RUN_ARGS[@]}" $(resume_flag chatsft_checkpoints) -- "${SFT_ARGS[@]}"

@@ -1,34 +1,39 @@
-"""Training throughput: tokens/s, step time, MFU (GPU) and peak memory.
+"""Training throughput, ours against transformers' NanoChat in the same run.
 
-    python bench/train.py                               # depth 4, seq 256, batch 16 (the CPU reference config)
+    python bench/train.py                       # depth 4, seq 256, batch 16: the CPU config
     python bench/train.py --depth 20 --seq-len 2048 --batch-size 32   # on a GPU
+    python bench/train.py --quality ../shared/data/corpus               # validation bpb at 100/200 steps
+    python bench/train.py --smoke               # seconds: the tests run this
 
-Each measurement runs the real model and optimizers (Muon + AdamW) on random
-tokens for `--steps` timed steps after `--warmup` untimed ones. On CPU the
-same configuration runs `--repeats` times (default 2) and the spread is
-printed, because 2-core machines are noisy.
+Both sides train the same architecture from the same weights on the same
+random batch: ours with its own optimizers (Muon + AdamW) and loss, the rival
+(transformers.NanoChatForCausalLM, what a user would pick instead) with
+torch.optim.AdamW (fused where the device has it) and F.cross_entropy. Each
+side runs eager and compiled (--compile both, the default) and keeps its
+best; the ratio is best against best. Peak memory is what MemTracker counts
+for one step of each (tensors only, so the two are comparable in one process).
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.rivals import machine_line, transformers_model  # noqa: E402
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.fake_step import PeakTracker  # noqa: E402
 from nanochat.gpt import build_model, config_for_depth  # noqa: E402
-from nanochat.hardware import device_name, peak_flops  # noqa: E402
+from nanochat.hardware import peak_flops  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
-
-# karpathy/nanochat on the 2-core CPU VM, fp32, depth 4, vocab 8192, seq 256, 4096 tokens/step.
-REFERENCE_CPU = {"depth": 4, "seq_len": 256, "batch_size": 16, "vocab_size": 8192, "tok_per_s": 3260}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,75 +42,122 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per repeat (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
-    p.add_argument("--repeats", type=int, default=None, help="measurements of the same config (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--steps", type=int, default=15, help="timed steps per measurement (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default %(default)s)")
     p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
-    p.add_argument("--compile", default="auto", choices=["auto", "yes", "no"], help="torch.compile the model (auto: on CUDA only)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
-    return p.parse_args(argv)
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
+    p.add_argument("--compile", default="both", choices=["both", "yes", "no"], help="measure eager, compiled or both and keep each side's best (default %(default)s)")
+    p.add_argument("--no-rival", action="store_true", help="measure only ours")
+    p.add_argument("--quality", metavar="DIR", default=None, help="instead: train depth 4 for 200 steps on the corpus shards in DIR and print validation bpb (bench/quality.py)")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (tiny model, eager, 2 steps)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.depth, args.seq_len, args.batch_size, args.vocab_size, args.steps, args.warmup, args.compile = 1, 32, 2, 256, 2, 1, "no"
+    return args
 
 
-def measure(args, device: torch.device, dtype: torch.dtype, use_compile: bool) -> dict:
+def batch(args, device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
+    return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def ours(args, device, dtype):
+    """(module to count FLOPs on, step function, tensors the step keeps) for our model."""
     torch.manual_seed(0)
-    config = config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len)
-    model = build_model(config, device, dtype)
+    model = build_model(config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len), device, dtype)
     optimizers = build_optimizers(model)
-    step_model = torch.compile(model) if use_compile else model
-    x = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
-    y = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
-        loss = step_model(x, y)
+
+    def step(run_model, x, y):
+        loss = run_model(x, y)
         loss.backward()
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss.item()  # waits for the device
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    step = statistics.median(times)
-    tok_per_s = args.batch_size * args.seq_len / step
-    peak, _ = peak_flops(device, dtype)
-    return {
-        "step_ms": 1000 * step,
-        "tok_per_s": tok_per_s,
-        "mfu": 100 * model.estimate_flops() * tok_per_s / peak if peak else None,
-        "peak_mem_gib": peak_memory_gib(device),
-        "params": model.num_params(),
-    }
+        return loss
+
+    return model, step, [model, *optimizers]
 
 
-def peak_memory_gib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux; process-wide
+def theirs(args, device, dtype):
+    """The same for transformers' NanoChat, from our initial weights."""
+    reference, _, _ = ours(args, device, torch.float32)
+    model = transformers_model(reference, torch.float32)  # fp32 master weights; the forward runs under autocast in bf16
+    del reference
+    kind = {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, **kind)
+    use_autocast = dtype != torch.float32
+
+    def step(run_model, x, y):
+        with torch.autocast(device.type, dtype=dtype, enabled=use_autocast):
+            logits = run_model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step, [model, optimizer]
+
+
+def timed(step, run_model, x, y, args) -> tuple[float, float]:
+    """(median step seconds, first-step seconds incl. compilation)."""
+    times = []
+    for _ in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        step(run_model, x, y).item()  # .item() waits for the device
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[args.warmup:]), times[0]
+
+
+def tracked_peak_gib(step, model, tracked, x, y) -> float:
+    tracker = PeakTracker()
+    tracker.track_external(*tracked, x, y)
+    with tracker:
+        step(model, x, y)
+    return tracker.get_tracker_snapshot("peak")[x.device][_TOTAL_KEY] / 2**30
+
+
+def measure_side(name, build, args, device, dtype) -> dict:
+    model, step, tracked = build(args, device, dtype)
+    x, y = batch(args, device)
+    modes = {"both": ("eager", "compiled"), "yes": ("compiled",), "no": ("eager",)}[args.compile]
+    results = []
+    for mode in modes:
+        run_model = torch.compile(model) if mode == "compiled" else model
+        seconds, first = timed(step, run_model, x, y, args)
+        results.append({"side": name, "mode": mode, "step_ms": 1000 * seconds, "first_step_s": first,
+                        "tok_per_s": args.batch_size * args.seq_len / seconds})
+        print(f"  {name:<13} {mode:<9} {results[-1]['tok_per_s']:>10,.0f} tok/s  step {1000 * seconds:7.1f} ms  (first step {first:.1f} s)")
+    best = max(results, key=lambda r: r["tok_per_s"])
+    best["peak_gib"] = tracked_peak_gib(step, model, tracked, x, y)
+    best["params"] = sum(p.numel() for p in model.parameters())
+    return best
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(autodetect_device_type(args.device))
+    if args.quality:
+        from bench.quality import run_quality
+
+        return run_quality(args.quality, device, *((2, 1, 512) if args.smoke else ()))
     dtype = compute_dtype(device.type, args.dtype)
-    use_compile = args.compile == "yes" or (args.compile == "auto" and device.type == "cuda")
-    repeats = args.repeats or (2 if device.type == "cpu" else 1)
-    runs = [measure(args, device, dtype, use_compile) for _ in range(repeats)]
-    print(f"device {device_name(device)}, {str(dtype).removeprefix('torch.')}, compile {'on' if use_compile else 'off'}, "
-          f"depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, vocab {args.vocab_size:,}, {runs[0]['params']:,} parameters")
-    print("| run | step (ms) | tokens/s | MFU | peak memory (GiB) |")
-    print("|---|---|---|---|---|")
-    for i, r in enumerate(runs, 1):
-        mfu = f"{r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"| {i} | {r['step_ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {r['peak_mem_gib']:.2f} |")
-    rates = [r["tok_per_s"] for r in runs]
-    mean = statistics.mean(rates)
-    if len(runs) > 1:
-        print(f"spread: {100 * (max(rates) - min(rates)) / mean:.1f}% of the mean ({mean:,.0f} tokens/s)")
-    ref = REFERENCE_CPU
-    if device.type == "cpu" and (args.depth, args.seq_len, args.batch_size, args.vocab_size) == (ref["depth"], ref["seq_len"], ref["batch_size"], ref["vocab_size"]):
-        print(f"vs the reference implementation's {ref['tok_per_s']:,} tokens/s on the 2-core VM: {mean / ref['tok_per_s']:.2f}x (target >= 1.20x)")
+    print(machine_line(device))
+    print(f"config: depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, vocab {args.vocab_size:,}, "
+          f"{str(dtype).removeprefix('torch.')}, {args.steps} timed steps after {args.warmup}")
+    sides = [("ours", ours)] + ([] if args.no_rival else [("transformers", theirs)])
+    best = [measure_side(name, build, args, device, dtype) for name, build in sides]
+    flops_per_token = build_model(config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len), "meta").estimate_flops()
+    peak, _ = peak_flops(device, dtype)
+    print("| side | best mode | tokens/s | step (ms) | MFU | peak tensors (GiB) |")
+    print("|---|---|---|---|---|---|")
+    for r in best:
+        mfu = f"{100 * flops_per_token * r['tok_per_s'] / peak:.1f}%" if peak else "n/a"
+        print(f"| {r['side']} | {r['mode']} | {r['tok_per_s']:,.0f} | {r['step_ms']:.1f} | {mfu} | {r['peak_gib']:.2f} |")
+    if len(best) == 2:
+        print(f"ours / transformers: {best[0]['tok_per_s'] / best[1]['tok_per_s']:.2f}x tokens/s, "
+              f"{best[0]['peak_gib'] / best[1]['peak_gib']:.2f}x peak memory")
     return 0
 
 

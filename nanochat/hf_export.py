@@ -182,13 +182,17 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str = "float32") -
     return {
         "model_type": "nanochat",
         "architectures": ["NanoChatForCausalLM"],
-        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS},
-        **_implied_fields(config),
+        **architecture_fields(config),
         "bos_token_id": bos_id,
         "eos_token_id": tokenizer.encode_special(EOS_TOKEN),
         "pad_token_id": bos_id,  # padded positions are masked out, so reusing bos costs nothing
         "torch_dtype": dtype,
     }
+
+
+def architecture_fields(config: GPTConfig) -> dict:
+    """The NanoChatConfig keys that describe the network (sizes, and what our architecture fixes)."""
+    return {**{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS}, **_implied_fields(config)}
 
 
 def config_from_hf(hf: dict) -> GPTConfig:

@@ -1,6 +1,26 @@
-"""Will a training run fit? Its peak memory, estimated by part before the
-first step, against what the device has free, so a batch that cannot fit is
-refused in seconds rather than found out by an out-of-memory error later.
+"""Will a training run fit? Its peak memory, measured before the first step
+by running that step on fake tensors, against what the device has free, so a
+batch that cannot fit is refused in seconds rather than found out by an
+out-of-memory error later.
+
+- measure_training_memory(config, device_batch_size, seq_len, dtype,
+  world_size, stage, checkpoint_blocks) -> MemoryEstimate: peak bytes of one rank by part
+  (parameters, gradients, optimizer, activations, temporaries, overhead).
+  The tensors are measured by nanochat.fake_step (the real step, on fake
+  tensors: nothing allocated, no GPU needed, ~10 s at depth 20 on one CPU
+  core); the overhead is a fixed allowance for what is not a tensor.
+  Cached per arguments in-process.
+- choose_device_batch(...) -> (device batch or None, message lines): the
+  verdict a training stage prints before step 1, with the largest power of
+  two dividing the requested batch that fits when the requested one does not.
+- `python -m nanochat.memory --depth 20 --batch-size 32` prints `peak N.N GiB`,
+  then the parts in GiB, one per line, then how long measuring took.
+
+What is measured is the eager step with the CPU device's kernels, the only
+ones that can be faked without a GPU. The model's tensors are the same on
+CUDA; its fused AdamW and Muon's bf16 Newton-Schulz need fewer optimizer
+temporaries there, and torch.compile decides for itself what to keep for
+backward, which is not measured here (the margin covers it).
 
 On a DGX Spark (GB10) the GPU has no memory of its own: CPU and GPU share
 128 GB, nvidia-smi reports no GPU memory, and what the run can still take is
@@ -9,22 +29,33 @@ the kernel's MemAvailable. Elsewhere on CUDA it is the GPU's free memory.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import math
 import platform
 import shutil
 import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanochat.gpt import GPTConfig
+from nanochat.checkpoint import STAGES
+from nanochat.gpt import GPTConfig, config_for_depth
 
 GIB = 2**30
-FP32_BYTES = 4
-# CUDA context, cuBLAS and Triton workspaces, compiled kernels, data-loader
-# buffers: what a run holds besides tensors, roughly.
+# What a run holds besides tensors, which MemTracker cannot see: the CUDA
+# context (~0.5 GiB), cuBLAS and Triton workspaces, torch.compile's kernels,
+# the data loader's buffers. A round allowance, not measured on a Spark.
 FIXED_OVERHEAD_BYTES = 2 * GIB
+# Only this share of the available memory is planned for: the caching
+# allocator fragments (a few % when block sizes vary), and on unified memory
+# the OS and the page cache, which grows as the loader reads shards, draw from
+# the same 128 GB. A guess, not tuned on a Spark.
+DEFAULT_MARGIN = 0.9
+BATCH_FLAG = "--device-batch-size"  # the training stages' flag a suggestion names
 MEMINFO = Path("/proc/meminfo")
 PROC_STATUS = Path("/proc/self/status")
 NVIDIA_SMI_TIMEOUT_S = 10.0
@@ -32,19 +63,21 @@ NVIDIA_SMI_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Estimated peak bytes of one rank, by part, and what it was estimated for."""
+    """Measured peak bytes of one rank, by part, and what was measured."""
 
     parameters: int
     gradients: int
     optimizer: int
     activations: int
-    logits: int
+    temporaries: int
     overhead: int
     config: GPTConfig
     device_batch_size: int
     seq_len: int
     dtype: torch.dtype
-    world_size: int
+    world_size: int = 1
+    stage: str = "base"
+    checkpoint_blocks: bool = False  # blocks recomputed in backward (--activation-checkpointing)
 
     @property
     def total(self) -> int:
@@ -53,83 +86,61 @@ class MemoryEstimate:
     def parts(self) -> dict[str, int]:
         return {
             "parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
-            "activations": self.activations, "logits and loss": self.logits, "overhead": self.overhead,
+            "activations": self.activations, "temporaries": self.temporaries, "overhead": self.overhead,
         }
 
     def with_batch_size(self, device_batch_size: int) -> MemoryEstimate:
-        return estimate_training_memory(self.config, device_batch_size, self.seq_len, self.dtype, self.world_size)
+        """The same run at another device batch, measured (or taken from the cache)."""
+        return measure_training_memory(self.config, device_batch_size, self.seq_len, self.dtype, self.world_size,
+                                       self.stage, self.checkpoint_blocks)
 
 
-def parameter_counts(config: GPTConfig) -> tuple[int, int]:
-    """(embedding + lm_head, block matrices): what AdamW and Muon each update."""
-    c = config
-    attention = c.n_embd * (2 * c.n_head + 2 * c.n_kv_head) * c.head_dim  # q, o and k, v projections
-    mlp = 2 * c.n_embd * 4 * c.n_embd
-    return 2 * c.vocab_size * c.n_embd, c.n_layer * (attention + mlp)
+# ---------------------------------------------------------------- measuring
 
 
-def activation_bytes_per_token(config: GPTConfig, compute_bytes: int) -> int:
-    """Bytes autograd keeps per token for the backward pass, all layers together.
-
-    Per layer, in fp32 whatever the compute dtype, because the residual stream
-    stays fp32 and the rotary tables are cast to its dtype: the inputs of the
-    two norms (2C) and the rotated queries and keys before QK-norm (Q + KV).
-    In the compute dtype: the normalised inputs of attention and MLP (2C),
-    queries, keys and values as attention sees them (Q + 2KV), the attention
-    output (Q), the MLP hidden layer before and after relu^2 (4C + 4C).
-    Outside the layers: the embedding and final-norm inputs (2C, fp32) and
-    the head's input (C). C = n_embd, Q = query width, KV = key/value width.
-
-    Checked against the tensors autograd saves on CPU (tests/test_memory.py):
-    exact in fp32; under bf16 autocast eager keeps ~10% more (each q/k/v
-    projection keeps its own bf16 copy of its input), and what torch.compile's
-    partitioner keeps was measured at ~5% more.
-    """
-    c = config
-    q, kv = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    fp32_per_layer = 2 * c.n_embd + q + kv
-    compute_per_layer = 2 * c.n_embd + (q + 2 * kv) + q + 8 * c.n_embd
-    per_layer = fp32_per_layer * FP32_BYTES + compute_per_layer * compute_bytes
-    outside_layers = 2 * c.n_embd * FP32_BYTES + c.n_embd * compute_bytes
-    return c.n_layer * per_layer + outside_layers
-
-
-def estimate_training_memory(config: GPTConfig, device_batch_size: int, seq_len: int, dtype: torch.dtype,
-                             world_size: int = 1) -> MemoryEstimate:
-    """Peak memory of one training rank, an estimate within roughly 30%.
-
-    - parameters and gradients: fp32 (master weights; autocast computes in `dtype`)
-    - optimizer: AdamW's two fp32 moments for the embedding and lm_head, Muon's
-      one fp32 momentum per block matrix; sharded over `world_size` ranks
-    - activations: see activation_bytes_per_token, plus, under a lower-precision
-      autocast, the `dtype` copies of the weights it keeps for backward
-    - logits and loss: the head's (B*T, V) logits in `dtype`, the fp32
-      tanh-capped copy the loss keeps for backward, and one fp32 working
-      tensor of that size (the exponentials forward, the gradient backward).
-      With a 65K vocabulary this is a third of the total at depth 20.
-    - overhead: a fixed allowance for the CUDA context, workspaces and loaders
-
-    The peak is at the loss, when every layer's activations are still held.
-    Transients of the optimizer step and allocator fragmentation are left to
-    the margin of check_fits.
-    """
+def _check_arguments(device_batch_size: int, seq_len: int, dtype: torch.dtype, world_size: int, stage: str) -> None:
     if device_batch_size < 1 or seq_len < 1 or world_size < 1:
         raise ValueError(
             f"device_batch_size ({device_batch_size}), seq_len ({seq_len}) and world_size ({world_size}) must be positive"
         )
-    compute_bytes = dtype.itemsize
-    adamw_params, muon_params = parameter_counts(config)
-    num_params = adamw_params + muon_params
-    tokens = device_batch_size * seq_len
-    weight_copies = (num_params - config.vocab_size * config.n_embd) * compute_bytes if compute_bytes < FP32_BYTES else 0
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point compute dtype, got {dtype}")
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+@functools.lru_cache(maxsize=64)
+def _measured_parts(config_items: tuple, device_batch_size: int, seq_len: int, dtype: torch.dtype, stage: str,
+                    checkpoint_blocks: bool) -> tuple[tuple[str, int], ...]:
+    """The tensors' peak by part on one rank; keyed on the config's fields,
+    as GPTConfig itself is not hashable. Stages may ask twice (a check, then a
+    suggestion's re-check), and a measurement takes seconds."""
+    from nanochat.fake_step import measure_fake_step  # lazily: see nanochat.fake_step
+
+    config = GPTConfig.from_dict(dict(config_items))
+    return tuple(measure_fake_step(config, device_batch_size, seq_len, dtype, stage, checkpoint_blocks).items())
+
+
+def measure_training_memory(config: GPTConfig, device_batch_size: int, seq_len: int, dtype: torch.dtype,
+                            world_size: int = 1, stage: str = "base", checkpoint_blocks: bool = False) -> MemoryEstimate:
+    """Peak memory of one training rank at `device_batch_size` x `seq_len`
+    tokens per micro-batch, the model computing in `dtype`, measured by
+    running training steps on fake tensors (nanochat.fake_step), plus
+    FIXED_OVERHEAD_BYTES. `stage` "rl" runs the per-token weighted loss;
+    `checkpoint_blocks` recomputes each block in backward, as
+    --activation-checkpointing (GPT.checkpoint_blocks) does."""
+    _check_arguments(device_batch_size, seq_len, dtype, world_size, stage)
+    key = tuple(sorted(config.to_dict().items()))
+    parts = dict(_measured_parts(key, device_batch_size, seq_len, dtype, stage, checkpoint_blocks))
+    # With several ranks our optimizers shard their state (nanochat.optim):
+    # each rank keeps about 1/world_size of it (DistMuon owns whole matrices,
+    # so it is uneven when their count does not divide). Measured with one
+    # rank, as faking a process group is more machinery than this division;
+    # the sharded step's communication buffers are left to the margin.
+    parts["optimizer"] = math.ceil(parts["optimizer"] / world_size)
     return MemoryEstimate(
-        parameters=num_params * FP32_BYTES,
-        gradients=num_params * FP32_BYTES,
-        optimizer=math.ceil((2 * adamw_params + muon_params) * FP32_BYTES / world_size),
-        activations=tokens * activation_bytes_per_token(config, compute_bytes) + weight_copies,
-        logits=tokens * config.vocab_size * (compute_bytes + 2 * FP32_BYTES),
-        overhead=FIXED_OVERHEAD_BYTES,
-        config=config, device_batch_size=device_batch_size, seq_len=seq_len, dtype=dtype, world_size=world_size,
+        **parts, overhead=FIXED_OVERHEAD_BYTES, config=config, device_batch_size=device_batch_size,
+        seq_len=seq_len, dtype=dtype, world_size=world_size, stage=stage, checkpoint_blocks=checkpoint_blocks,
     )
 
 
@@ -225,15 +236,27 @@ def current_usage(device: torch.device, status: Path = PROC_STATUS) -> tuple[int
 # ---------------------------------------------------------------- the verdict
 
 
+def power_of_two_divisors_below(batch: int) -> list[int]:
+    """1, 2, 4, ... below `batch` that divide it, ascending: device batches the
+    requested one is a whole multiple of, so gradient accumulation can keep the
+    tokens of each optimizer step."""
+    return [2**k for k in range(batch.bit_length()) if 2**k < batch and batch % 2**k == 0]
+
+
 def largest_fitting_batch(estimate: MemoryEstimate, budget: float) -> int | None:
-    """The largest divisor of the device batch whose estimate fits `budget`
-    bytes. Divisors only: the total batch is a multiple of device batch x
-    sequence x ranks, and stays one, so gradient accumulation can make it up."""
-    batch = estimate.device_batch_size
-    for candidate in range(batch - 1, 0, -1):
-        if batch % candidate == 0 and estimate.with_batch_size(candidate).total <= budget:
-            return candidate
-    return None
+    """The largest power of two below the device batch and dividing it whose
+    measured peak fits `budget` bytes; None when not even 1 does."""
+    candidates = power_of_two_divisors_below(estimate.device_batch_size)
+    # The peak grows with the batch, so the fitting candidates come first:
+    # bisecting measures about log2 of their number instead of each one.
+    fitting, above = 0, len(candidates)
+    while fitting < above:
+        middle = (fitting + above) // 2
+        if estimate.with_batch_size(candidates[middle]).total <= budget:
+            fitting = middle + 1
+        else:
+            above = middle
+    return candidates[fitting - 1] if fitting else None
 
 
 def _gib(num_bytes: float) -> str:
@@ -243,29 +266,96 @@ def _gib(num_bytes: float) -> str:
 def describe(estimate: MemoryEstimate) -> str:
     parts = " + ".join(f"{name} {_gib(size)}" for name, size in estimate.parts().items())
     dtype = str(estimate.dtype).removeprefix("torch.")
-    return (f"estimated peak memory at device batch {estimate.device_batch_size} x {estimate.seq_len} tokens, {dtype}: "
-            f"{_gib(estimate.total)} GiB = {parts} GiB")
+    ranks = f"{estimate.world_size} rank{'s' if estimate.world_size > 1 else ''}"
+    recompute = ", activation checkpointing" if estimate.checkpoint_blocks else ""
+    return (f"measured peak memory of a {estimate.stage} training step at device batch {estimate.device_batch_size} x "
+            f"{estimate.seq_len} tokens, {dtype}, {ranks}{recompute}: {_gib(estimate.total)} GiB = {parts} GiB")
 
 
-def check_fits(estimate: MemoryEstimate, available: tuple[int | None, str], margin: float = 0.9) -> tuple[bool, str]:
-    """(fits, a message of several lines for the user). Only `margin` of the
-    available memory is planned for: the estimate is rough and the allocator
-    fragments. Unknown available memory passes, saying it was not checked."""
+def _verdict(estimate: MemoryEstimate, available: tuple[int | None, str], margin: float) -> tuple[int | None, list[str]]:
+    """(the device batch to use, None when none fits; the lines that say why).
+    Unknown available memory passes, saying it was not checked."""
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
     free, source = available
-    lines = [describe(estimate)]
+    batch, lines = estimate.device_batch_size, [describe(estimate)]
     if free is None:
-        lines.append(f"available memory: {source}; not checked")
-        return True, "\n".join(lines)
+        return batch, [*lines, f"available memory: {source}; not checked"]
     budget = free * margin
     lines.append(f"available: {_gib(free)} GiB ({source}); planning for {margin:.0%} of it, {_gib(budget)} GiB")
     if estimate.total <= budget:
-        lines.append("fits")
-        return True, "\n".join(lines)
+        return batch, [*lines, "fits"]
     smaller = largest_fitting_batch(estimate, budget)
     if smaller is None:
-        lines.append(f"does not fit, even at --device-batch-size 1 ({_gib(estimate.with_batch_size(1).total)} GiB): "
+        lines.append(f"does not fit, even at {BATCH_FLAG} 1 ({_gib(estimate.with_batch_size(1).total)} GiB): "
                      "use a smaller --depth, a shorter --max-seq-len, or more GPUs")
     else:
-        lines.append(f"does not fit: --device-batch-size {smaller} would ({_gib(estimate.with_batch_size(smaller).total)} GiB); "
-                     "gradient accumulation keeps the total batch, so results stay comparable")
-    return False, "\n".join(lines)
+        lines.append(f"does not fit: {BATCH_FLAG} {smaller} would ({_gib(estimate.with_batch_size(smaller).total)} GiB), "
+                     f"the largest power of two dividing {batch} that does; gradient accumulation keeps the total "
+                     "batch, so results stay comparable")
+    return smaller, lines
+
+
+def check_fits(estimate: MemoryEstimate, available: tuple[int | None, str],
+               margin: float = DEFAULT_MARGIN) -> tuple[bool, str]:
+    """(fits, a message of several lines for the user). Only `margin` of the
+    available memory is planned for (see DEFAULT_MARGIN)."""
+    batch, lines = _verdict(estimate, available, margin)
+    return batch == estimate.device_batch_size, "\n".join(lines)
+
+
+def choose_device_batch(config: GPTConfig, requested_batch: int, seq_len: int, dtype: torch.dtype, world_size: int,
+                        available: tuple[int | None, str], stage: str = "base", margin: float = DEFAULT_MARGIN,
+                        checkpoint_blocks: bool = False) -> tuple[int | None, list[str]]:
+    """The device batch a stage should train with, before step 1: the requested
+    one if its measured peak fits `margin` of `available` (as available_memory
+    returns it), else the largest power of two dividing it that does, else
+    None; and the lines to print, which name BATCH_FLAG. Pass the model's
+    checkpoint_blocks: recomputing blocks keeps a fraction of the activations."""
+    estimate = measure_training_memory(config, requested_batch, seq_len, dtype, world_size, stage, checkpoint_blocks)
+    return _verdict(estimate, available, margin)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m nanochat.memory",
+        description="Measure the peak memory of a training step on fake tensors: nothing is allocated, no GPU needed.",
+    )
+    p.add_argument("--depth", type=int, required=True, help="model depth; the rest of the shape follows (config_for_depth)")
+    p.add_argument("--batch-size", type=int, required=True, help="device batch size: rows per micro-batch on one rank")
+    # 2048 and 65536: base_train's --max-seq-len and tok_train's vocabulary defaults
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per row (default %(default)s)")
+    p.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size (default %(default)s)")
+    p.add_argument("--stage", default="base", choices=list(STAGES),
+                   help="training stage; rl measures the per-token weighted loss (default %(default)s)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype (default %(default)s)")
+    p.add_argument("--world-size", type=int, default=1, help="ranks the optimizer state is sharded over (default %(default)s)")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward, as training's flag does")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        config = config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len)
+        estimate = measure_training_memory(config, args.batch_size, args.seq_len, getattr(torch, args.dtype),
+                                           args.world_size, args.stage, args.activation_checkpointing)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    print(f"peak {_gib(estimate.total)} GiB")
+    for name, size in estimate.parts().items():
+        print(f"{name:<12} {size / GIB:7.2f} GiB")
+    recompute = ", activation checkpointing" if args.activation_checkpointing else ""
+    print(f"measured in {seconds:.1f} s: depth {args.depth}, batch {args.batch_size} x {args.seq_len}, {args.dtype}, "
+          f"stage {args.stage}, world size {args.world_size}{recompute}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

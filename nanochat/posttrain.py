@@ -21,7 +21,7 @@ from nanochat.report import write_section
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
 from nanochat.energy import add_cost_args
-from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
@@ -43,7 +43,9 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
     g.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
     g.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
     g = p.add_argument_group("batch and horizon")
-    g.add_argument("--device-batch-size", type=int, default=device_batch, help="rows per forward pass per GPU (default %(default)s)")
+    g.add_argument("--device-batch-size", type=int, default=None,
+                   help=f"rows per forward pass per GPU (default: {device_batch}, or the largest power of two below it whose measured step fits in memory)")
+    p.set_defaults(default_device_batch=device_batch)
     g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's context)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (default: derived from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training mixture (default %(default)s)")
@@ -70,6 +72,7 @@ def add_run_args(group, *, save_every: int) -> None:
     add_cost_args(group)
     group.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
     add_compute_args(group)
+    add_memory_args(group)
 
 
 def add_final_eval_args(group) -> None:
@@ -98,6 +101,9 @@ def stage_main(spec: StageSpec, args) -> int:
     except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
         print0(f"error: {exc}")
         code = 2
+    except MemoryRefusal as exc:
+        print0(f"error: {exc}")
+        code = 3
     finally:
         compute_cleanup()
     return run_chat_eval(spec.name, args) if code == 0 else code
@@ -113,6 +119,8 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
     seq_len = args.max_seq_len or model.config.sequence_len
     tag = start_meta["model_tag"]
     tag_dir = stage_dir(spec.name) / tag
+    set_compute_dtype(model, args, info.device)
+    args.device_batch_size, memory_estimate = fit_device_batch(model, args, args.default_device_batch, seq_len, info, spec.name)
     rows_per_step = spec.rows_per_step(args, seq_len)
     per_pass = args.device_batch_size * info.world_size
     if rows_per_step % per_pass:
@@ -142,7 +150,7 @@ def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start_meta[k] for k in ("source", "model_tag", "step")}}
     tracker = Tracker(args.run, {"args": vars(args), "stage": spec.name}, info.is_master)
     loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=batches, settings=settings, info=info, tag_dir=tag_dir,
-                     meta=meta, hooks=Hooks(evaluate=validate), tracker=tracker, resumed=resumed)
+                     meta=meta, hooks=Hooks(evaluate=validate), tracker=tracker, resumed=resumed, memory_estimate=memory_estimate)
     try:
         code = loop.run()
     finally:

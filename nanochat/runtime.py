@@ -11,6 +11,7 @@ import argparse
 import torch
 
 from nanochat.common import DTYPES, compute_dtype, print0
+from nanochat.memory import available_memory, choose_device_batch, measure_training_memory
 
 # torch.compile costs about a minute of compilation on a 2-core CPU at depth 4
 # and then saves ~17% of each step (bench/README.md), so on CPU it pays only
@@ -76,3 +77,62 @@ def release_cached_memory(device: torch.device) -> None:
     what training left cached."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- will the batch fit
+
+
+class MemoryRefusal(RuntimeError):
+    """The measured step does not fit and the user did not let the stage pick a smaller batch."""
+
+
+def add_memory_args(group) -> None:
+    group.add_argument("--auto-batch", action="store_true",
+                       help="when the device batch given does not fit, use the largest power of two dividing it that "
+                            "does (gradient accumulation keeps the tokens per optimizer step); the default batch always is")
+    group.add_argument("--ignore-memory-check", action="store_true",
+                       help="start even when the measured step does not fit in the available memory")
+    group.add_argument("--memory-limit", type=float, default=None, metavar="GIB",
+                       help="plan for at most this many GiB, e.g. to leave room for other jobs on a shared machine "
+                            "(default: what the device has available)")
+
+
+def _memory_to_plan_for(args, device: torch.device) -> tuple[int | None, str]:
+    free, source = available_memory(device)
+    if args.memory_limit is None:
+        return free, source
+    limit = int(args.memory_limit * 2**30)
+    if free is not None and free < limit:
+        return free, f"{source}, under --memory-limit {args.memory_limit:g} GiB"
+    return limit, f"--memory-limit {args.memory_limit:g} GiB"
+
+
+def fit_device_batch(model, args, default_batch: int, seq_len: int, info, stage: str) -> tuple[int, int]:
+    """(the device batch to train with, its measured peak in bytes), decided before step 1 from the training
+    step measured on fake tensors (nanochat.memory) against the memory this
+    device has. An unset --device-batch-size means default_batch or the largest
+    power of two below it that fits; a batch the user set is refused when it
+    does not fit, unless --auto-batch or --ignore-memory-check."""
+    requested = args.device_batch_size or default_batch
+    recompute = args.activation_checkpointing
+    chosen, lines = choose_device_batch(model.config, requested, seq_len, model.compute_dtype, info.world_size,
+                                        _memory_to_plan_for(args, info.device), stage, checkpoint_blocks=recompute)
+    for line in lines:
+        print0(line)
+
+    def measured(batch: int) -> tuple[int, int]:  # cached: measured already while choosing
+        estimate = measure_training_memory(model.config, batch, seq_len, model.compute_dtype, info.world_size, stage,
+                                           checkpoint_blocks=recompute)
+        return batch, estimate.total
+
+    if chosen == requested:
+        return measured(requested)
+    if args.ignore_memory_check:
+        print0(f"--ignore-memory-check: starting at device batch {requested} anyway")
+        return measured(requested)
+    if chosen is None or not (args.device_batch_size is None or args.auto_batch):
+        raise MemoryRefusal("refusing to start: the step does not fit (--auto-batch picks a batch that does; "
+                            "--ignore-memory-check starts anyway)")
+    why = "--auto-batch" if args.auto_batch else f"the default {default_batch} does not fit"
+    print0(f"device batch {chosen} ({why}); gradient accumulation keeps the tokens per optimizer step")
+    return measured(chosen)

@@ -29,11 +29,14 @@ from nanochat.schedule import PlanError, derive_plan
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
 from nanochat.energy import add_cost_args
-from nanochat.memory import available_memory, check_fits, estimate_training_memory
 from nanochat.report import write_section
-from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
+
+
+# Rows per forward pass when memory allows: nanochat's d20 setting on an 80 GB H100.
+DEFAULT_DEVICE_BATCH = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--head-dim", type=int, default=128, help="attention head dimension (default %(default)s)")
     m.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens (default %(default)s)")
     t = p.add_argument_group("batch and horizon")
-    t.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per GPU; lower it if memory runs out (default %(default)s)")
+    t.add_argument("--device-batch-size", type=int, default=None, help=f"rows per forward pass per GPU (default: {DEFAULT_DEVICE_BATCH}, or the largest power of two below it whose measured step fits in memory)")
     t.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step across all ranks (default %(default)s)")
     t.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; overrides the two below (default: derived)")
     t.add_argument("--target-flops", type=float, default=-1, help="train for this many FLOPs (default: off)")
@@ -68,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_compute_args(r)
     r.add_argument("--seed", type=int, default=42, help="random seed for initialisation (default %(default)s)")
     r.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
-    r.add_argument("--ignore-memory-check", action="store_true", help="start even when the memory estimate says the run will not fit")
+    add_memory_args(r)
     add_cost_args(r)
     return p.parse_args(argv)
 
@@ -95,9 +98,13 @@ def main(argv=None) -> int:
     except (PlanError, TokenizerError, CheckpointError, FileNotFoundError) as exc:
         print0(f"error: {exc}")
         return 2
+    except MemoryRefusal as exc:
+        print0(f"error: {exc}")
+        return 3
     except torch.OutOfMemoryError:
+        batch = args.device_batch_size or DEFAULT_DEVICE_BATCH
         print0(
-            f"error: out of memory at --device-batch-size {args.device_batch_size}; try {max(1, args.device_batch_size // 2)} "
+            f"error: out of memory at --device-batch-size {batch}; try {max(1, batch // 2)} "
             "(gradient accumulation keeps the total batch, so results stay comparable), then --resume"
         )
         return 3
@@ -110,6 +117,8 @@ def train(args, info) -> int:
     tokenizer = get_tokenizer()
     model = build_model(model_config(args, tokenizer.get_vocab_size()), device)
     tag_dir = get_base_dir() / "base_checkpoints" / (args.model_tag or f"d{args.depth}")
+    set_compute_dtype(model, args, device)
+    args.device_batch_size, memory_estimate = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, args.max_seq_len, info, "base")
     plan = derive_plan(
         device_batch_size=args.device_batch_size, seq_len=args.max_seq_len, world_size=info.world_size,
         total_batch_size=args.total_batch_size, num_params=model.num_params(), flops_per_token=model.estimate_flops(),
@@ -119,12 +128,6 @@ def train(args, info) -> int:
     step_model = prepare_model(model, args, device, plan.num_iterations)
     peak, peak_source = peak_flops(device, model.compute_dtype)
     print_plan(model, plan, model.compute_dtype, peak_source)
-    estimate = estimate_training_memory(model.config, args.device_batch_size, args.max_seq_len, model.compute_dtype, info.world_size)
-    fits, message = check_fits(estimate, available_memory(device), margin=1.0)
-    print0(message)
-    if not fits and not args.ignore_memory_check:
-        print0("error: refusing to start (--ignore-memory-check overrides)")
-        return 3
     optimizers = build_optimizers(
         model, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, world_size=info.world_size
     )
@@ -143,7 +146,8 @@ def train(args, info) -> int:
                   sample=lambda: print_samples(model, tokenizer, info))
     tracker = Tracker(args.run, {"args": vars(args), "plan": plan.to_dict(), "model": model.config.to_dict()}, info.is_master)
     loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=loader, settings=settings, info=info,
-                     tag_dir=tag_dir, meta=meta, hooks=hooks, tracker=tracker, peak_flops=peak, resumed=resumed)
+                     tag_dir=tag_dir, meta=meta, hooks=hooks, tracker=tracker, peak_flops=peak, resumed=resumed,
+                     memory_estimate=memory_estimate)
     try:
         code = loop.run()
     finally:

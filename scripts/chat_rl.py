@@ -25,11 +25,14 @@ from nanochat.engine import Engine
 from nanochat.optim import build_optimizers
 from nanochat.posttrain import add_run_args, run_chat_eval
 from nanochat.report import write_section
-from nanochat.runtime import bucket_length, prepare_model
+from nanochat.runtime import MemoryRefusal, bucket_length, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
+
+
+DEFAULT_DEVICE_BATCH = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step across all ranks (default %(default)s)")
     p.add_argument("--num-samples", type=int, default=16, help="answers sampled per question (default %(default)s)")
-    p.add_argument("--device-batch-size", type=int, default=8, help="sequences per training forward pass (default %(default)s)")
+    p.add_argument("--device-batch-size", type=int, default=None,
+                   help=f"sequences per training forward pass (default: {DEFAULT_DEVICE_BATCH}, or the largest power of two below it whose measured step fits)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer (default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sampling top-k (default %(default)s)")
@@ -163,6 +167,9 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
         print0(f"error: {exc}")
         code = 2
+    except MemoryRefusal as exc:
+        print0(f"error: {exc}")
+        code = 3
     finally:
         compute_cleanup()
     if code == 0:
@@ -174,11 +181,14 @@ def train(args, info) -> int:
     from tasks import GSM8K
 
     t0 = time.time()
-    if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % args.device_batch_size:
-        raise ValueError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
     tokenizer = get_tokenizer()
     model, start = load_model(args.source, args.model_tag, args.step, device=info.device)
     model.train()
+    set_compute_dtype(model, args, info.device)
+    # rollouts are at most the model's context long, and so are the rows trained on
+    args.device_batch_size, memory_estimate = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, model.config.sequence_len, info, "rl")
+    if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % args.device_batch_size:
+        raise ValueError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
     train_task, test_task = GSM8K("train", stop=args.max_examples), GSM8K("test")
     steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
     frac = args.init_lr_frac
@@ -198,7 +208,7 @@ def train(args, info) -> int:
     tracker = Tracker(args.run, {"args": vars(args), "stage": "rl"}, info.is_master)
     meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start[k] for k in ("source", "model_tag", "step")}}
     loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=rollouts, settings=settings, info=info, tag_dir=tag_dir, meta=meta,
-                     hooks=hooks, tracker=tracker, resumed=resumed, loss_fn=policy_gradient_loss)
+                     hooks=hooks, tracker=tracker, resumed=resumed, loss_fn=policy_gradient_loss, memory_estimate=memory_estimate)
     try:
         code = loop.run()
     finally:

@@ -137,3 +137,40 @@ def test_pretrain_script_trains_then_measures(workspace):
     assert helped.returncode == 0 and "--resume" in helped.stdout and "--nnodes" in helped.stdout
     bad = subprocess.run(["bash", "pretrain.sh", "--depht", "3"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option" in bad.stderr
+
+
+def _limit_between(workspace, small: int, large: int) -> str:
+    """A --memory-limit (GiB) under which device batch `small` fits and `large` does not."""
+    from nanochat.gpt import config_for_depth
+    from nanochat.memory import DEFAULT_MARGIN, measure_training_memory
+
+    vocab = Tokenizer.load(workspace / "tokenizer").get_vocab_size()
+    config = config_for_depth(2, vocab, aspect_ratio=32, head_dim=32, max_seq_len=SEQ)
+    fits, too_big = (measure_training_memory(config, b, SEQ, torch.float32).total for b in (small, large))
+    assert fits < too_big
+    return f"{(fits + too_big) / 2 / DEFAULT_MARGIN / 2**30:.6f}"
+
+
+def test_device_batch_is_measured_to_fit_before_step_one(workspace):
+    """Unset: the default 32 or the largest power of two that fits, said in the log; set and too big:
+    refused with the batch that would fit, unless --auto-batch or --ignore-memory-check."""
+    limit = _limit_between(workspace, 8, 16)
+    at = TINY.index("--device-batch-size")
+    tiny = TINY[:at] + TINY[at + 2 :]
+    common = ["--num-iterations", "1", "--total-batch-size", str(32 * SEQ), "--memory-limit", limit, "--save-every", "0"]
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "scripts.base_train", *tiny, *common, *args], cwd=ROOT, env=_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    chosen = run()
+    assert chosen.returncode == 0, chosen.stdout[-3000:] + chosen.stderr[-3000:]
+    assert "device batch 8 (the default 32 does not fit)" in chosen.stdout
+    assert "= 8 rows x 32 tokens x 1 rank(s) x 4 accumulation step(s)" in chosen.stdout  # same tokens per step
+    refused = run("--device-batch-size", "32", "--model-tag", "refused")
+    assert refused.returncode == 3 and "--device-batch-size 8 would" in refused.stdout and "refusing to start" in refused.stdout
+    assert not (workspace / "base_checkpoints" / "refused").exists()
+    auto = run("--device-batch-size", "32", "--auto-batch", "--model-tag", "auto")
+    assert auto.returncode == 0 and "device batch 8 (--auto-batch)" in auto.stdout
+    forced = run("--device-batch-size", "32", "--ignore-memory-check", "--model-tag", "forced")
+    assert forced.returncode == 0 and "starting at device batch 32 anyway" in forced.stdout

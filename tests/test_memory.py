@@ -1,39 +1,61 @@
-"""Memory estimate: parameter and optimizer parts against the model and hand
-arithmetic, the activation formula against the tensors autograd really saves,
-the /proc readers with fixture files, unified-memory detection (through a fake
-nvidia-smi), and check_fits' verdict and batch suggestion."""
+"""Memory measurement: the fake-tensor step against the same step on real
+CPU tensors, its parts against hand arithmetic from the config, how it moves
+with batch, dtype and ranks, the CLI, the /proc readers with fixture files,
+unified-memory detection (through a fake nvidia-smi), and the verdict with
+its power-of-two batch suggestion."""
 
 from __future__ import annotations
 
-import contextlib
+import math
 import re
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from nanochat.fake_step import set_checkpoint_blocks, set_compute_dtype, track_training_peak
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth
 from nanochat.memory import (
+    BATCH_FLAG,
     FIXED_OVERHEAD_BYTES,
     GIB,
-    activation_bytes_per_token,
     available_memory,
     check_fits,
+    choose_device_batch,
     current_usage,
-    estimate_training_memory,
     is_unified_memory,
     largest_fitting_batch,
+    main,
+    measure_training_memory,
     nvidia_smi_memory_total,
-    parameter_counts,
+    power_of_two_divisors_below,
     process_rss,
     read_kib_fields,
 )
+from nanochat.optim import build_optimizers
 
 CPU = torch.device("cpu")
-D20 = config_for_depth(20, 65536)  # 1280 wide, 10 heads: nanochat's d20
-TINY = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=96)
-TINY_GQA = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=1, n_embd=128)
+REPO = Path(__file__).resolve().parents[1]
+SMALL = config_for_depth(4, 8192, max_seq_len=256)  # 256 wide, 2 heads of 128
+# Depth 4 but 128 wide, for the real-tensor runs: this CPU has no bf16 matmul
+# instructions, and SMALL's real bf16 step takes ~100 s on it.
+NARROW = config_for_depth(4, 1024, aspect_ratio=32, max_seq_len=64)
+TINY = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=1, n_embd=128)  # GQA
+
+
+def has_compute_dtype() -> bool:
+    with torch.device("meta"):
+        return hasattr(GPT(TINY), "compute_dtype")
+
+
+def has_checkpoint_blocks() -> bool:
+    with torch.device("meta"):
+        return hasattr(GPT(TINY), "checkpoint_blocks")
+
 
 MEMINFO = """\
 MemTotal:       130841280 kB
@@ -53,122 +75,141 @@ Threads:\t4
 """
 
 
-# ---------------------------------------------------------------- the parts
+# ---------------------------------------------------------------- the measurement
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_GQA, D20], ids=["tiny", "gqa", "d20"])
-def test_parameter_counts_match_the_model(config):
-    with torch.device("meta"):
-        counts = GPT(config).param_counts()
-    assert parameter_counts(config) == (counts["embedding"] + counts["lm_head"], counts["matrices"])
+def tensor_bytes(estimate) -> int:
+    return estimate.total - estimate.overhead
 
 
-def test_depth20_persistent_parts_match_hand_arithmetic():
-    # d20: embedding and head 2 x 65536 x 1280 = 167,772,160; blocks 20 x 12 x 1280^2 = 393,216,000
-    adamw, muon = 167_772_160, 393_216_000
-    est = estimate_training_memory(D20, 32, 2048, torch.bfloat16)
-    assert est.parameters == est.gradients == 4 * (adamw + muon)  # 2.24 GB each, fp32
-    assert est.optimizer == 8 * adamw + 4 * muon  # AdamW: 2 moments; Muon: 1 momentum buffer
-    assert est.logits == 32 * 2048 * 65536 * (2 + 4 + 4)  # bf16 logits, fp32 capped copy, fp32 working tensor
+def real_peak(config: GPTConfig, batch: int, dtype: torch.dtype, checkpoint_blocks: bool = False) -> int:
+    """The same steps under MemTracker, on a model that really exists on the CPU."""
+    model = build_model(config, CPU)
+    set_compute_dtype(model, dtype)
+    set_checkpoint_blocks(model, checkpoint_blocks)
+    return sum(track_training_peak(model, build_optimizers(model, world_size=1), batch, config.sequence_len).values())
+
+
+@pytest.mark.parametrize("dtype, checkpoint_blocks", [
+    pytest.param(torch.float32, False, id="fp32"),
+    pytest.param(torch.bfloat16, False, id="bf16"),
+    pytest.param(torch.float32, True, id="fp32-recompute",
+                 marks=pytest.mark.skipif(not has_checkpoint_blocks(), reason="this model cannot recompute its blocks")),
+])
+def test_fake_tensors_measure_what_real_tensors_hold(dtype, checkpoint_blocks):
+    fake = measure_training_memory(NARROW, 4, NARROW.sequence_len, dtype, checkpoint_blocks=checkpoint_blocks)
+    assert tensor_bytes(fake) == pytest.approx(real_peak(NARROW, 4, dtype, checkpoint_blocks), rel=0.1)
+
+
+@pytest.mark.skipif(not has_checkpoint_blocks(), reason="this model cannot recompute its blocks")
+def test_activation_checkpointing_keeps_fewer_activations():
+    kept, recomputed = (measure_training_memory(SMALL, 8, SMALL.sequence_len, torch.float32, checkpoint_blocks=recompute)
+                        for recompute in (False, True))
+    assert recomputed.activations < kept.activations and recomputed.parameters == kept.parameters
+    assert "activation checkpointing" in check_fits(recomputed, (None, "unknown"))[1]
+
+
+def optimizer_state_bytes(config: GPTConfig) -> tuple[int, int]:
+    """(parameter count, optimizer state bytes) by hand from the config: AdamW
+    keeps 2 fp32 moments of the embedding and lm_head (and a 4-byte step
+    counter for each of the two), Muon 1 fp32 momentum per block matrix."""
+    c = config
+    adamw = 2 * c.vocab_size * c.n_embd
+    attention = c.n_embd * (2 * c.n_head + 2 * c.n_kv_head) * c.head_dim  # q, o and k, v
+    muon = c.n_layer * (attention + 2 * 4 * c.n_embd * c.n_embd)  # + the MLP's two 4x matrices
+    return adamw + muon, 2 * 4 * adamw + 2 * 4 + 4 * muon
+
+
+@pytest.mark.parametrize("config, batch", [(SMALL, 8), (TINY, 8)], ids=["d4", "gqa"])
+@pytest.mark.parametrize("world_size", [1, 8])
+def test_parts_add_up_and_match_hand_arithmetic(config, batch, world_size):
+    est = measure_training_memory(config, batch, config.sequence_len, torch.float32, world_size)
+    assert est.total == sum(est.parts().values())
+    assert list(est.parts()) == ["parameters", "gradients", "optimizer", "activations", "temporaries", "overhead"]
+    params, optimizer = optimizer_state_bytes(config)
+    # fp32 master weights; every gradient is held, as the peak is in the second micro-batch
+    assert est.parameters == est.gradients == 4 * params
+    assert est.optimizer == math.ceil(optimizer / world_size)
     assert est.overhead == FIXED_OVERHEAD_BYTES
 
 
-def test_depth20_total_is_in_a_sane_range():
-    """Upstream nanochat's d20 at device batch 32 x 2048, bf16, 8 ranks,
-    compiled, reported a peak of 75,422 MiB (79.1 GB) on H100 (its published
-    report.md). Its model is leaner per token than this one: a bf16 residual
-    stream and rotary (this one keeps 16 bytes x width per layer and token in
-    fp32) and a fused cross-entropy holding ~4 bytes per logit (this one's
-    loss holds ~10). This formula with those two changes gives 86.0 GB for
-    it (+9%); for this model, 125.6 GB."""
-    est = estimate_training_memory(D20, 32, 2048, torch.bfloat16, world_size=8)
-    assert 110e9 < est.total < 140e9
-    assert 70e9 < est.activations < 85e9
+def test_d4_hand_arithmetic():
+    # embedding and head 2 x 8192 x 256 = 4,194,304; blocks 4 x 12 x 256^2 = 3,145,728
+    assert optimizer_state_bytes(SMALL) == (7_340_032, 8 * 4_194_304 + 8 + 4 * 3_145_728)
 
 
-def test_optimizer_state_is_sharded_across_ranks():
-    one = estimate_training_memory(D20, 8, 2048, torch.bfloat16)
-    eight = estimate_training_memory(D20, 8, 2048, torch.bfloat16, world_size=8)
-    assert eight.optimizer == pytest.approx(one.optimizer / 8, abs=1)
-    assert (eight.parameters, eight.gradients, eight.activations) == (one.parameters, one.gradients, one.activations)
+def test_peak_grows_with_batch():
+    totals = [measure_training_memory(TINY, b, TINY.sequence_len, torch.float32).total for b in (2, 4, 8)]
+    assert totals[0] < totals[1] < totals[2]
 
 
-def test_estimate_grows_linearly_in_batch():
-    totals = [estimate_training_memory(D20, b, 2048, torch.bfloat16).total for b in (1, 2, 3, 5)]
-    per_row = totals[1] - totals[0]
-    assert per_row > 0
-    assert totals[2] - totals[1] == per_row
-    assert totals[3] - totals[2] == 2 * per_row
+@pytest.mark.skipif(not has_compute_dtype(), reason="this model has no compute dtype: it computes in fp32 whatever is asked")
+def test_bf16_activations_are_smaller_than_fp32():
+    fp32, bf16 = (measure_training_memory(SMALL, 8, SMALL.sequence_len, dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert bf16.activations < fp32.activations
+    assert bf16.parameters == fp32.parameters  # master weights stay fp32
 
 
-def test_model_state_grows_with_parameters():
-    def model_state(est):
-        return est.parameters + est.gradients + est.optimizer
-
-    small, large = (estimate_training_memory(config_for_depth(d, 65536), 4, 1024, torch.bfloat16) for d in (12, 20))
-    params = [sum(parameter_counts(config_for_depth(d, 65536))) for d in (12, 20)]
-    assert model_state(large) / model_state(small) == pytest.approx(params[1] / params[0], rel=0.1)
-    assert large.activations > small.activations
+def test_rl_stage_measures_the_weighted_loss():
+    est = measure_training_memory(TINY, 4, TINY.sequence_len, torch.float32, stage="rl")
+    assert est.stage == "rl" and est.activations > 0
 
 
-def test_fp32_needs_more_than_bf16():
-    bf16 = estimate_training_memory(TINY, 4, 64, torch.bfloat16)
-    fp32 = estimate_training_memory(TINY, 4, 64, torch.float32)
-    assert fp32.logits > bf16.logits
-    assert fp32.parameters == bf16.parameters
+def test_measurements_are_cached(monkeypatch):
+    import nanochat.fake_step
+
+    calls = []
+    measure = nanochat.fake_step.measure_fake_step
+    monkeypatch.setattr(nanochat.fake_step, "measure_fake_step", lambda *a: calls.append(a) or measure(*a))
+    first = measure_training_memory(TINY, 3, 48, torch.float32)
+    again = measure_training_memory(TINY, 3, 48, torch.float32, world_size=2)  # same measurement, sharded after
+    assert len(calls) == 1
+    assert first.with_batch_size(3) == first and again.optimizer == math.ceil(first.optimizer / 2)
 
 
-def test_bad_sizes_are_refused():
-    with pytest.raises(ValueError, match="device_batch_size"):
-        estimate_training_memory(TINY, 0, 64, torch.float32)
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(device_batch_size=0), "device_batch_size"),
+    (dict(world_size=0), "world_size"),
+    (dict(stage="pretrain"), "unknown stage"),
+    (dict(dtype=torch.int64), "floating-point"),
+])
+def test_bad_arguments_are_refused(kwargs, match):
+    args = dict(config=TINY, device_batch_size=2, seq_len=64, dtype=torch.float32) | kwargs
+    with pytest.raises(ValueError, match=match):
+        measure_training_memory(**args)
 
 
-# ---------------------------------------------------------------- the activation formula, measured
+@pytest.mark.slow
+def test_depth20_is_measured_in_reasonable_time():
+    d20 = config_for_depth(20, 65536)  # 1280 wide, 10 heads: nanochat's d20
+    start = time.perf_counter()
+    est = measure_training_memory(d20, 32, 2048, torch.bfloat16)
+    assert time.perf_counter() - start < 120  # seconds; about 12 on one CPU core
+    # embedding and head 2 x 65536 x 1280 = 167,772,160; blocks 20 x 12 x 1280^2 = 393,216,000
+    assert est.parameters == est.gradients == 4 * (167_772_160 + 393_216_000)
+    assert est.optimizer == 8 * 167_772_160 + 8 + 4 * 393_216_000
+    # activations dominate at 64K tokens per micro-batch, whatever the model keeps
+    assert est.activations > est.parameters + est.gradients + est.optimizer
 
 
-def saved_for_backward(config: GPTConfig, batch: int, dtype: torch.dtype) -> tuple[int, int]:
-    """Bytes of the distinct tensors autograd saves in one forward with loss:
-    (all but the (B*T, V) ones, the (B*T, V) ones); parameters and buffers excluded."""
-    model = build_model(config, CPU)
-    torch.manual_seed(0)
-    idx = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
-    targets = torch.randint(0, config.vocab_size, (batch, config.sequence_len))
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    saved: dict[int, tuple[int, tuple]] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        saved[storage.data_ptr()] = (storage.nbytes(), tuple(tensor.shape))
-        return tensor
-
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(idx, targets)
-    kept = [(size, shape) for ptr, (size, shape) in saved.items() if ptr not in owned]
-    vocab = sum(size for size, shape in kept if shape == (batch * config.sequence_len, config.vocab_size))
-    return sum(size for size, _ in kept) - vocab, vocab
+# ---------------------------------------------------------------- the command line
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_GQA], ids=["mha", "gqa"])
-def test_fp32_activations_match_what_autograd_saves(config):
-    measured, vocab = saved_for_backward(config, 3, torch.float32)
-    estimated = estimate_training_memory(config, 3, config.sequence_len, torch.float32)
-    assert estimated.activations == pytest.approx(measured, rel=0.02)
-    # of the loss's (B*T, V) tensors, only the fp32 capped logits are kept for backward
-    assert vocab == 3 * config.sequence_len * config.vocab_size * 4
+def test_cli_prints_the_peak_first_then_the_parts():
+    command = [sys.executable, "-m", "nanochat.memory", "--depth", "2", "--batch-size", "2", "--seq-len", "64",
+               "--vocab-size", "1000", "--dtype", "float32"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
+    lines = done.stdout.splitlines()
+    assert re.fullmatch(r"peak \d+\.\d GiB", lines[0])
+    assert [line.split()[0] for line in lines[1:7]] == [
+        "parameters", "gradients", "optimizer", "activations", "temporaries", "overhead"]
+    assert all(line.endswith(" GiB") for line in lines[1:7])
+    assert re.match(r"measured in \d+\.\d s", lines[7])
 
 
-def test_bf16_activations_are_close_to_what_autograd_saves():
-    measured, _ = saved_for_backward(TINY, 3, torch.bfloat16)
-    estimated = estimate_training_memory(TINY, 3, TINY.sequence_len, torch.bfloat16)
-    # eager keeps a bf16 copy of the attention input per projection; compiled code keeps one
-    assert 0.85 < estimated.activations / measured <= 1.0
-
-
-def test_activations_per_token_scale_with_depth():
-    deeper = GPTConfig(**{**TINY.to_dict(), "n_layer": 4})
-    per_layer = activation_bytes_per_token(deeper, 2) - activation_bytes_per_token(TINY, 2)
-    assert per_layer == 2 * (16 + 28) * TINY.n_embd  # 16 B x width in fp32 and 14 x width in bf16, per layer
+def test_cli_refuses_bad_sizes(capsys):
+    assert main(["--depth", "2", "--batch-size", "0"]) == 2
+    assert "device_batch_size" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- what the machine has
@@ -201,7 +242,7 @@ def test_old_kernel_without_memavailable_falls_back_to_memfree(tmp_path):
 def test_no_meminfo_means_unknown_and_unchecked(tmp_path):
     available = available_memory(CPU, meminfo=tmp_path / "missing")
     assert available[0] is None
-    ok, message = check_fits(estimate_training_memory(D20, 32, 2048, torch.bfloat16), available)
+    ok, message = check_fits(measure_training_memory(TINY, 2, 64, torch.float32), available)
     assert ok and "not checked" in message
 
 
@@ -293,38 +334,57 @@ def test_discrete_gpu_available_memory_is_free_plus_what_torch_holds(fake_cuda):
 # ---------------------------------------------------------------- the verdict
 
 
+def tiny(batch: int):
+    return measure_training_memory(TINY, batch, TINY.sequence_len, torch.float32)
+
+
+def room_for(batch: int, margin: float = 0.9) -> tuple[int, str]:
+    """Available memory in which `batch` just fits with `margin`."""
+    return math.ceil(tiny(batch).total / margin), "MemAvailable"
+
+
+@pytest.mark.parametrize("batch, divisors", [(32, [1, 2, 4, 8, 16]), (24, [1, 2, 4, 8]), (7, [1]), (1, [])])
+def test_power_of_two_divisors_below(batch, divisors):
+    assert power_of_two_divisors_below(batch) == divisors
+
+
 def test_a_run_that_fits_says_so_with_every_part():
-    est = estimate_training_memory(D20, 8, 2048, torch.bfloat16)
-    ok, message = check_fits(est, (120 * GIB, "MemAvailable in /proc/meminfo"))
+    ok, message = check_fits(tiny(8), (120 * GIB, "MemAvailable in /proc/meminfo"))
     assert ok
-    for part in ("parameters", "gradients", "optimizer", "activations", "logits and loss", "overhead"):
+    for part in ("parameters", "gradients", "optimizer", "activations", "temporaries", "overhead"):
         assert part in message
     assert "MemAvailable in /proc/meminfo" in message and message.endswith("fits")
 
 
 def test_margin_is_applied():
-    est = estimate_training_memory(D20, 8, 2048, torch.bfloat16)
+    est = tiny(8)
     assert check_fits(est, (int(est.total / 0.95), "x"), margin=0.9)[0] is False
     assert check_fits(est, (int(est.total / 0.95), "x"), margin=1.0)[0] is True
 
 
-def test_suggested_batch_fits_by_the_same_formula():
-    est = estimate_training_memory(D20, 32, 2048, torch.bfloat16)
-    available = 119 * GIB  # a DGX Spark's 128 GB, less the OS
-    ok, message = check_fits(est, (available, "MemAvailable"))
-    assert not ok
-    suggested = int(re.search(r"--device-batch-size (\d+) would", message).group(1))
-    assert suggested == largest_fitting_batch(est, 0.9 * available) == 16
-    assert est.with_batch_size(suggested).total <= 0.9 * available < est.with_batch_size(2 * suggested).total
+def test_margin_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="margin"):
+        check_fits(tiny(8), (120 * GIB, "x"), margin=1.5)
+
+
+def test_short_memory_picks_a_smaller_power_of_two_that_divides():
+    batch, lines = choose_device_batch(TINY, 8, TINY.sequence_len, torch.float32, 1, room_for(4))
+    assert batch == 4
+    assert f"{BATCH_FLAG} 4 would" in lines[-1]
+    assert tiny(4).total <= 0.9 * room_for(4)[0] < tiny(8).total
 
 
 def test_suggestions_keep_the_total_batch_divisible():
-    est = estimate_training_memory(D20, 24, 2048, torch.bfloat16)
-    budget = est.with_batch_size(10).total  # 10 would fit, but 24 / 10 is no whole number
-    assert largest_fitting_batch(est, budget) == 8
+    # 12 rows would fit, but of 24's divisors only the powers of two count: 8
+    assert largest_fitting_batch(measure_training_memory(TINY, 24, 64, torch.float32), tiny(12).total) == 8
 
 
 def test_nothing_fits_says_what_else_to_change():
-    est = estimate_training_memory(D20, 4, 2048, torch.bfloat16)
-    ok, message = check_fits(est, (4 * GIB, "free GPU memory"))
-    assert not ok and "--depth" in message and "--device-batch-size 1" in message
+    batch, lines = choose_device_batch(TINY, 4, TINY.sequence_len, torch.float32, 1, (GIB, "free GPU memory"))
+    assert batch is None
+    assert f"{BATCH_FLAG} 1" in lines[-1] and "--depth" in lines[-1]
+
+
+def test_a_batch_that_fits_is_kept():
+    batch, lines = choose_device_batch(TINY, 8, TINY.sequence_len, torch.float32, 1, (120 * GIB, "MemAvailable"))
+    assert batch == 8 and lines[-1] == "fits"

@@ -1,0 +1,805 @@
+"""The one prepared GPU check: correctness of the bf16 and compiled paths, then
+speed and memory at depth 20, in one command.
+
+    python bench/gpu_check.py                         # on a GPU, full sizes (meant to take under 8 min on an H100/H200)
+    python bench/gpu_check.py --device cpu --smoke    # tiny sizes for every check, on CPU, in about a minute
+    python bench/gpu_check.py --only chunked_loss,d20_decode    # rerun some checks
+
+Prints a header (device, torch, CUDA) and then one line per check, in this
+order (the cheap correctness checks first, the two depth-20 compiles last):
+
+    STATUS name  seconds (running total)  figures
+
+  bf16_vs_fp32            depth 4: the same init and batch trained N optimizer steps in
+                          fp32 and in bf16; losses within 2%, step-1 gradient cosine > 0.99
+  chunked_loss            nanochat.ops.head_loss against the plain soft-capped
+                          cross-entropy on N x V logits: values and both gradients, fp32
+                          and bf16, and the peak memory of each (the chunked one never
+                          holds an (N, V) tensor)
+  engine_vs_transformers  our Engine's bf16 greedy tokens == transformers' bf16 greedy
+                          generate on the exported weights
+  compile_vs_eager        depth 4, bf16: torch.compile's loss and gradients against eager,
+                          and no graph breaks in the training forward + loss
+  d20_eager_memory        depth 20, eager, batch 8: measured peak memory vs the fake-tensor
+                          estimate (nanochat.memory.measure_training_memory)
+  d20_decode              depth 20, bf16: Engine decode tokens/s at batch 1, 8, 32
+  d20_compiled            depth 20, compiled, bf16, batch 32 and 16: tokens/s, MFU, and
+                          measured peak memory vs the estimate
+
+STATUS is PASS, FAIL or SKIP. Every result is also written to
+bench/gpu_check.json (--out PATH) after each check, so a run cut short keeps
+what it finished: the header, and per check its status, seconds, message
+and figures (numbers only; what could not be measured is said in the
+message). Exit status: 0 when no check FAILed, 1 when one did, 2 for bad
+usage.
+
+Everything is made in-process (random weights, random or rule-generated
+tokens, a tokenizer trained on generated text); nothing is downloaded. Each
+check runs in its own try/except, so one failure does not stop the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanochat import ops  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth  # noqa: E402
+from nanochat.hardware import device_name, peak_flops  # noqa: E402
+from nanochat.hf_export import export_hf  # noqa: E402
+from nanochat.optim import build_optimizers  # noqa: E402
+from nanochat.sampling import SamplingParams  # noqa: E402
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+
+GIB = 2**30
+DEFAULT_OUT = Path(__file__).with_name("gpu_check.json")
+BF16 = torch.bfloat16
+
+# Tolerances. bf16 keeps 8 significant bits (rounding error up to 2^-8, 0.4%); the
+# loss is an fp32 mean over thousands of rows, so rounding mostly averages
+# out, and 2% leaves room for 10 optimizer steps of drift between the runs.
+BF16_LOSS_RTOL = 0.02
+GRAD_COSINE_MIN = 0.99
+# Compiled and eager bf16 run the same math but fuse and round at different
+# points; 1% on the loss is well above that and well below a real bug.
+COMPILE_LOSS_RTOL = 0.01
+# head_loss vs the plain expression, (loss, gradient) relative error by dtype:
+# the same arithmetic summed in another order (fp32), or with the bf16
+# products rounded per chunk instead of per slice (bf16).
+HEAD_TOLERANCES = {torch.float32: (1e-5, 1e-4), BF16: (1e-3, 2e-2)}
+# The measured peak may exceed the estimate by this much at most: an estimate
+# that is low lets a run start that then runs out of memory.
+MEMORY_UNDERESTIMATE_MAX = 1.10
+# chunked_loss draws weights so the logits have this spread: enough that the
+# soft cap (15 tanh(x / 15)) bends them and its derivative is exercised.
+LOGIT_STD = 5.0
+# Bytes per logit the plain expression holds at its peak (in backward): the
+# saved tanh and log-softmax outputs plus about three fp32 gradients in
+# flight, and the compute-dtype matmul output; 7 fp32-sized tensors, rounded up.
+PLAIN_BYTES_PER_LOGIT = 7 * 4
+# engine_vs_transformers: a small GQA model taught a rule for this many steps.
+EXPORT_CONFIG = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
+EXPORT_STEPS = 150
+EXPORT_PROMPTS, EXPORT_PROMPT_LEN, EXPORT_NEW_TOKENS = 4, 8, 24
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Every size the checks use: FULL on a GPU, SMOKE with --smoke."""
+
+    depth: int  # bf16_vs_fp32 and compile_vs_eager
+    vocab: int
+    seq: int
+    batch: int
+    steps: int  # optimizer steps compared by bf16_vs_fp32
+    loss_rows: int  # chunked_loss: N x V logits from a width-C input
+    loss_vocab: int
+    loss_width: int
+    head_chunk_elements: int  # nanochat.ops.HEAD_CHUNK_ELEMENTS during chunked_loss
+    big_depth: int  # the d20_* checks
+    big_vocab: int
+    big_seq: int
+    compiled_batches: tuple[int, ...]
+    eager_batch: int
+    warmup: int  # untimed training steps (the first compiles)
+    timed: int
+    decode_batches: tuple[int, ...]
+    decode_prompt: int
+    decode_new_tokens: int
+
+
+FULL = Sizes(depth=4, vocab=8192, seq=512, batch=8, steps=10,
+             loss_rows=65536, loss_vocab=65536, loss_width=1280, head_chunk_elements=ops.HEAD_CHUNK_ELEMENTS,
+             big_depth=20, big_vocab=65536, big_seq=2048, compiled_batches=(32, 16), eager_batch=8, warmup=3, timed=5,
+             decode_batches=(1, 8, 32), decode_prompt=16, decode_new_tokens=128)
+# Smoke: the same code paths at toy sizes; the head's chunk is shrunk so
+# head_loss still loops over several chunks (8 here, 16 at full size).
+SMOKE = Sizes(depth=2, vocab=512, seq=64, batch=4, steps=10,
+              loss_rows=2048, loss_vocab=1024, loss_width=64, head_chunk_elements=2**18,
+              big_depth=2, big_vocab=512, big_seq=128, compiled_batches=(4, 2), eager_batch=2, warmup=1, timed=2,
+              decode_batches=(1, 2, 4), decode_prompt=8, decode_new_tokens=16)
+
+
+@dataclass
+class Context:
+    device: torch.device
+    sizes: Sizes
+    smoke: bool
+    compile_backend: str
+    workdir: Path = Path(".")
+
+
+@dataclass
+class Outcome:
+    status: str  # PASS, FAIL or SKIP
+    message: str  # the figures in words, one line
+    figures: dict[str, float] = field(default_factory=dict)
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def worst(statuses: list[str]) -> str:
+    return "FAIL" if "FAIL" in statuses else "SKIP" if "SKIP" in statuses else "PASS"
+
+
+def gib(num_bytes: float) -> str:
+    return f"{num_bytes / GIB:.2f} GiB"
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def small_config(s: Sizes) -> GPTConfig:
+    return config_for_depth(s.depth, s.vocab, max_seq_len=s.seq)
+
+
+def big_config(s: Sizes) -> GPTConfig:
+    return config_for_depth(s.big_depth, s.big_vocab, max_seq_len=s.big_seq)
+
+
+def perturbed_model(config: GPTConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> GPT:
+    """build_model, then small noise on o_proj and fc2. They start at zero, which
+    makes the step-1 gradients of q/k/v and fc1 exactly zero (their outputs
+    meet zero weights), and comparing zeros would show nothing."""
+    torch.manual_seed(seed)
+    model = build_model(config, device, dtype)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o_proj.weight.normal_(0.0, 0.02)
+            block.mlp.fc2.weight.normal_(0.0, 0.02)
+    return model
+
+
+def successor_table(vocab_size: int, seed: int) -> torch.Tensor:
+    """A random next token for every ordinary token (a permutation; special
+    tokens, the last ids, never occur): a rule a small model learns in a few
+    steps, so losses fall and greedy choices win by clear margins."""
+    ordinary = vocab_size - len(SPECIAL_TOKENS)
+    return torch.randperm(ordinary, generator=torch.Generator().manual_seed(seed))
+
+
+def follow(successor: torch.Tensor, rows: int, length: int, seed: int) -> torch.Tensor:
+    """(rows, length) token ids from random starts, each the successor of the one before."""
+    tokens = torch.empty(rows, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, successor.numel(), (rows,), generator=torch.Generator().manual_seed(seed))
+    for t in range(1, length):
+        tokens[:, t] = successor[tokens[:, t - 1]]
+    return tokens
+
+
+def inputs_targets(tokens: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens[:, :-1].contiguous().to(device), tokens[:, 1:].contiguous().to(device)
+
+
+def random_batch(vocab_size: int, rows: int, seq: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    tokens = torch.randint(0, vocab_size, (rows, seq + 1), generator=torch.Generator().manual_seed(0))
+    return inputs_targets(tokens, device)
+
+
+def gradients(model: GPT) -> dict[str, torch.Tensor]:
+    return {name: p.grad.detach().float().clone() for name, p in model.named_parameters()}
+
+
+def gradient_cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Cosine similarity per parameter (in float64); two zero gradients agree."""
+    cosines = {}
+    for name in a:
+        x, y = a[name].double().flatten(), b[name].double().flatten()
+        nx, ny = x.norm(), y.norm()
+        cosines[name] = 1.0 if nx == 0 and ny == 0 else float((x @ y) / (nx * ny).clamp_min(1e-300))
+    return cosines
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b||, in fp32."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def release_memory(device: torch.device) -> None:
+    """What one check leaves behind must not count against the next one's memory,
+    nor its compiled graphs against the next one's recompile limit."""
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+def measure_peak(fn: Callable, device: torch.device):
+    """(fn(), peak bytes allocated during it beyond what was allocated before;
+    None on CPU, where torch keeps no such count)."""
+    if device.type != "cuda":
+        return fn(), None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return result, torch.cuda.max_memory_allocated(device) - before
+
+
+# ---------------------------------------------------------------- 1. bf16 vs fp32
+
+
+def train_steps(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses of `steps` optimizer steps on one batch, and the gradients of the first."""
+    optimizers = build_optimizers(model)
+    losses, first = [], {}
+    for step in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        if step == 0:
+            first = gradients(model)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, first
+
+
+def check_bf16_vs_fp32(ctx: Context) -> Outcome:
+    s = ctx.sizes
+    x, y = inputs_targets(follow(successor_table(s.vocab, seed=1), s.batch, s.seq + 1, seed=2), ctx.device)
+    reference = perturbed_model(small_config(s), ctx.device, torch.float32)
+    low = copy.deepcopy(reference)  # the same fp32 master weights, computing in bf16
+    low.compute_dtype = BF16
+    losses32, grads32 = train_steps(reference, x, y, s.steps)
+    losses16, grads16 = train_steps(low, x, y, s.steps)
+    max_rel = max(abs(b - a) / abs(a) for a, b in zip(losses32, losses16))
+    cosines = gradient_cosines(grads32, grads16)
+    worst_param = min(cosines, key=cosines.get)
+    ok = max_rel <= BF16_LOSS_RTOL and cosines[worst_param] > GRAD_COSINE_MIN
+    message = (f"depth {s.depth}, {s.steps} steps on one batch: loss fp32 {losses32[0]:.4f} -> {losses32[-1]:.4f}, "
+               f"bf16 {losses16[0]:.4f} -> {losses16[-1]:.4f}, max relative diff {max_rel:.3%} (<= {BF16_LOSS_RTOL:.0%}); "
+               f"min step-1 gradient cosine {cosines[worst_param]:.5f} ({worst_param}; > {GRAD_COSINE_MIN})")
+    figures = {"loss_first_fp32": losses32[0], "loss_last_fp32": losses32[-1], "loss_last_bf16": losses16[-1],
+               "max_loss_rel_diff": max_rel, "min_grad_cosine": cosines[worst_param]}
+    return Outcome(verdict(ok), message, figures)
+
+
+# ---------------------------------------------------------------- 2. compiled vs eager
+
+
+def loss_and_gradients(step_model, model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+    loss = step_model(x, y)
+    loss.backward()
+    grads = gradients(model)
+    model.zero_grad(set_to_none=True)
+    return loss.item(), grads
+
+
+def check_compile_vs_eager(ctx: Context) -> Outcome:
+    s = ctx.sizes
+    model = perturbed_model(small_config(s), ctx.device, BF16)
+    x, y = inputs_targets(follow(successor_table(s.vocab, seed=1), s.batch, s.seq + 1, seed=2), ctx.device)
+    explained = torch._dynamo.explain(model)(x, y)
+    torch._dynamo.reset()  # explain's traces must not stand in for the compile below
+    eager_loss, eager_grads = loss_and_gradients(model, model, x, y)
+    compiled = torch.compile(model, backend=ctx.compile_backend, dynamic=False)
+    compiled_loss, compiled_grads = loss_and_gradients(compiled, model, x, y)
+    rel = abs(compiled_loss - eager_loss) / abs(eager_loss)
+    cosines = gradient_cosines(eager_grads, compiled_grads)
+    worst_param = min(cosines, key=cosines.get)
+    breaks = explained.graph_break_count
+    ok = rel <= COMPILE_LOSS_RTOL and cosines[worst_param] > GRAD_COSINE_MIN and breaks == 0
+    backend = ctx.compile_backend
+    if backend != "inductor":
+        backend += " (CPU smoke: inductor takes ~40 s per compile on 2 cores; this checks tracing, not codegen)"
+    reasons = f" {[str(r.reason) for r in explained.break_reasons][:3]}" if breaks else ""
+    message = (f"depth {s.depth}, backend {backend}: loss eager {eager_loss:.5f} compiled {compiled_loss:.5f} "
+               f"(relative diff {rel:.2e} <= {COMPILE_LOSS_RTOL}); min gradient cosine {cosines[worst_param]:.5f} "
+               f"({worst_param}; > {GRAD_COSINE_MIN}); graph breaks in forward + loss: {breaks} (== 0){reasons}")
+    figures = {"loss_eager": eager_loss, "loss_compiled": compiled_loss, "loss_rel_diff": rel,
+               "min_grad_cosine": cosines[worst_param], "graph_breaks": breaks}
+    return Outcome(verdict(ok), message, figures)
+
+
+# ---------------------------------------------------------------- 3. chunked loss
+
+
+@contextlib.contextmanager
+def head_chunk_elements(elements: int):
+    """head_loss reads ops.HEAD_CHUNK_ELEMENTS at each call; set it for a while."""
+    saved = ops.HEAD_CHUNK_ELEMENTS
+    ops.HEAD_CHUNK_ELEMENTS = elements
+    try:
+        yield
+    finally:
+        ops.HEAD_CHUNK_ELEMENTS = saved
+
+
+def chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: int, cap: float) -> float:
+    loss = ops.head_loss(x, weight, targets, torch.full_like(targets, 1.0 / counted, dtype=torch.float32), cap)
+    loss.backward()
+    return loss.item()
+
+
+def plain_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: int, cap: float, rows: int) -> float:
+    """The mean soft-capped cross-entropy as autograd sees it written out: the
+    matmul in x's dtype, cap and loss in fp32; `rows` rows at a time when
+    (N, V) at once would not fit. One expression, so no local keeps a tensor."""
+    total = 0.0
+    for start in range(0, x.size(0), rows):
+        part = F.cross_entropy(cap * torch.tanh(F.linear(x[start : start + rows], weight.to(x.dtype)).float() / cap),
+                               targets[start : start + rows], ignore_index=-1, reduction="sum") / counted
+        part.backward()
+        total += part.item()
+    return total
+
+
+def plain_slice_rows(rows: int, vocab: int, device: torch.device) -> int:
+    """All rows at once where they fit in 80% of the free GPU memory, else halves."""
+    if device.type != "cuda":
+        return rows
+    free, _ = torch.cuda.mem_get_info(device)
+    while rows > 1 and rows * vocab * PLAIN_BYTES_PER_LOGIT > 0.8 * free:
+        rows //= 2
+    return rows
+
+
+def compare_head_loss(ctx: Context, dtype: torch.dtype) -> dict:
+    s, device, cap = ctx.sizes, ctx.device, small_config(ctx.sizes).logit_softcap  # the model's cap, 15
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(s.loss_rows, s.loss_width, device=device, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(s.loss_vocab, s.loss_width, device=device, generator=gen).mul_(LOGIT_STD / math.sqrt(s.loss_width))
+    weight.requires_grad_()
+    targets = torch.randint(0, s.loss_vocab, (s.loss_rows,), device=device, generator=gen)
+    targets[::16] = -1  # ignored rows must count neither in the loss nor in the gradients
+    counted = int((targets != -1).sum())
+    chunked, chunked_peak = measure_peak(lambda: chunked_loss(x, weight, targets, counted, cap), device)
+    chunked_grads = (x.grad, weight.grad)
+    x.grad = weight.grad = None
+    rows = plain_slice_rows(s.loss_rows, s.loss_vocab, device)
+    plain, plain_peak = measure_peak(lambda: plain_loss(x, weight, targets, counted, cap, rows), device)
+    return {"loss_rel": abs(chunked - plain) / abs(plain), "grad_x_rel": relative_error(chunked_grads[0], x.grad),
+            "grad_w_rel": relative_error(chunked_grads[1], weight.grad), "chunked_peak": chunked_peak,
+            "plain_peak": plain_peak, "plain_slices": math.ceil(s.loss_rows / rows)}
+
+
+def check_chunked_loss(ctx: Context) -> Outcome:
+    s = ctx.sizes
+    full_logits = s.loss_rows * s.loss_vocab * 4  # one (N, V) fp32 tensor
+    chunks = math.ceil(s.loss_rows / max(1, s.head_chunk_elements // s.loss_vocab))
+    statuses, words, figures = [], [], {}
+    with head_chunk_elements(s.head_chunk_elements):
+        for dtype in (torch.float32, BF16):
+            r = compare_head_loss(ctx, dtype)
+            loss_tol, grad_tol = HEAD_TOLERANCES[dtype]
+            ok = r["loss_rel"] <= loss_tol and max(r["grad_x_rel"], r["grad_w_rel"]) <= grad_tol
+            name = str(dtype).removeprefix("torch.")
+            text = (f"{name}: loss rel {r['loss_rel']:.1e} (<= {loss_tol:.0e}), grad x {r['grad_x_rel']:.1e}, "
+                    f"grad W {r['grad_w_rel']:.1e} (<= {grad_tol:.0e})")
+            figures.update({f"loss_rel_{name}": r["loss_rel"], f"grad_x_rel_{name}": r["grad_x_rel"],
+                            f"grad_w_rel_{name}": r["grad_w_rel"]})
+            if r["chunked_peak"] is None:
+                text += ", peak memory n/a (CPU)"
+            else:
+                ok = ok and r["chunked_peak"] < full_logits
+                text += (f", peak chunked {gib(r['chunked_peak'])} vs plain {gib(r['plain_peak'])} "
+                         f"(in {r['plain_slices']} slice(s); one (N,V) fp32 = {gib(full_logits)})")
+                figures.update({f"chunked_peak_gib_{name}": r["chunked_peak"] / GIB, f"plain_peak_gib_{name}": r["plain_peak"] / GIB})
+            statuses.append(verdict(ok))
+            words.append(text)
+    figures.update({"rows": s.loss_rows, "vocab": s.loss_vocab, "chunks": chunks})
+    message = f"N={s.loss_rows:,} x V={s.loss_vocab:,}, C={s.loss_width}, {chunks} chunks; " + "; ".join(words)
+    return Outcome(worst(statuses), message, figures)
+
+
+# ---------------------------------------------------------------- 4. engine vs transformers
+
+
+def generated_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer of exactly vocab_size ids trained on made-up words, about a
+    second at 65,536: vocab_size distinct words, each used ~10 times, give BPE
+    more than enough pairs that occur twice."""
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(vocab_size)]
+    texts = [" ".join(rng.choices(words, k=200)) for _ in range(max(300, vocab_size // 20))]
+    return Tokenizer.train_from_iterator(texts, vocab_size)
+
+
+def rule_trained_model(device: torch.device, successor: torch.Tensor) -> GPT:
+    """EXPORT_CONFIG taught the successor rule with AdamW, so its greedy choices
+    win by margins far above bf16 rounding and two implementations cannot
+    disagree by a near tie."""
+    torch.manual_seed(0)
+    model = build_model(EXPORT_CONFIG, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(EXPORT_STEPS):
+        x, y = inputs_targets(follow(successor, 16, 65, seed=100 + step), device)
+        model(x, y).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def transformers_greedy(hf_model, prompt: list[int], new_tokens: int, stops: list[int], device: torch.device) -> list[int]:
+    ids = torch.tensor([prompt], device=device)
+    out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                            max_new_tokens=new_tokens, eos_token_id=stops, pad_token_id=stops[0])
+    tokens = out[0, len(prompt):].tolist()
+    return tokens[: next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]  # the engine drops its stop token
+
+
+@torch.no_grad()
+def greedy_margin(model: GPT, prompt: list[int], answer: list[int], device: torch.device) -> float:
+    """The smallest gap between the best and second-best logit along our greedy answer."""
+    logits = model(torch.tensor([prompt + answer], device=device))[0, len(prompt) - 1 : -1]
+    top2 = logits.topk(2, dim=-1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
+def check_engine_vs_transformers(ctx: Context) -> Outcome:
+    try:
+        import transformers
+    except ImportError:
+        return Outcome("SKIP", "transformers is not installed", {})
+    transformers.utils.logging.disable_progress_bar()  # its weight-loading bar would break up our lines
+    device = ctx.device
+    successor = successor_table(EXPORT_CONFIG.vocab_size, seed=5)
+    model = rule_trained_model(device, successor).to(BF16)  # bf16 weights, as `chat_service -d bfloat16` runs
+    model.compute_dtype = BF16
+    tokenizer = generated_tokenizer(EXPORT_CONFIG.vocab_size)
+    folder = export_hf(model, tokenizer, ctx.workdir / "hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=BF16).to(device).eval()
+    engine = Engine(model, tokenizer, max_batch=1)
+    stops = sorted(engine.stop_tokens)
+    prompts = follow(successor, EXPORT_PROMPTS, EXPORT_PROMPT_LEN, seed=7).tolist()
+    mismatches, compared, on_rule, margins = 0, 0, 0, []
+    for prompt in prompts:
+        [ours] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=EXPORT_NEW_TOKENS))
+        theirs = transformers_greedy(hf_model, prompt, EXPORT_NEW_TOKENS, stops, device)
+        mismatches += ours.tokens != theirs
+        compared += len(ours.tokens)
+        chain = prompt[-1:] + ours.tokens
+        on_rule += sum(int(successor[a]) == b for a, b in zip(chain, chain[1:]) if a < successor.numel())
+        margins.append(greedy_margin(model, prompt, ours.tokens, device) if ours.tokens else 0.0)
+    message = (f"{len(prompts)} prompts x {EXPORT_NEW_TOKENS} new tokens, bf16, transformers {transformers.__version__}: "
+               f"{len(prompts) - mismatches}/{len(prompts)} identical ({compared} tokens ours); "
+               f"{on_rule / max(compared, 1):.0%} follow the taught rule; min greedy logit margin {min(margins):.3f}")
+    figures = {"prompts": len(prompts), "mismatched_prompts": mismatches, "tokens_compared": compared,
+               "rule_fraction": on_rule / max(compared, 1), "min_greedy_margin": min(margins)}
+    return Outcome(verdict(mismatches == 0 and compared > 0), message, figures)
+
+
+# ---------------------------------------------------------------- 5-6. depth-20 training: speed and memory
+
+
+@dataclass
+class Estimate:
+    total: int | None  # bytes, with the estimator's overhead allowance
+    tensors: int | None  # bytes, without it: what max_memory_allocated can be compared with
+    status: str  # "ok", "SKIP" or "FAIL"
+    note: str
+
+
+def memory_estimate(config: GPTConfig, batch: int, seq: int, dtype: torch.dtype) -> Estimate:
+    """nanochat.memory.measure_training_memory (the step run on fake tensors),
+    imported here: another module owns it and it may not exist yet."""
+    try:
+        from nanochat.memory import measure_training_memory
+    except ImportError:
+        return Estimate(None, None, "SKIP", "SKIP (estimate unavailable)")
+    try:
+        estimate = measure_training_memory(config, batch, seq, dtype, world_size=1, stage="base")
+    except Exception as err:  # a broken estimator fails this item, not the measurement beside it
+        return Estimate(None, None, "FAIL", f"FAIL (estimate raised {type(err).__name__}: {first_line(err)})")
+    tensors = estimate.total - estimate.parts().get("overhead", 0)
+    return Estimate(estimate.total, tensors, "ok", f"{gib(estimate.total)} (tensors {gib(tensors)})")
+
+
+def timed_training(ctx: Context, config: GPTConfig, batch: int, compiled: bool) -> dict:
+    """Real steps (model, Muon + AdamW) on random tokens: seconds, tokens/s, MFU, peak."""
+    s, device = ctx.sizes, ctx.device
+    release_memory(device)
+
+    def run() -> dict:
+        model = build_model(config, device, BF16)
+        optimizers = build_optimizers(model)
+        step_model = torch.compile(model, backend=ctx.compile_backend, dynamic=False) if compiled else model
+        x, y = random_batch(config.vocab_size, batch, config.sequence_len, device)
+        times = []
+        for _ in range(s.warmup + s.timed):
+            t0 = time.perf_counter()
+            loss = step_model(x, y)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            loss.item()  # waits for the device
+            times.append(time.perf_counter() - t0)
+        return {"first_step_s": times[0], "step_s": statistics.median(times[s.warmup :]), "flops": model.estimate_flops()}
+
+    result, peak = measure_peak(run, device)
+    tok_per_s = batch * config.sequence_len / result["step_s"]
+    peak_rate, _ = peak_flops(device, BF16)
+    mfu = result["flops"] * tok_per_s / peak_rate if peak_rate else None
+    return {"tok_per_s": tok_per_s, "mfu": mfu, "step_s": result["step_s"], "first_step_s": result["first_step_s"], "peak": peak}
+
+
+def measure_training(ctx: Context, batch: int, compiled: bool) -> dict:
+    config = big_config(ctx.sizes)
+    run = {"batch": batch, "estimate": memory_estimate(config, batch, config.sequence_len, BF16)}
+    try:
+        run.update(timed_training(ctx, config, batch, compiled))
+    except torch.OutOfMemoryError as err:
+        run["oom"] = first_line(err)
+    release_memory(ctx.device)
+    return run
+
+
+def memory_verdict(measured: int | None, estimate: Estimate) -> tuple[str, str]:
+    """(status, words) of a measured peak against the estimate."""
+    if estimate.status != "ok":
+        shown = f"measured {gib(measured)}" if measured is not None else "measured n/a (CPU)"
+        return estimate.status, f"{shown}, estimate {estimate.note}"
+    if measured is None:
+        return "PASS", f"measured n/a (CPU), estimate {estimate.note}"
+    ratio = measured / estimate.total
+    ok = ratio <= MEMORY_UNDERESTIMATE_MAX
+    return verdict(ok), (f"measured {gib(measured)}, estimate {estimate.note}: measured/estimate {ratio:.2f} "
+                         f"(<= {MEMORY_UNDERESTIMATE_MAX}), measured/tensors {measured / estimate.tensors:.2f}")
+
+
+def describe_run(run: dict) -> tuple[str, str, dict]:
+    """(status, words, figures) of one measure_training run."""
+    b, est = run["batch"], run["estimate"]
+    figures = {f"b{b}_estimate_gib": est.total / GIB} if est.total is not None else {}
+    if "oom" in run:
+        return "FAIL", f"batch {b}: out of memory ({run['oom'][:120]}); estimate {est.note}", figures
+    status, memory_words = memory_verdict(run["peak"], est)
+    mfu = f"MFU {run['mfu']:.1%}" if run["mfu"] is not None else "MFU n/a"
+    figures.update({f"b{b}_tok_per_s": run["tok_per_s"], f"b{b}_step_ms": 1000 * run["step_s"],
+                    f"b{b}_first_step_s": run["first_step_s"]})
+    if run["mfu"] is not None:
+        figures[f"b{b}_mfu"] = run["mfu"]
+    if run["peak"] is not None:
+        figures[f"b{b}_peak_gib"] = run["peak"] / GIB
+        if est.total is not None:
+            figures[f"b{b}_peak_over_estimate"] = run["peak"] / est.total
+    words = (f"batch {b}: {run['tok_per_s']:,.0f} tok/s, {mfu}, step {1000 * run['step_s']:.0f} ms "
+             f"(first {run['first_step_s']:.1f} s); {memory_words}")
+    return status, words, figures
+
+
+def training_outcome(ctx: Context, runs: list[dict], label: str, memory_only: bool) -> Outcome:
+    statuses, words, figures = [], [], {}
+    for run in runs:
+        status, text, figs = describe_run(run)
+        # where only memory is checked, an unavailable estimate leaves nothing to check
+        statuses.append(status if memory_only or status == "FAIL" else "PASS")
+        words.append(text)
+        figures.update(figs)
+    s = ctx.sizes
+    head = f"depth {s.big_depth}, vocab {s.big_vocab:,}, seq {s.big_seq}, {label}, {s.warmup} warmup + {s.timed} timed steps; "
+    return Outcome(worst(statuses), head + "; ".join(words), figures)
+
+
+def check_d20_eager_memory(ctx: Context) -> Outcome:
+    run = measure_training(ctx, ctx.sizes.eager_batch, compiled=False)
+    return training_outcome(ctx, [run], "eager bf16", memory_only=True)
+
+
+def check_d20_compiled(ctx: Context) -> Outcome:
+    runs = [measure_training(ctx, batch, compiled=True) for batch in ctx.sizes.compiled_batches]
+    return training_outcome(ctx, runs, f"compiled ({ctx.compile_backend}) bf16", memory_only=False)
+
+
+# ---------------------------------------------------------------- 7. decode through the Engine
+
+
+def check_d20_decode(ctx: Context) -> Outcome:
+    s, device = ctx.sizes, ctx.device
+    config = big_config(s)
+    torch.manual_seed(0)
+    model = build_model(config, device).to(dtype=BF16).eval()  # bf16 weights, as checkpoint.load_model serves
+    model.compute_dtype = BF16
+    engine = Engine(model, generated_tokenizer(config.vocab_size), max_batch=max(s.decode_batches),
+                    max_len=s.decode_prompt + s.decode_new_tokens + 1)
+    # A random model picks <|bos|> or <|assistant_end|> now and then; every row
+    # should decode the full count, so nothing stops it early.
+    engine.stop_tokens = set()
+    ordinary = config.vocab_size - len(SPECIAL_TOKENS)
+    prompt = torch.randint(0, ordinary, (s.decode_prompt,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4))  # warm-up: kernels, allocator
+    params = SamplingParams(temperature=0, max_tokens=s.decode_new_tokens)
+    words, figures, complete = [], {}, True
+    for batch in s.decode_batches:
+        t0 = time.perf_counter()
+        completions = engine.generate(prompt, params, n=batch)  # one prefill, copied to the other rows
+        seconds = time.perf_counter() - t0
+        tokens = sum(len(c.tokens) for c in completions)
+        complete = complete and tokens == batch * s.decode_new_tokens
+        words.append(f"batch {batch}: {tokens / seconds:,.0f} tok/s ({tokens} tokens in {seconds:.2f} s)")
+        figures.update({f"b{batch}_tok_per_s": tokens / seconds, f"b{batch}_tokens": tokens})
+    message = (f"depth {s.big_depth}, vocab {s.big_vocab:,}, bf16, prompt {s.decode_prompt}, {s.decode_new_tokens} new tokens "
+               f"per row, greedy, stop tokens ignored (prefill included): " + "; ".join(words))
+    if not complete:
+        message += f"; some rows stopped before {s.decode_new_tokens} tokens"
+    return Outcome(verdict(complete), message, figures)
+
+
+# ---------------------------------------------------------------- running
+
+
+CHECKS: list[tuple[str, Callable[[Context], Outcome]]] = [
+    ("bf16_vs_fp32", check_bf16_vs_fp32),
+    ("chunked_loss", check_chunked_loss),
+    ("engine_vs_transformers", check_engine_vs_transformers),
+    ("compile_vs_eager", check_compile_vs_eager),
+    ("d20_eager_memory", check_d20_eager_memory),
+    ("d20_decode", check_d20_decode),
+    ("d20_compiled", check_d20_compiled),
+]
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def numeric_figures(figures: dict) -> dict:
+    """Only numbers belong in figures (bools become ints). A NaN or infinity is
+    kept, written as NaN/Infinity, so a broken figure shows rather than vanishes."""
+    return {k: (int(v) if isinstance(v, bool) else v) for k, v in figures.items() if isinstance(v, (int, float))}
+
+
+def run_check(name: str, fn: Callable[[Context], Outcome], ctx: Context, started: float) -> dict:
+    t0 = time.perf_counter()
+    try:
+        outcome = fn(ctx)
+    except Exception as err:  # one failing check must not stop the others
+        traceback.print_exc(file=sys.stderr)
+        outcome = Outcome("FAIL", f"{type(err).__name__}: {first_line(err)}")
+    try:
+        release_memory(ctx.device)
+    except Exception as err:  # e.g. a device error surfacing at synchronize
+        outcome = Outcome("FAIL", f"{outcome.message}; cleanup raised {type(err).__name__}: {first_line(err)}", outcome.figures)
+    seconds = time.perf_counter() - t0
+    total = time.perf_counter() - started
+    print(f"{outcome.status:<4} {name:<22} {seconds:6.1f} s (total {total:6.1f} s)  {outcome.message}", flush=True)
+    return {"name": name, "status": outcome.status, "seconds": round(seconds, 2), "message": outcome.message,
+            "figures": numeric_figures(outcome.figures)}
+
+
+def header(ctx: Context) -> dict:
+    device = ctx.device
+    info = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+            "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
+            "sizes": "smoke" if ctx.smoke else "full", "compile backend": ctx.compile_backend}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update({"gpu memory": gib(props.total_memory), "compute capability": f"{props.major}.{props.minor}",
+                     "cudnn": str(torch.backends.cudnn.version()), "tf32 matmul": str(torch.backends.cuda.matmul.allow_tf32)})
+    try:
+        info["transformers"] = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        info["transformers"] = "not installed"
+    info["bf16 peak for MFU"] = peak_flops(device, BF16)[1]
+    return info
+
+
+def write_results(path: Path, info: dict, results: list[dict], total: float) -> None:
+    """Written aside and renamed, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"header": info, "total_seconds": round(total, 1), "checks": results}
+    aside = path.with_name(path.name + ".tmp")
+    aside.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(aside, path)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    names = ", ".join(name for name, _ in CHECKS)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="where to run (default: cuda when available, else cpu)")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes for every check, seconds on a CPU (the full sizes need a GPU)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON of all results (default: %(default)s)")
+    p.add_argument("--only", default=None, help=f"comma-separated checks to run, in the usual order (default: all of {names})")
+    return p.parse_args(argv)
+
+
+def selected_checks(only: str | None) -> list[tuple[str, Callable[[Context], Outcome]]]:
+    if not only:
+        return CHECKS
+    wanted = {name.strip() for name in only.split(",") if name.strip()}
+    unknown = wanted - {name for name, _ in CHECKS}
+    if unknown:
+        raise ValueError(f"unknown check(s) {', '.join(sorted(unknown))}; known: {', '.join(n for n, _ in CHECKS)}")
+    return [(name, fn) for name, fn in CHECKS if name in wanted]
+
+
+def make_context(args: argparse.Namespace) -> Context:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; on CPU run with --device cpu --smoke")
+    if device.type == "cpu" and not args.smoke:
+        raise ValueError("the full sizes need a GPU (depth 20 at batch 32 would take hours on a CPU); on CPU add --smoke")
+    # inductor needs ~40 s per compile on a 2-core CPU, too slow for a smoke run
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+    return Context(device, SMOKE if args.smoke else FULL, args.smoke, backend)
+
+
+@contextlib.contextmanager
+def smoke_threads(ctx: Context):
+    """One torch thread for a smoke run on CPU, restored after (main may run in-process):
+    toy matrices gain nothing from threads, and while another process holds a
+    core each op's hand-off between two threads was measured at ~100x the op."""
+    threads = torch.get_num_threads()
+    if ctx.smoke and ctx.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        ctx, checks = make_context(args), selected_checks(args.only)
+    except ValueError as err:
+        print(f"gpu_check: {err}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    info = header(ctx)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir, smoke_threads(ctx):
+        ctx.workdir = Path(workdir)
+        for name, fn in checks:
+            results.append(run_check(name, fn, ctx, started))
+            write_results(args.out, info, results, time.perf_counter() - started)
+    counts = {status: sum(r["status"] == status for r in results) for status in ("PASS", "FAIL", "SKIP")}
+    total = time.perf_counter() - started
+    print(f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP in {total:.1f} s; results in {args.out}")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

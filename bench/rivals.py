@@ -1,0 +1,47 @@
+"""The independent implementation each benchmark runs beside ours: HuggingFace
+transformers' NanoChat (the same architecture, so the same weights load into
+both; see nanochat/hf_export.py), built in memory from our model."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+
+import torch
+
+from nanochat.gpt import GPT
+from nanochat.hf_export import architecture_fields, to_hf_state_dict
+
+
+def transformers_model(model: GPT, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """transformers' NanoChatForCausalLM holding a copy of `model`'s weights, in `dtype`."""
+    import transformers
+
+    config = transformers.NanoChatConfig(**architecture_fields(model.config), dtype=dtype)
+    config._attn_implementation = attn_implementation
+    with torch.device(next(model.parameters()).device):
+        theirs = transformers.NanoChatForCausalLM(config)
+    theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.config.n_layer))
+    return theirs.to(dtype)
+
+
+def machine_line(device: torch.device) -> str:
+    """What the figures were measured on: CPU model and cores (lscpu), GPU, torch."""
+    cpu = _lscpu_field("Model name") or platform.processor() or "unknown CPU"
+    flags = _lscpu_field("Flags") or ""
+    bf16 = "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"machine: {cpu}, {torch.get_num_threads()} threads / {_lscpu_field('CPU(s)') or '?'} CPUs"
+            f"{' (native bf16)' if bf16 else ''}{gpu}; torch {torch.__version__}")
+
+
+def _lscpu_field(name: str) -> str | None:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
+    return None
