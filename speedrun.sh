@@ -104,7 +104,9 @@ run_stage() {
   local name="$1"; shift
   if [ -f "$MARKS/$name.done" ]; then echo "== $name: already done, skipping (--force $name redoes it)"; return; fi
   echo; echo "== $name ($(date '+%H:%M:%S'))"
+  local started; started=$(date +%s)
   "$@"
+  echo $(( $(date +%s) - started )) > "$MARKS/$name.seconds"
   date '+%F %T' > "$MARKS/$name.done"
 }
 
@@ -142,6 +144,8 @@ if [ "$SKIP_RL" = 0 ]; then
 fi
 run_stage chat-eval chat_eval
 echo; echo "== report ($(date '+%H:%M:%S'))"
+echo "wall time by stage:"
+python -m nanochat.report stage-times "$MARKS" $STAGES
 python -m nanochat.report generate  # always: cheap, and it must reflect every stage, forced ones too
 
 echo

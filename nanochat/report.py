@@ -22,11 +22,12 @@ from pathlib import Path
 
 from nanochat.fileio import atomic_write
 from nanochat.common import environment_report, get_base_dir
+from nanochat.progress import format_duration
 
 # Stages in the order the pipeline runs them; sections with other slugs follow, by name.
 SECTION_ORDER = (
     "header", "tokenizer", "base-loss", "base-eval", "mid-train", "chat-eval-mid",
-    "sft-train", "chat-eval-sft", "rl-train", "chat-eval-rl",
+    "sft-train", "chat-eval-sft", "rl-train", "chat-eval-rl", "stage-times",
 )
 SUMMARY_STAGES = ("base", "mid", "sft", "rl")
 CHAT_METRICS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
@@ -172,11 +173,6 @@ def total_wall_time(metrics: dict[str, dict]) -> float | None:
     return sum(times) if times else None
 
 
-def format_duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60}h {minutes % 60:02d}m"
-
-
 def _git(*args: str, root: Path) -> str | None:
     """Output of a git command in `root`, or None where git or the checkout is missing."""
     try:
@@ -291,9 +287,26 @@ def reset(now: datetime.datetime | None = None) -> Path | None:
     return archive
 
 
+def stage_times(marks: Path, stages: list[str]) -> str:
+    """Write the "stage-times" section from the `<stage>.seconds` files a pipeline
+    run leaves in `marks` (a stage skipped as done keeps the time of the run that
+    did it); returns the same as a markdown table."""
+    seconds = {}
+    for stage in stages:
+        path = marks / f"{stage}.seconds"
+        if path.is_file() and path.read_text().strip().isdigit():
+            seconds[stage] = int(path.read_text())
+    total = sum(seconds.values())
+    rows = ["| stage | wall time |", "|---|---|"] + [f"| {s} | {format_duration(t)} |" for s, t in seconds.items()]
+    rows.append(f"| **total** | **{format_duration(total)}** |")
+    write_section("stage-times", "Wall time by stage", {s: format_duration(t) for s, t in seconds.items()},
+                  notes="\n".join(rows), metrics={**{f"{s} (s)": t for s, t in seconds.items()}, "total (s)": total})
+    return "\n".join(rows)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m nanochat.report", description="Assemble or restart the report card in $NANOCHAT_BASE_DIR/report/.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,reset}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,reset,stage-times}")
     commands.add_parser(
         "generate", help="write report/report.md from the stage sections and copy it to the current directory",
         description="Write report/report.md (environment, git, code size, every section, summary table, total time) and copy it to the current directory. Exits 1 if a metrics sidecar could not be read; the report is written anyway.",
@@ -302,6 +315,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "reset", help="start a new report; the old sections move to report/archive/<timestamp>/",
         description="Move every file of the current report into report/archive/<timestamp>/ and write a header section with the start time.",
     )
+    times = commands.add_parser(
+        "stage-times", help="print and record the wall time of each pipeline stage (speedrun.sh calls it)",
+        description="Read MARKS/<stage>.seconds for each STAGE, print a markdown table and write the stage-times section.",
+    )
+    times.add_argument("marks", type=Path, help="folder of <stage>.seconds files")
+    times.add_argument("stages", nargs="+", help="stages, in the order to list them")
     return parser.parse_args(argv)
 
 
@@ -310,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "reset":
         archive = reset()
         print(f"new report started in {report_dir()}" + (f"; previous one archived to {archive}" if archive else ""))
+        return 0
+    if args.command == "stage-times":
+        print(stage_times(args.marks, args.stages))
         return 0
     copy, problems = generate()
     for problem in problems:

@@ -45,7 +45,8 @@ from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_write
 from nanochat.gpt import GPTConfig
 from nanochat.hf_export import CHAT_TEMPLATE, export_hf
-from nanochat.report import CHAT_METRICS, format_duration, load_all_metrics, section_slugs, summary_table
+from nanochat.progress import format_duration
+from nanochat.report import CHAT_METRICS, load_all_metrics, section_slugs, summary_table
 from nanochat.tokenizer import Tokenizer, TokenizerError, default_tokenizer_dir, get_tokenizer
 
 PIPELINE = tuple(STAGES)  # base, mid, sft, rl: each stage starts from the one before

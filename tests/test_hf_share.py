@@ -262,7 +262,7 @@ def test_model_card_front_matter_and_facts(prepared):
     assert "base_model" not in fields  # the mid model it started from is not shared
     params = sum(p.numel() for p in build_model(CONFIG, "cpu").parameters())
     for fact in ("| layers | 2 |", "| width | 64 |", "4 query, 2 key/value", "| vocabulary | 320 tokens", "| context | 128 tokens |",
-                 f"| parameters | {params:,} |", f"optimizer steps: {STEP}", "1h 00m", "1.2500", "| ARC-Easy | not evaluated |",
+                 f"| parameters | {params:,} |", f"optimizer steps: {STEP}", "training time: 1h00m", "1.2500", "| ARC-Easy | not evaluated |",
                  "./chat_cli.sh -s sft", "--download alice/nanochat-d2-sft"):
         assert fact in card, fact
     assert "Energy" not in card

@@ -121,7 +121,7 @@ def test_generate_orders_sections_fills_summary_and_copies(base_dir, tmp_path, m
     assert rows["HumanEval"] == ["-", "0.0600", "-", "-"]
     assert rows["ChatCORE"] == ["-", "-", "0.2000", "-"]
     # 300 s + 600 s + 3 h
-    assert "Total wall-clock time: 3h 15m" in text
+    assert "Total wall-clock time: 3h15m" in text
 
 
 def test_summary_reads_sidecars_not_markdown(base_dir, tmp_path, monkeypatch):
@@ -147,9 +147,10 @@ def test_unreadable_sidecar_is_reported_by_file_and_line(base_dir, tmp_path, mon
 
 
 def test_wall_time_formatting():
-    assert report.format_duration(0) == "0h 00m"
-    assert report.format_duration(59 * 60 + 29) == "0h 59m"
-    assert report.format_duration(25 * 3600 + 5 * 60) == "25h 05m"
+    # one duration format everywhere: the training log's (nanochat.progress)
+    assert report.format_duration(0) == "0m00s"
+    assert report.format_duration(59 * 60 + 29) == "59m29s"
+    assert report.format_duration(25 * 3600 + 5 * 60) == "1d01h05m"
     assert report.total_wall_time({"a": {"wall time (s)": 60}, "b": {}, "c": {"wall time (s)": None}}) == 60
     assert report.total_wall_time({"a": {}}) is None
 
@@ -215,3 +216,16 @@ def test_cli_help_and_unknown_command(tmp_path):
     assert helped.returncode == 0 and "generate" in helped.stdout and "reset" in helped.stdout
     bad = subprocess.run([sys.executable, "-m", "nanochat.report", "publish"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert bad.returncode == 2 and "usage:" in bad.stderr and "invalid choice" in bad.stderr
+
+
+def test_stage_times_table_and_section(base_dir, tmp_path):
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "prepare.seconds").write_text("13\n")
+    (marks / "pretrain.seconds").write_text("209\n")
+    (marks / "sft.seconds").write_text("garbage")  # unreadable: left out, not a crash
+    table = report.stage_times(marks, ["prepare", "pretrain", "mid", "sft"])
+    assert table.splitlines()[2:] == ["| prepare | 0m13s |", "| pretrain | 3m29s |", "| **total** | **3m42s** |"]
+    sidecar = json.loads((report.report_dir() / "stage-times.json").read_text())
+    assert sidecar["metrics"] == {"prepare (s)": 13, "pretrain (s)": 209, "total (s)": 222}
+    assert "| pretrain | 3m29s |" in (report.report_dir() / "stage-times.md").read_text()

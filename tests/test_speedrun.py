@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -40,6 +41,9 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(run_dir):
     report = (home / "report" / "report.md").read_text()
     assert "| ChatCORE |" in report or "ChatCORE" in report
     assert "speedrun finished" in first.stdout and "./chat_cli.sh" in first.stdout
+    table = re.findall(r"^\| (\S+) \| (\d+)m(\d\d)s \|$", first.stdout, re.MULTILINE)
+    assert [stage for stage, _, _ in table] == ["prepare", "pretrain", "base-eval", "mid", "sft", "rl", "chat-eval"]
+    assert "## Wall time by stage" in report and "| pretrain |" in report
     again = speedrun(run_dir)
     assert again.returncode == 0
     for stage in ("prepare", "pretrain", "mid", "sft", "rl", "chat-eval"):
