@@ -84,17 +84,25 @@ def _chunk_rows(vocab_size: int) -> int:
     return max(1, HEAD_CHUNK_ELEMENTS // vocab_size)
 
 
-def _capped_logits(x: torch.Tensor, weight: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tanh(logits / cap) and cap * that), fp32, for rows x."""
-    squashed = F.linear(x, weight.to(x.dtype)).float().div_(cap).tanh_()
-    return squashed, squashed * cap
+# The (rows, V) chunks below are touched as few times as possible: on a CPU
+# each pass over one is memory-bound and costs about as much as a cheap matmul.
 
 
-def _row_losses(capped: torch.Tensor, safe_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-sum-exp, cross-entropy) per row. Capped logits lie in [-cap, cap] and
+def _squashed_logits(x: torch.Tensor, weight: torch.Tensor, cap: float) -> torch.Tensor:
+    """tanh(logits / cap) in fp32 for rows x: a fresh tensor, modified in place later."""
+    return F.linear(x, weight).float().div_(cap).tanh_()
+
+
+def _exp_capped(squashed: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp(cap * squashed), its row sums). Capped logits lie in [-cap, cap] and
     cap <= 50 (gpt.MAX_LOGIT_SOFTCAP), so exp needs no max subtraction in fp32."""
-    lse = capped.exp().sum(dim=-1).log()
-    return lse, lse - capped.gather(1, safe_targets[:, None]).squeeze(1)
+    exp = torch.mul(squashed, cap).exp_()
+    return exp, exp.sum(dim=-1)
+
+
+def _row_losses(squashed: torch.Tensor, sum_exp: torch.Tensor, safe_targets: torch.Tensor, cap: float) -> torch.Tensor:
+    """Cross-entropy per row: log-sum-exp minus the target's capped logit."""
+    return sum_exp.log() - cap * squashed.gather(1, safe_targets[:, None]).squeeze(1)
 
 
 class HeadLoss(torch.autograd.Function):
@@ -118,13 +126,14 @@ class HeadLoss(torch.autograd.Function):
         step = _chunk_rows(weight.size(0))
         for start in range(0, x.size(0), step):
             xs, ts, ws = x[start : start + step], targets[start : start + step], row_weights[start : start + step, None]
-            squashed, capped = _capped_logits(xs, compute_weight, cap)
-            lse, losses = _row_losses(capped, ts)
-            total = total + (ws.squeeze(1) * losses).sum()
-            # d/d capped = w * (softmax - one_hot(target)); d capped / d logits = 1 - tanh^2
-            grad = capped.sub_(lse[:, None]).exp_().mul_(ws)
+            squashed = _squashed_logits(xs, compute_weight, cap)
+            exp, sum_exp = _exp_capped(squashed, cap)
+            total = total + (ws.squeeze(1) * _row_losses(squashed, sum_exp, ts, cap)).sum()
+            # d/d capped = w * (softmax - one_hot(target)), softmax = exp / sum_exp
+            grad = exp.mul_(ws / sum_exp[:, None])
             grad.scatter_add_(1, ts[:, None], -ws)
-            grad = grad.mul_(squashed.square_().neg_().add_(1)).to(x.dtype)
+            # d capped / d logits = 1 - tanh^2, applied as grad - grad * tanh^2
+            grad = grad.addcmul_(grad, squashed.square_(), value=-1).to(x.dtype)
             grad_x[start : start + step] = grad @ compute_weight
             grad_weight += (grad.t() @ xs).float()
         ctx.save_for_backward(grad_x, grad_weight)
@@ -142,8 +151,10 @@ def head_losses(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ca
     safe = torch.where(valid, targets, 0)
     step = _chunk_rows(weight.size(0))
     compute_weight = weight.to(x.dtype)
-    parts = [_row_losses(_capped_logits(x[s : s + step], compute_weight, cap)[1], safe[s : s + step])[1]
-             for s in range(0, x.size(0), step)]
+    parts = []
+    for s in range(0, x.size(0), step):
+        squashed = _squashed_logits(x[s : s + step], compute_weight, cap)
+        parts.append(_row_losses(squashed, _exp_capped(squashed, cap)[1], safe[s : s + step], cap))
     return torch.where(valid, torch.cat(parts), 0.0)
 
 
