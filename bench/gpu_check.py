@@ -36,6 +36,9 @@ usage.
 Everything is made in-process (random weights, random or rule-generated
 tokens, a tokenizer trained on generated text); nothing is downloaded. Each
 check runs in its own try/except, so one failure does not stop the rest.
+
+One file of ~800 lines on purpose: it is what someone with a rented GPU and
+a few minutes runs and reads, start to end, in the order it runs.
 """
 
 from __future__ import annotations
