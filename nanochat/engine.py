@@ -223,7 +223,7 @@ class Engine:
     def _prefill(self, request: Request, slots: list[int]) -> None:
         first = slots[0]
         ids = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.prefill_view(first))[0, -1]
+        logits = self.model(ids, kv_cache=self.cache.prefill_view(first), last_only=True)[0, -1]
         for slot in slots[1:]:
             self.cache.copy_slot(first, slot)
         seqs = [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
@@ -235,14 +235,18 @@ class Engine:
 
     def _decode(self) -> None:
         rows = max(s.slot for s in self.active) + 1
-        inputs = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-        active = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        # built as lists and sent once: writing a tensor element by element costs
+        # a dispatch each (a copy to the device each on a GPU)
+        last_tokens, running = [0] * rows, [False] * rows
         for seq in self.active:
-            inputs[seq.slot, 0] = seq.tokens[-1]
-            active[seq.slot] = True
+            last_tokens[seq.slot], running[seq.slot] = seq.tokens[-1], True
+        inputs = torch.tensor(last_tokens, device=self.device).view(rows, 1)
+        active = torch.tensor(running, device=self.device)
         logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
         sampled = [s for s in self.active if not s.forced]
-        choices = sample_tokens(logits[[s.slot for s in sampled]], [s.request.params for s in sampled], [s.generator for s in sampled])
+        slots = [s.slot for s in sampled]
+        picked = logits if slots == list(range(rows)) else logits[slots]  # the usual case needs no gather
+        choices = sample_tokens(picked, [s.request.params for s in sampled], [s.generator for s in sampled])
         chosen = {id(s): token for s, token in zip(sampled, choices)}
         for seq in list(self.active):
             self._accept(seq, seq.forced.popleft() if seq.forced else chosen[id(seq)])

@@ -54,7 +54,11 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
-    return RMSNorm.apply(x, eps)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return RMSNorm.apply(x, eps)
+    # nothing kept for backward: torch's fused kernel (which also upcasts bf16 to fp32
+    # for the statistics) is ~3x faster than the Function's separate steps on CPU
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
 
 
 class ReluSquaredLinear(torch.autograd.Function):

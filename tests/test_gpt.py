@@ -258,3 +258,16 @@ def test_init_weights_statistics():
     for block in model.blocks:
         assert block.attn.q_proj.weight.abs().max() <= bound and block.mlp.fc1.weight.abs().max() <= bound
         assert not block.attn.o_proj.weight.any() and not block.mlp.fc2.weight.any()
+
+
+def test_last_only_logits_and_the_skinny_cpu_matmul_match_the_full_pass():
+    """Prefill asks for the last position only; decode-sized inputs take Linear's (W @ x.T).T path."""
+    model = make_model()
+    idx = random_ids(2, 20)
+    full = model(idx)
+    torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    one_row = model(idx[:1])  # 20 rows: the skinny path in the head (256 outputs for 128 inputs is not wide)
+    torch.testing.assert_close(one_row, full[:1], atol=1e-5, rtol=1e-5)
+    layer = GPT(tiny_config(vocab_size=2048)).lm_head  # 2048 outputs for 128 inputs: wide
+    x = torch.randn(3, 5, layer.in_features)  # 15 rows, within SKINNY_ROWS
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight))
