@@ -74,24 +74,6 @@ class PeakTracker(MemTracker):
                 self._peak_mem_snap[device] = dict(snapshot)
 
 
-def set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Make the model compute in `dtype`, as training does, where it has a
-    compute dtype (GPT.compute_dtype); a model without one computes in its fp32
-    parameters' dtype whatever `dtype` says. No autocast: the model casts itself."""
-    if hasattr(model, "compute_dtype"):
-        model.compute_dtype = dtype
-
-
-def set_checkpoint_blocks(model: torch.nn.Module, checkpoint_blocks: bool) -> None:
-    """Recompute each block in backward (GPT.checkpoint_blocks), as a run with
-    --activation-checkpointing does; refused for a model that cannot, whose
-    measurement would otherwise count everything it keeps."""
-    if hasattr(model, "checkpoint_blocks"):
-        model.checkpoint_blocks = checkpoint_blocks
-    elif checkpoint_blocks:
-        raise ValueError(f"{type(model).__name__} has no checkpoint_blocks: it cannot recompute its blocks")
-
-
 def training_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, stage: str) -> torch.Tensor:
     """The scalar loss a stage backpropagates: the mean token loss; for RL the
     per-token weighted loss (weights are the advantages there) where the model
@@ -160,8 +142,8 @@ def measure_fake_step(config: GPTConfig, device_batch_size: int, seq_len: int, d
     # tensors' shapes; materialise_fake checks that nothing real is left.
     with FakeTensorMode(allow_non_fake_inputs=True):
         materialise_fake(model)
-        set_compute_dtype(model, dtype)
-        set_checkpoint_blocks(model, checkpoint_blocks)
+        # as training sets them up (runtime.prepare_model): no autocast, the model casts itself
+        model.compute_dtype, model.checkpoint_blocks = dtype, checkpoint_blocks
         # learning rates do not change memory: build_optimizers' defaults
         optimizers = build_optimizers(model, world_size=1)
         return track_training_peak(model, optimizers, device_batch_size, seq_len, stage)

@@ -137,7 +137,9 @@ class HeadLoss(torch.autograd.Function):
             grad = exp.mul_(ws / sum_exp[:, None])
             grad.scatter_add_(1, ts[:, None], -ws)
             # d capped / d logits = 1 - tanh^2, applied as grad - grad * tanh^2
-            grad = grad.addcmul_(grad, squashed.square_(), value=-1).to(x.dtype)
+            grad.addcmul_(grad, squashed.square_(), value=-1)
+            del squashed, exp  # freed before the compute-dtype copy: one fp32 chunk less at the peak
+            grad = grad.to(x.dtype)
             grad_x[start : start + step] = grad @ compute_weight
             grad_weight += (grad.t() @ xs).float()
         ctx.save_for_backward(grad_x, grad_weight)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,6 +31,7 @@ def test_train_bench_smoke_measures_both_sides():
     assert re.search(r"^ours / transformers: \d+\.\d\dx tokens/s, \d+\.\d\dx peak memory$", out, re.MULTILINE)
 
 
+@pytest.mark.slow  # ~25 s: the whole prepare + base_train pipeline; `pytest -m slow`
 def test_train_bench_quality_smoke_reports_bpb(tmp_path):
     rng = random.Random(0)
 

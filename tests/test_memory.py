@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanochat.fake_step import set_checkpoint_blocks, set_compute_dtype, track_training_peak
+from nanochat.fake_step import track_training_peak
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth
 from nanochat.memory import (
     BATCH_FLAG,
@@ -45,16 +45,6 @@ SMALL = config_for_depth(4, 8192, max_seq_len=256)  # 256 wide, 2 heads of 128
 # instructions, and SMALL's real bf16 step takes ~100 s on it.
 NARROW = config_for_depth(4, 1024, aspect_ratio=32, max_seq_len=64)
 TINY = GPTConfig(sequence_len=64, vocab_size=1000, n_layer=2, n_head=4, n_kv_head=1, n_embd=128)  # GQA
-
-
-def has_compute_dtype() -> bool:
-    with torch.device("meta"):
-        return hasattr(GPT(TINY), "compute_dtype")
-
-
-def has_checkpoint_blocks() -> bool:
-    with torch.device("meta"):
-        return hasattr(GPT(TINY), "checkpoint_blocks")
 
 
 MEMINFO = """\
@@ -85,23 +75,20 @@ def tensor_bytes(estimate) -> int:
 def real_peak(config: GPTConfig, batch: int, dtype: torch.dtype, checkpoint_blocks: bool = False) -> int:
     """The same steps under MemTracker, on a model that really exists on the CPU."""
     model = build_model(config, CPU)
-    set_compute_dtype(model, dtype)
-    set_checkpoint_blocks(model, checkpoint_blocks)
+    model.compute_dtype, model.checkpoint_blocks = dtype, checkpoint_blocks
     return sum(track_training_peak(model, build_optimizers(model, world_size=1), batch, config.sequence_len).values())
 
 
 @pytest.mark.parametrize("dtype, checkpoint_blocks", [
     pytest.param(torch.float32, False, id="fp32"),
     pytest.param(torch.bfloat16, False, id="bf16"),
-    pytest.param(torch.float32, True, id="fp32-recompute",
-                 marks=pytest.mark.skipif(not has_checkpoint_blocks(), reason="this model cannot recompute its blocks")),
+    pytest.param(torch.float32, True, id="fp32-recompute"),
 ])
 def test_fake_tensors_measure_what_real_tensors_hold(dtype, checkpoint_blocks):
     fake = measure_training_memory(NARROW, 4, NARROW.sequence_len, dtype, checkpoint_blocks=checkpoint_blocks)
     assert tensor_bytes(fake) == pytest.approx(real_peak(NARROW, 4, dtype, checkpoint_blocks), rel=0.1)
 
 
-@pytest.mark.skipif(not has_checkpoint_blocks(), reason="this model cannot recompute its blocks")
 def test_activation_checkpointing_keeps_fewer_activations():
     kept, recomputed = (measure_training_memory(SMALL, 8, SMALL.sequence_len, torch.float32, checkpoint_blocks=recompute)
                         for recompute in (False, True))
@@ -143,7 +130,6 @@ def test_peak_grows_with_batch():
     assert totals[0] < totals[1] < totals[2]
 
 
-@pytest.mark.skipif(not has_compute_dtype(), reason="this model has no compute dtype: it computes in fp32 whatever is asked")
 def test_bf16_activations_are_smaller_than_fp32():
     fp32, bf16 = (measure_training_memory(SMALL, 8, SMALL.sequence_len, dtype) for dtype in (torch.float32, torch.bfloat16))
     assert bf16.activations < fp32.activations
