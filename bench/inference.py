@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rivals import machine_line, transformers_model  # noqa: E402
+from bench.rivals import machine_line, synthetic_tokenizer, transformers_model  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
@@ -88,15 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ---------------------------------------------------------------- the model and prompts
 
 
-def byte_tokenizer_for(vocab_size: int) -> Tokenizer:
-    """A tokenizer of the right size without training one: bytes plus synthetic two-byte merges."""
-    ranks = {bytes([i]): i for i in range(256)}
-    pairs = ((a, b) for a in range(32, 127) for b in range(32, 127))
-    for rank, (a, b) in zip(range(256, vocab_size - len(SPECIAL_TOKENS)), pairs):
-        ranks[bytes([a, b])] = rank
-    return Tokenizer(ranks)
-
-
 @torch.no_grad()
 def fresh_model(depth: int, vocab_size: int, device: torch.device) -> GPT:
     """A random model whose greedy choices are clear-cut, so two correct
@@ -124,7 +115,7 @@ def setup(args, device) -> tuple[GPT, Tokenizer, str]:
 
         model, meta = load_model(args.source, device=device)
         return model, get_tokenizer(), f"{meta['source']} {meta['model_tag']} step {meta['step']}"
-    return fresh_model(args.depth, args.vocab_size, device), byte_tokenizer_for(args.vocab_size), f"fresh depth-{args.depth} model"
+    return fresh_model(args.depth, args.vocab_size, device), synthetic_tokenizer(args.vocab_size), f"fresh depth-{args.depth} model"
 
 
 def in_dtype(model: GPT, dtype: torch.dtype) -> GPT:

@@ -1,6 +1,7 @@
 """The independent implementation each benchmark runs beside ours: HuggingFace
 transformers' NanoChat (the same architecture, so the same weights load into
-both; see nanochat/hf_export.py), built in memory from our model."""
+both; see nanochat/hf_export.py), built in memory from our model; plus what every bench prints first
+(machine_line) and a tokenizer for fresh models (synthetic_tokenizer)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from nanochat.gpt import GPT
 from nanochat.hf_export import architecture_fields, to_hf_state_dict
+from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 def transformers_model(model: GPT, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -23,6 +25,16 @@ def transformers_model(model: GPT, dtype: torch.dtype = torch.float32, attn_impl
         theirs = transformers.NanoChatForCausalLM(config)
     theirs.load_state_dict(to_hf_state_dict(model.state_dict(), model.config.n_layer))
     return theirs.to(dtype)
+
+
+def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer of exactly vocab_size tokens without training one: bytes, then
+    printable two-byte pairs (benchmark speed does not depend on which tokens)."""
+    ranks = {bytes([i]): i for i in range(256)}
+    pairs = ((a, b) for a in range(32, 127) for b in range(32, 127))
+    for rank, (a, b) in zip(range(256, vocab_size - len(SPECIAL_TOKENS)), pairs):
+        ranks[bytes([a, b])] = rank
+    return Tokenizer(ranks)
 
 
 def machine_line(device: torch.device) -> str:

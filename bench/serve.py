@@ -58,7 +58,7 @@ from openai import OpenAI
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.rivals import machine_line  # noqa: E402
+from bench.rivals import machine_line, synthetic_tokenizer  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
@@ -122,15 +122,6 @@ class Prepared:
     base_dir: Path  # $NANOCHAT_BASE_DIR for our server
     source: str  # --source for our server
     hf_dir: Path  # the export transformers serve loads
-
-
-def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
-    """A tokenizer of exactly vocab_size tokens without training one: bytes, then printable two-byte pairs."""
-    ranks = {bytes([i]): i for i in range(256)}
-    pairs = ((a, b) for a in range(32, 127) for b in range(32, 127))
-    for rank, (a, b) in zip(range(256, vocab_size - len(SPECIAL_TOKENS)), pairs):
-        ranks[bytes([a, b])] = rank
-    return Tokenizer(ranks)
 
 
 def random_model(depth: int, tokenizer: Tokenizer) -> GPT:

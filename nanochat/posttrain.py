@@ -80,20 +80,9 @@ def add_final_eval_args(group) -> None:
     group.add_argument("--eval-problems", type=int, default=None, help="problems per task in that evaluation (default: all)")
 
 
-def run_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
-    """The chat evaluation that ends every post-training stage (unless --no-eval)."""
-    if args.no_eval:
-        return 0
-    from scripts.chat_eval import main as chat_eval
-
-    argv = ["-i", stage] + (["-a", *tasks] if tasks else []) + (["--model-tag", args.model_tag] if args.model_tag else [])
-    argv += ["--max-problems", str(args.eval_problems)] if args.eval_problems else []
-    argv += ["--dtype", args.dtype] if args.dtype else []
-    return chat_eval(argv + (["--device", args.device] if args.device else []))
-
-
 def stage_main(spec: StageSpec, args) -> int:
-    """What a stage script's main() does: set up, train, clean up, then the final chat evaluation."""
+    """What a stage script's main() does before its final chat evaluation
+    (scripts.chat_eval.final_chat_eval): set up, train, clean up; the exit code."""
     setup_logging()
     info = compute_init(args.device)
     try:
@@ -106,7 +95,7 @@ def stage_main(spec: StageSpec, args) -> int:
         code = 3
     finally:
         compute_cleanup()
-    return run_chat_eval(spec.name, args) if code == 0 else code
+    return code
 
 
 def run_stage(spec: StageSpec, args, info: DistInfo) -> int:

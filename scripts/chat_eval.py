@@ -108,6 +108,16 @@ def chat_core(results: dict[str, tuple[float, str]]) -> float:
     return sum(centered) / len(centered)
 
 
+def final_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
+    """The chat evaluation that ends every post-training stage (unless --no-eval), from its flags."""
+    if args.no_eval:
+        return 0
+    argv = ["-i", stage] + (["-a", *tasks] if tasks else []) + (["--model-tag", args.model_tag] if args.model_tag else [])
+    argv += ["--max-problems", str(args.eval_problems)] if args.eval_problems else []
+    argv += ["--dtype", args.dtype] if args.dtype else []
+    return main(argv + (["--device", args.device] if args.device else []))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()

@@ -23,12 +23,13 @@ from nanochat.checkpoint import CheckpointError, load_model, stage_dir
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine
 from nanochat.optim import build_optimizers
-from nanochat.posttrain import add_run_args, run_chat_eval
+from nanochat.posttrain import add_run_args
 from nanochat.report import write_section
 from nanochat.runtime import MemoryRefusal, bucket_length, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
+from scripts.chat_eval import final_chat_eval
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
     finally:
         compute_cleanup()
     if code == 0:
-        code = run_chat_eval("rl", args, ["GSM8K"])
+        code = final_chat_eval("rl", args, ["GSM8K"])
     return code
 
 

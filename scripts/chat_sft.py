@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from nanochat.chat_data import PaddedConversations
+from scripts.chat_eval import final_chat_eval
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main, steps_for_epochs
 
 
@@ -45,7 +46,9 @@ SPEC = StageSpec(name="sft", title="Supervised finetuning", start_from="mid", ba
 
 
 def main(argv=None) -> int:
-    return stage_main(SPEC, parse_args(argv))
+    args = parse_args(argv)
+    code = stage_main(SPEC, args)
+    return final_chat_eval(SPEC.name, args) if code == 0 else code
 
 
 if __name__ == "__main__":

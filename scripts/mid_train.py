@@ -17,6 +17,7 @@ import math
 import sys
 
 from nanochat.chat_data import PackedConversations
+from scripts.chat_eval import final_chat_eval
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main
 
 
@@ -55,7 +56,9 @@ SPEC = StageSpec(name="mid", title="Midtraining", start_from="base", batches=Pac
 
 
 def main(argv=None) -> int:
-    return stage_main(SPEC, parse_args(argv))
+    args = parse_args(argv)
+    code = stage_main(SPEC, args)
+    return final_chat_eval(SPEC.name, args) if code == 0 else code
 
 
 if __name__ == "__main__":
