@@ -9,14 +9,15 @@ import torch
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype
 
 
-def add_model_args(parser: argparse.ArgumentParser, temperature: float) -> None:
+def add_model_args(parser: argparse.ArgumentParser, temperature: float, max_tokens: int | None = 512) -> None:
     """--source/--model-tag/--step, the sampling defaults, --dtype and --device."""
     parser.add_argument("-s", "--source", default="auto", choices=["auto", "rl", "sft", "mid", "base"], help="which stage's model (default: the most advanced available)")
     parser.add_argument("--model-tag", default=None, help="model tag within the stage (default: the newest)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("-t", "--temperature", type=float, default=temperature, help="sampling temperature, 0 for greedy (default %(default)s)")
     parser.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k likeliest tokens, 0 for all (default %(default)s)")
-    parser.add_argument("-m", "--max-tokens", type=int, default=512, help="longest answer in tokens (default %(default)s)")
+    parser.add_argument("-m", "--max-tokens", type=int, default=max_tokens,
+                        help="longest answer in tokens (default: " + (f"{max_tokens})" if max_tokens else "until the model stops or the context is full)"))
     parser.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     parser.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
 

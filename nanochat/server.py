@@ -45,7 +45,7 @@ class ServerSettings:
     max_queue: int = 32
     temperature: float = 0.8
     top_k: int = 50
-    max_tokens: int = 512
+    max_tokens: int | None = None  # None: until the model stops or the context is full, as OpenAI does
 
 
 class ApiError(Exception):
@@ -163,7 +163,7 @@ class ChatService:
             temperature=s.temperature if body.temperature is None else body.temperature,
             top_k=s.top_k if body.top_k is None else body.top_k,
             top_p=1.0 if body.top_p is None else body.top_p,
-            max_tokens=asked or min(s.max_tokens, room),
+            max_tokens=asked or min(s.max_tokens or room, room),
             seed=body.seed, stop=tuple(body.stop or ()),
         )
 
@@ -176,6 +176,11 @@ class ChatService:
         if self.engine.queue_depth() >= self.settings.max_queue:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full", kind="rate_limit_error")
         return self.engine.submit(prompt, params, body.n, loop=loop)
+
+    def page_config(self) -> dict:
+        s = self.settings
+        return {"model": s.model_id, "temperature": s.temperature, "top_k": s.top_k, "max_tokens": s.max_tokens,
+                "context_length": self.engine.max_len, "api_key_required": bool(s.api_key)}
 
     def stats(self) -> dict:
         return {
@@ -214,6 +219,11 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
         alive = service.worker is not None and service.worker.is_alive()
         return JSONResponse({"status": "ok" if alive else "starting"}, status_code=200 if alive else 503)
 
+    @app.get("/config")
+    async def config():
+        """What a page needs before its first request: the server's sampling defaults and the context."""
+        return service.page_config()
+
     @app.get("/stats")
     async def stats(request: Request):
         service.check_auth(request)
@@ -223,7 +233,7 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
     async def models(request: Request):
         service.check_auth(request)
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": int(service.started),
-                                            "owned_by": "nanochat", "metadata": model_info}]}
+                                            "owned_by": "nanochat", "context_length": engine.max_len, "metadata": model_info}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -24,7 +24,7 @@ from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
-    add_model_args(p, temperature=0.8)  # sampling flags are defaults here; requests override them
+    add_model_args(p, temperature=0.8, max_tokens=None)  # sampling flags are defaults here; requests override them
     p.add_argument("-p", "--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default %(default)s: all)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require 'Authorization: Bearer KEY' (env NANOCHAT_API_KEY); none: open")
