@@ -3,58 +3,105 @@
     result = execute(program, timeout=5.0, memory_mb=512)
     result.status   # "passed" | "failed" | "timeout" | "error"
 
-What it is for, honestly: a small model writing HumanEval answers makes
-*accidents*: infinite loops, huge allocations, `shutil.rmtree` on the wrong
-path, a stray `os.system`, a fork in a loop, a call to `exit()` that would skip
-its own tests. This module keeps such accidents from hurting the machine or the
-score. It is NOT a security boundary against a determined attacker: everything
-below happens inside one ordinary Python process running as the caller's user
-(root, on our machines and in CI), without namespaces, seccomp or a container.
-Run truly hostile code in a VM or container instead.
+Each program runs in a fresh interpreter (`python -I`: no user site, no PYTHON*
+variables) with a minimal environment, stdin closed, in a throw-away working
+directory (also $HOME and $TMPDIR) that is deleted afterwards. Before the
+program's first line, the child confines itself through the kernel, in this
+order: resource limits, no_new_privs, an empty capability set (root keeps its
+uid but none of its powers), a Landlock ruleset and a seccomp filter. Kernel
+restrictions only ever tighten and hold whatever the program does: re-imported
+private modules (`del sys.modules["posix"]; import posix`), ctypes, C
+extensions, frames and method resolution order reach the same system calls.
 
-What is covered:
-- A fresh interpreter (`python -I`: no user site, no PYTHON* variables) with a
-  minimal environment (no secrets inherited), stdin closed, in a throw-away
-  working directory (also $HOME and $TMPDIR) that is deleted afterwards.
-- Limits set by the child on itself before the program runs: address space and
-  data segment (`memory_mb`), CPU seconds, size of any file it writes, open
-  files, no core dumps, and no new processes (RLIMIT_NPROC, which the kernel
-  does not enforce for root, hence the next point).
-- Calls disabled before the program runs (they raise PermissionError):
-  process creation (fork, spawn*, exec*, posix_spawn, system, popen,
-  subprocess.Popen) and signalling (kill, killpg, pidfd_send_signal);
-  deleting, renaming, truncating, chmod/chown of files, shutil.rmtree/move;
-  every socket (so no network); raising resource limits; leaving the process
-  group; os._exit and os.abort. `ctypes` and `multiprocessing` cannot be imported.
-  Files may be opened for writing only inside the working directory.
-- The program must run to its end: exiting early in any way (`exit()`,
-  `sys.exit(0)`, ...) counts as failed, so a completion cannot skip its tests.
-- A wall-clock timeout that SIGKILLs the whole process group (the child runs in
-  its own session), so anything that got past the guards dies with it.
-- Output is read as it comes and only the first MAX_OUTPUT_BYTES of stdout and
-  of stderr are kept: a program printing forever cannot fill the caller's memory.
-- execute() uses no signals and no shared state, so several threads can call it.
+Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, x86_64 or aarch64):
+- Writes outside the working directory (Landlock): creating, writing,
+  truncating, deleting, renaming or linking anything outside it fails, whichever
+  call does it (`open`, `_io.FileIO`, `os.open`, sqlite3, ...); so do hard links
+  and renames from outside into it (EXDEV). /dev/null stays writable. Landlock
+  does not cover permission bits, so chmod fails everywhere (seccomp) and chown
+  for want of CAP_CHOWN; hence shutil.copy, copy2 and move, which copy the
+  bits, fail even inside the working directory (shutil.copyfile works).
+- New processes (seccomp): fork, vfork, execve, execveat and clone without
+  CLONE_THREAD fail with EPERM. clone3 answers ENOSYS, its flags being out of a
+  filter's reach, so that glibc falls back to clone: threads still work.
+- Network (seccomp): socket() fails for every family, so no TCP, UDP or Unix
+  socket to a local daemon; socketpair() works (two ends, nothing outside).
+  io_uring fails too: it can create sockets without calling socket().
+- Other processes (Landlock restricts ptrace to the sandbox's own domain):
+  /proc/<pid>/environ, mem, fd, cwd and root of every process outside it
+  (the parent, pid 1, other sandboxes) cannot be read, nor can they be
+  ptraced. Signals (seccomp) may be sent only to the program's own pid.
+- Its own limits (seccomp): setrlimit, and prlimit with a new limit, fail; the
+  limits are frozen as set. Without CAP_SYS_RESOURCE no hard limit could be
+  raised anyway. unshare and setns fail, so no namespace hands capabilities back.
+- System calls through another ABI (32-bit, x32) kill the process: the filter
+  knows only the native numbers.
 
-What is NOT covered:
-- Deliberate escapes: the guards are plain Python attribute swaps, and e.g.
-  `del sys.modules["posix"]; import posix` gives back the real fork. Such a
-  fork escapes the Python guards (and, as root, RLIMIT_NPROC) but not the
-  process-group kill, unless it also calls setsid through the same trick.
-- Reading anything the user can read (files, other processes' /proc entries),
-  writing through low-level paths (`_io.FileIO`, C extensions such as sqlite3),
-  creating directories or links outside the working directory.
-- Filling the disk: each file is capped at MAX_FILE_BYTES, but not their number.
-- CPU and memory pressure on the machine while the program runs; threads
-  (allowed for root, refused by RLIMIT_NPROC otherwise) share the CPU budget.
-- Kernel exploits, side channels, and anything else a real sandbox exists for.
+Accident protections (limits, not a security boundary):
+- Address space and data segment (`memory_mb`), CPU seconds, size of any file
+  written (MAX_FILE_BYTES), open files, no core dumps, RLIMIT_NPROC 0.
+- A wall-clock timeout that SIGKILLs the child's process group and the child.
+- Only the first MAX_OUTPUT_BYTES of stdout and of stderr are kept.
+- Exiting early through Python (`exit()`, `sys.exit(0)`, `os._exit`, `os.abort`)
+  counts as failed, so an accident cannot skip the tests that follow.
+- execute() uses no signals and shares only the probe's cached answer, so several
+  threads can call it.
 
-Linux only: the child's exit is awaited through a pidfd (kernel 5.3+).
+Not contained:
+- Reading: every file the caller may read stays readable (Landlock is given
+  write rules only), and so are other processes' /proc/<pid>/cmdline and status.
+- SysV IPC and POSIX message queues, which the machine shares; the priority
+  and CPU affinity of the caller's other processes; timestamps and extended
+  attributes of files the caller owns (as root: most of the system).
+- Filling the disk: each file is capped at MAX_FILE_BYTES, not their number.
+- CPU and memory pressure on the machine while the program runs.
+- Kernel exploits and side channels: the filter is a deny list on a shared
+  kernel, not a virtual machine.
+
+Why the verdict cannot be made unforgeable here. "passed" means the child
+exited 0, which the harness does only once exec() of the whole program
+returned. A deliberate program can forge it, and no in-process design fixes
+that, because the code under test and its tests share one interpreter:
+- Whatever the harness does after the tests to prove they ran (an exit code, a
+  nonce written to a pipe), the program can do before them: it has the same
+  memory (the harness's frames, `gc.get_objects()`, /proc/self/mem), the same
+  descriptors and the same system calls; `posix._exit(0)` from a re-imported
+  posix skips the tests with status 0.
+- The kernel cannot tell the two apart either: seccomp and Landlock only ever
+  tighten, so nothing can be withheld from the program and given back to the
+  harness afterwards.
+- The program can also make the tests themselves succeed: return an object
+  whose __eq__ is always true, patch a module the tests call, or set a trace
+  function that jumps over the test lines.
+Grading that cannot be forged needs the tests in a second process that gets
+only plain data (never objects) back from the code under test. HumanEval's
+tests are in-process code that also calls helpers defined in the prompt, so
+that is a different harness, not this module.
+
+Without Landlock ABI 3 or seccomp (an older kernel, Landlock left out of the
+boot's lsm= list, a container profile that refuses the calls), execute() warns
+once and falls back to Python-level guards that catch accidents only: process
+creation, signalling, destructive file calls, sockets and limit changes raise
+PermissionError, `ctypes` and `multiprocessing` cannot be imported, and files
+may be opened for writing only inside the working directory; re-importing a
+private module walks around every one of them.
+
+Why not bubblewrap: for a caller that is not root it needs user namespaces,
+which Ubuntu 24.04 (hence DGX OS 7) restricts for unprivileged programs by
+default (kernel.apparmor_restrict_unprivileged_userns), and it is one more
+package and process. Landlock and seccomp need no privilege and cover the same
+classes; what bubblewrap's pid and mount namespaces would add is hiding other
+processes and chosen files from reading.
 """
 
 from __future__ import annotations
 
 import builtins
+import ctypes
+import errno
+import functools
 import io
+import logging
 import math
 import os
 import posix
@@ -63,6 +110,7 @@ import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -70,6 +118,8 @@ import time
 import traceback
 import types
 from dataclasses import dataclass
+
+log = logging.getLogger("nanochat.execution")
 
 PROGRAM_FILE = "program.py"
 MAX_OUTPUT_BYTES = 10_000  # kept of stdout and of stderr each
@@ -80,6 +130,60 @@ PROGRAM_FAILED = 1  # child exit code for a program that raised or exited early
 SANDBOX_BROKEN = 3  # child exit code for a wrapper that could not set itself up
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
+# ---- kernel confinement: constants from the kernel's uapi headers -----------------------------
+
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446  # same on every arch
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+LANDLOCK_MIN_ABI = 3  # Linux 6.2: the first ABI that also handles truncate(2)
+# The rights that change the tree; reading and executing stay unhandled, hence allowed everywhere.
+FS_WRITE_FILE, FS_REMOVE_DIR, FS_REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
+FS_MAKE_CHAR, FS_MAKE_DIR, FS_MAKE_REG, FS_MAKE_SOCK, FS_MAKE_FIFO, FS_MAKE_BLOCK, FS_MAKE_SYM = (
+    1 << bit for bit in range(6, 13))
+FS_REFER, FS_TRUNCATE = 1 << 13, 1 << 14  # link or rename across directories (ABI 2); truncate (ABI 3)
+FS_MODIFY = (
+    FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_CHAR | FS_MAKE_DIR | FS_MAKE_REG | FS_MAKE_SOCK
+    | FS_MAKE_FIFO | FS_MAKE_BLOCK | FS_MAKE_SYM | FS_REFER | FS_TRUNCATE
+)
+PR_GET_SECCOMP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 21, 22, 38
+SECCOMP_MODE_FILTER = 2
+CAPABILITY_VERSION_3 = 0x20080522
+
+# System call numbers from asm/unistd_64.h (x86_64) and asm-generic/unistd.h (aarch64).
+SYSCALLS = {
+    "x86_64": {
+        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "execve": 59, "execveat": 322,
+        "socket": 41, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
+        "setrlimit": 160, "prlimit64": 302, "unshare": 272, "setns": 308,
+        "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+        "pidfd_send_signal": 424,
+    },
+    "aarch64": {  # no fork, vfork or chmod: glibc uses clone and fchmodat
+        "clone": 220, "clone3": 435, "execve": 221, "execveat": 281,
+        "socket": 198, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
+        "fchmod": 52, "fchmodat": 53, "fchmodat2": 452,
+        "setrlimit": 164, "prlimit64": 261, "unshare": 97, "setns": 268,
+        "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+        "pidfd_send_signal": 424,
+    },
+}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+X32_SYSCALL_BIT = 0x40000000
+REFUSED_SYSCALLS = (
+    "fork", "vfork", "execve", "execveat", "socket", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "chmod", "fchmod", "fchmodat", "fchmodat2", "setrlimit", "unshare", "setns", "tkill", "pidfd_send_signal",
+)
+SIGNALS_TO_SELF_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # the pid is argument 0
+CLONE_THREAD = 0x00010000
+# Classic BPF as seccomp runs it: load a 32-bit word of struct seccomp_data, compare, return.
+BPF_LOAD, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
+SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARGS = 0, 4, 16
+SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+
+# ---- Python-level guards: the fallback without kernel confinement -----------------------------
+
+EXIT_CALLS = ("_exit", "abort")  # end the process without unwinding, which would skip the exit check
 DISABLED_OS_CALLS = (
     # new processes
     "system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp",
@@ -87,8 +191,6 @@ DISABLED_OS_CALLS = (
     "execl", "execle", "execlp", "execlpe", "execv", "execve", "execvp", "execvpe",
     # other processes, and leaving the process group that the timeout kills
     "kill", "killpg", "setsid", "setpgid", "setpgrp",
-    # ending the process without unwinding, which would bypass the exit check
-    "_exit", "abort",
     # destroying or locking away files
     "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace", "truncate",
     "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown",
@@ -123,6 +225,49 @@ def execute(program: str, timeout: float = 5.0, memory_mb: int = 512) -> Executi
     return ExecutionResult(status, stdout, stderr, time.monotonic() - start, returncode)
 
 
+@functools.cache
+def kernel_confinement() -> bool:
+    """Whether children confine themselves through Landlock and seccomp; warns once when they cannot."""
+    problem = _confinement_problem()
+    if problem:
+        log.warning(
+            "code sandbox: %s, so programs run under Python-level guards only, which catch accidents but "
+            "not a deliberate program (see nanochat/execution.py). Needs Linux >= 6.2 with Landlock enabled "
+            "(CONFIG_SECURITY_LANDLOCK, 'landlock' in /sys/kernel/security/lsm or the lsm= boot option).",
+            problem,
+        )
+    return problem is None
+
+
+def _confinement_problem() -> str | None:
+    machine = os.uname().machine
+    if machine not in SYSCALLS:
+        return f"no seccomp filter is written for {machine}"
+    try:
+        abi = _libc("syscall", LANDLOCK_CREATE_RULESET, 0, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    except OSError as e:
+        return f"Landlock is not available ({e.strerror})"
+    if abi < LANDLOCK_MIN_ABI:
+        return f"Landlock ABI {abi} is older than the {LANDLOCK_MIN_ABI} needed"
+    try:
+        _libc("prctl", PR_GET_SECCOMP, 0, 0, 0, 0)
+    except OSError as e:
+        return f"seccomp is not available ({e.strerror})"
+    return None
+
+
+def _libc(name: str, *args: int) -> int:
+    """Call a libc function with integer arguments (pointers as addresses); OSError when it fails."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    # Arguments as longs, since variadics such as syscall() read whole registers; the result as an int
+    # (ctypes' default), since prctl and capset set only its low half, and our syscalls' results fit.
+    result = function(*map(ctypes.c_long, args))
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), name)
+    return result
+
+
 def _run_in(workdir: str, program: str, timeout: float, memory_mb: int) -> tuple[bool, int, str, str]:
     with open(os.path.join(workdir, PROGRAM_FILE), "w", encoding="utf-8", errors="replace") as f:
         f.write(program)
@@ -146,7 +291,9 @@ def _run_in(workdir: str, program: str, timeout: float, memory_mb: int) -> tuple
 def _child_command(timeout: float, memory_mb: int) -> list[str]:
     cpu_seconds = math.ceil(timeout) + 1  # a backstop: the wall clock normally stops it first
     memory_bytes = memory_mb * 1024 * 1024
-    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), str(memory_bytes), str(cpu_seconds)]
+    confinement = "kernel" if kernel_confinement() else "guards"
+    return [sys.executable, "-I", "-X", "utf8", os.path.abspath(__file__), str(memory_bytes), str(cpu_seconds),
+            confinement]
 
 
 def _minimal_env(workdir: str) -> dict[str, str]:
@@ -234,16 +381,22 @@ def _death_note(returncode: int) -> str:
     return f"\n[sandbox: the sandbox failed, exit code {returncode}]"
 
 
+
 # ---- everything below runs in the child interpreter -------------------------------------------
 
 
-def _child_main(memory_bytes: int, cpu_seconds: int) -> None:
+def _child_main(memory_bytes: int, cpu_seconds: int, confinement: str) -> None:
     real_exit = os._exit  # kept before the guards take it away from the program
     try:
         with open(PROGRAM_FILE, "rb") as f:
             source = f.read()  # bytes: compile() honours a coding declaration
-        _limit_resources(memory_bytes, cpu_seconds)
-        _install_guards(os.path.realpath(os.getcwd()))
+        _limit_resources(memory_bytes, cpu_seconds)  # first: the seccomp filter freezes them
+        workdir = os.path.realpath(os.getcwd())
+        if confinement == "kernel":
+            _confine(workdir)
+        else:
+            _install_guards(workdir)
+        _guard_exits()
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -267,7 +420,109 @@ def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
     for which, value in limits.items():
         _, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (value, value))  # hard too: only root may raise it again, and setrlimit gets disabled
+        resource.setrlimit(which, (value, value))  # hard too: raising it back needs a capability
+
+
+def _confine(workdir: str) -> None:
+    """Kernel restrictions on this process and on every thread it starts later; none can be lifted."""
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("threads already run: capabilities and Landlock would confine only this one")
+    _libc("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # what Landlock and seccomp ask of a process without CAP_SYS_ADMIN
+    _drop_capabilities()
+    _restrict_writes(workdir)
+    _filter_syscalls(os.uname().machine)
+
+
+def _drop_capabilities() -> None:
+    # Root keeps uid 0 but loses its powers: no file permission override, no raising a hard limit, no chown.
+    header = ctypes.create_string_buffer(struct.pack("=Ii", CAPABILITY_VERSION_3, 0))
+    empty = ctypes.create_string_buffer(24)  # two (effective, permitted, inheritable) triples of 32 bits
+    _libc("capset", ctypes.addressof(header), ctypes.addressof(empty))
+
+
+def _restrict_writes(workdir: str) -> None:
+    attr = ctypes.create_string_buffer(struct.pack("=Q", FS_MODIFY))  # handled_access_fs: writes only
+    ruleset = _libc("syscall", LANDLOCK_CREATE_RULESET, ctypes.addressof(attr), 8, 0)
+    try:
+        _allow_beneath(ruleset, workdir, FS_MODIFY)
+        _allow_beneath(ruleset, os.devnull, FS_WRITE_FILE | FS_TRUNCATE)
+        _libc("syscall", LANDLOCK_RESTRICT_SELF, ruleset, 0)
+    finally:
+        os.close(ruleset)
+
+
+def _allow_beneath(ruleset: int, path: str, access: int) -> None:
+    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    try:
+        rule = ctypes.create_string_buffer(struct.pack("=Qi", access, fd))  # the packed landlock_path_beneath_attr
+        _libc("syscall", LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, ctypes.addressof(rule), 0)
+    finally:
+        os.close(fd)
+
+
+def _filter_syscalls(machine: str) -> None:
+    program = _seccomp_program(machine, os.getpid())
+    instructions = ctypes.create_string_buffer(program)
+    fprog = ctypes.create_string_buffer(struct.pack("HP", len(program) // 8, ctypes.addressof(instructions)))
+    _libc("prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0)
+
+
+def _seccomp_program(machine: str, pid: int) -> bytes:
+    """REFUSED_SYSCALLS fail, clone makes threads only, prlimit only reads, signals reach only `pid`."""
+    numbers = SYSCALLS[machine]
+    rules = {numbers[name]: [_ret(SECCOMP_RET_ERRNO | errno.EPERM)] for name in REFUSED_SYSCALLS if name in numbers}
+    rules[numbers["clone3"]] = [_ret(SECCOMP_RET_ERRNO | errno.ENOSYS)]
+    rules[numbers["clone"]] = _allow_when(0, BPF_JSET, CLONE_THREAD)
+    rules[numbers["prlimit64"]] = _allow_when_null(2)
+    for name in SIGNALS_TO_SELF_ONLY:
+        rules[numbers[name]] = _allow_when(0, BPF_JEQ, pid)
+    code = [
+        _load(SECCOMP_DATA_ARCH), _jump(BPF_JEQ, AUDIT_ARCH[machine], 1, 0), _ret(SECCOMP_RET_KILL_PROCESS),
+        _load(SECCOMP_DATA_NR),
+    ]
+    if machine == "x86_64":  # x32 calls carry the native architecture tag, and this bit in their number
+        code += [_jump(BPF_JGE, X32_SYSCALL_BIT, 0, 1), _ret(SECCOMP_RET_KILL_PROCESS)]
+    for number, block in rules.items():
+        code += [_jump(BPF_JEQ, number, 0, len(block)), *block]  # on a mismatch, skip the block
+    code.append(_ret(SECCOMP_RET_ALLOW))
+    return b"".join(code)
+
+
+def _allow_when(arg: int, test: int, value: int) -> list[bytes]:
+    # The low 32 bits only: the kernel reads pids as ints, and CLONE_THREAD is a low bit.
+    return [
+        _load(_low_word(arg)), _jump(test, value, 0, 1),
+        _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
+    ]
+
+
+def _allow_when_null(arg: int) -> list[bytes]:
+    return [
+        _load(_low_word(arg)), _jump(BPF_JEQ, 0, 0, 3), _load(_low_word(arg) + 4), _jump(BPF_JEQ, 0, 0, 1),
+        _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
+    ]
+
+
+def _low_word(arg: int) -> int:
+    return SECCOMP_DATA_ARGS + 8 * arg  # both architectures are little-endian
+
+
+def _load(offset: int) -> bytes:
+    return struct.pack("=HBBI", BPF_LOAD, 0, 0, offset)
+
+
+def _jump(test: int, value: int, if_true: int, if_false: int) -> bytes:
+    return struct.pack("=HBBI", test, if_true, if_false, value)
+
+
+def _ret(action: int) -> bytes:
+    return struct.pack("=HBBI", BPF_RET, 0, 0, action)
+
+
+def _guard_exits() -> None:
+    for module in (os, posix):
+        for name in EXIT_CALLS:
+            setattr(module, name, _refusal(f"os.{name}"))
 
 
 def _install_guards(workdir: str) -> None:
@@ -363,4 +618,4 @@ def _flush_output() -> None:
 
 
 if __name__ == "__main__":
-    _child_main(memory_bytes=int(sys.argv[1]), cpu_seconds=int(sys.argv[2]))
+    _child_main(memory_bytes=int(sys.argv[1]), cpu_seconds=int(sys.argv[2]), confinement=sys.argv[3])
