@@ -18,10 +18,11 @@ from nanochat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ANSWER = "<script>alert('pwned')</script> **bold** and `code`"
+FENCED_ANSWER = "Run this:\n\n```python\nprint('hi')\n```\n\nDone."
 
 
-def make_served_model(base: Path, sequence_len: int = 1024) -> None:
-    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with SCRIPT_ANSWER."""
+def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER) -> None:
+    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`."""
     words = ["hello", "world", "script", "alert", "bold", "code", "and", "the", "answer", "is"]
     texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + " <script> **x** `y`" for i in range(200)]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
@@ -29,7 +30,7 @@ def make_served_model(base: Path, sequence_len: int = 1024) -> None:
     torch.manual_seed(0)
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
     model = build_model(config, "cpu")
-    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": SCRIPT_ANSWER}]})
+    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]})
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serving import ServerProcess, make_served_model, make_slow_model
+from serving import FENCED_ANSWER, ServerProcess, make_served_model, make_slow_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
@@ -58,6 +58,28 @@ def tiny_server(tmp_path_factory):
     yield from serve(base)
 
 
+@pytest.fixture(scope="module")
+def small_model_dir(tmp_path_factory):
+    """A model with a 256-token context (less than a fixed max_tokens of 512 would need) that answers 'hi' with a code fence."""
+    base = tmp_path_factory.mktemp("small")
+    make_served_model(base, sequence_len=256, answer=FENCED_ANSWER)
+    return base
+
+
+@pytest.fixture(scope="module")
+def small_server(small_model_dir):
+    """Greedy and top-k 5 by default: values a page can only send if it took them from the server."""
+    yield from serve(small_model_dir, "-t", "0", "-k", "5")
+
+
+API_KEY = "sesame"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(small_model_dir):
+    yield from serve(small_model_dir, "-t", "0", "--api-key", API_KEY)
+
+
 def set_setting(page, field: str, value: str) -> None:
     if not page.evaluate("document.querySelector('details.settings').open"):
         page.click("details.settings summary")
@@ -72,6 +94,15 @@ def ask(page, text: str) -> None:
 
 def wait_answered(page) -> None:
     page.wait_for_function("conversation.length === 2 && !document.getElementById('send').disabled", timeout=30000)
+
+
+def wait_idle(page) -> None:
+    """Until the answer asked for has arrived or failed: Send is enabled again."""
+    page.wait_for_function("!document.getElementById('send').disabled", timeout=30000)
+
+
+def error_shown(page) -> str:
+    return page.text_content("#error", timeout=1000)
 
 
 def answer_length(page) -> int:
@@ -174,3 +205,78 @@ def test_full_queue_is_refused_with_429(slow_server_single):
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
     waiting.join(timeout=120)
     assert httpx.get(url + "/health").status_code == 200
+
+
+def test_small_model_answers_with_the_servers_defaults(browser, small_server):
+    page = browser.new_page()
+    page.goto(small_server.url)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        ask(page, "hi")
+    wait_idle(page)
+    request = sent.value.post_data_json
+    assert (request["temperature"], request["top_k"]) == (0, 5) and "max_tokens" not in request
+    assert (page.input_value("#temperature"), page.input_value("#top-k"), page.input_value("#max-tokens")) == ("0", "5", "")
+    assert error_shown(page) == "" and page.evaluate("conversation[1].content") == FENCED_ANSWER
+    page.close()
+
+
+def test_code_fence_is_shown_as_code(browser, small_server):
+    page = browser.new_page()
+    page.goto(small_server.url)
+    ask(page, "hi")
+    wait_idle(page)
+    body = page.locator(".message.assistant .body")
+    assert body.locator("pre code").text_content() == "print('hi')\n"
+    assert body.locator("p").all_inner_texts() == ["Run this:", "Done."]
+    page.close()
+
+
+def test_second_question_in_the_same_chat(browser, small_server):
+    page = browser.new_page()
+    page.goto(small_server.url)
+    ask(page, "hi")
+    wait_idle(page)
+    with page.expect_request("**/v1/chat/completions") as sent:
+        ask(page, "and again?")
+    wait_idle(page)
+    assert sent.value.post_data_json["messages"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": FENCED_ANSWER},
+                                                     {"role": "user", "content": "and again?"}]
+    assert error_shown(page) == "" and page.evaluate("conversation.length") == 4 and page.evaluate("conversation[3].content")
+    assert page.locator(".message.assistant").count() == 2
+    page.close()
+
+
+def test_a_key_is_asked_for_then_used(browser, keyed_server):
+    page = browser.new_page()
+    page.goto(keyed_server.url)
+    with page.expect_response("**/v1/chat/completions") as refused:
+        ask(page, "hi")
+    wait_idle(page)
+    assert refused.value.status == 401 and "API key" in error_shown(page)
+    assert page.is_visible("#api-key")
+    assert page.input_value("#input") == "hi" and page.evaluate("conversation.length") == 0  # ready to send again
+    page.fill("#api-key", API_KEY)
+    page.press("#input", "Enter")
+    wait_idle(page)
+    assert error_shown(page) == "" and page.evaluate("conversation[1].content") == FENCED_ANSWER
+    page.close()
+
+
+def test_errors_are_shown_and_the_chat_goes_on(browser, small_server):
+    page = browser.new_page()
+    page.goto(small_server.url)
+    too_long = "hello world " * 300
+    ask(page, too_long)
+    wait_idle(page)
+    assert "the model's context is 256" in error_shown(page)
+    assert page.input_value("#input") == too_long.strip() and page.locator("#messages .message").count() == 0
+    set_setting(page, "#max-tokens", "100000")
+    ask(page, "hi")
+    wait_idle(page)
+    assert page.input_value("#max-tokens") == "255"  # no prompt leaves more
+    assert "max_tokens=255 does not fit" in error_shown(page)
+    set_setting(page, "#max-tokens", "")
+    page.press("#input", "Enter")
+    wait_idle(page)
+    assert error_shown(page) == "" and page.evaluate("conversation[1].content") == FENCED_ANSWER
+    page.close()
