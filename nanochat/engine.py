@@ -13,6 +13,13 @@ Two ways to drive it: call `step()` / `generate()` from your own thread (CLI,
 evaluation, RL), or start an `EngineWorker` thread and `submit()` from anywhere
 (the server). Consumers read `Request.events()` (blocking) or `aevents()`
 (asyncio); `cancel()` frees the request's slots at the next step.
+
+Faults stay with their request: an exception while one request is admitted,
+prefilled, sampled or run through the tool ends that request alone (its
+samples finish with "error", `Request.error` says why) and frees its slots;
+if the batched forward pass itself fails (a GPU out of memory, say), the
+newest request is failed and the step retried without it, so the others
+carry on. A request past its deadline ends the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 from nanochat.calculator import evaluate
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams, make_generator, sample_tokens
+from nanochat.tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger("nanochat.engine")
 
@@ -58,13 +66,31 @@ def visible_to_parts(text: str) -> str | list[dict]:
 
 
 @dataclass
+class TokenLogprob:
+    """The log-probability of a generated token under the model (temperature 1), and its likeliest alternatives."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
 class Event:
     """Something happened to sample `index`: new visible `text` (and the token), or it finished."""
 
     index: int
     text: str = ""
     token: int | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs and the model chose the token
+
+
+@dataclass
+class RequestError:
+    """Why a request ended early; `status` is the HTTP status a server should answer with."""
+
+    status: int
+    message: str
 
 
 @dataclass
@@ -79,22 +105,34 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: SamplingParams, n: int = 1, loop: asyncio.AbstractEventLoop | None = None):
+    def __init__(self, prompt: list[int], params: SamplingParams, n: int = 1,
+                 loop: asyncio.AbstractEventLoop | None = None, timeout: float | None = None):
         self.id = next(self._ids)
         self.prompt, self.params, self.n = list(prompt), params, n
         self.cancelled = False
         self.loop = loop
         self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self.completion_tokens = 0
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.error: RequestError | None = None
+        self.finished: set[int] = set()  # sample indices that have ended
 
     def cancel(self) -> None:
         self.cancelled = True
 
+    def fail(self, status: int, message: str) -> None:
+        """Record why the request ends early (the first reason wins)."""
+        if self.error is None:
+            self.error = RequestError(status, message)
+
     def put(self, item) -> None:
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        else:
+        if self.loop is None:
             self._queue.put(item)
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+            self.cancelled = True
 
     def events(self):
         """Blocking iterator of Events until every sample finished."""
@@ -111,10 +149,13 @@ class Request:
             out.append(self._queue.get_nowait())
         return out
 
-    async def aevents(self):
+    async def aevents(self, patience: float | None = None):
+        """Events until every sample finished; raises TimeoutError if `patience` seconds pass
+        past the deadline with none (the engine itself is stuck)."""
         finished = 0
         while finished < self.n:
-            event = await self._queue.get()
+            wait = None if self.deadline is None or patience is None else max(self.deadline - time.monotonic(), 0) + patience
+            event = await asyncio.wait_for(self._queue.get(), wait)
             finished += event.finish_reason is not None
             yield event
 
@@ -149,35 +190,50 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
+        self.closed: RequestError | None = None  # set by close(): new requests are refused with it
         special = tokenizer.encode_special
-        self.stop_tokens = {special("<|assistant_end|>"), special("<|bos|>")}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        # A token that cannot belong to an answer ends it: <|assistant_end|>, but also <|bos|> or
+        # <|user_start|> from a model that runs on into the next turn. Only the call markers may be
+        # chosen by the model; the output markers come from the tool (forced), never from the model.
+        self.stop_tokens = {special(name) for name in SPECIAL_TOKENS} - {self.python_start, self.python_end}
         self.markers = {special(name): text for name, text in TOOL_MARKERS.items()}
         self.tokens_generated = 0
         self.rate_samples: deque = deque(maxlen=4096)  # (time, tokens_generated) after each step
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, loop=None) -> Request:
-        """Queue a request; raises ValueError if it can never fit."""
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, loop=None, timeout: float | None = None) -> Request:
+        """Queue a request; raises ValueError if it can never fit, RuntimeError once the engine is closed."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if len(prompt) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}")
         if not 1 <= n <= self.cache.slots:
             raise ValueError(f"n must be between 1 and {self.cache.slots}")
-        request = Request(prompt, params, n, loop)
+        request = Request(prompt, params, n, loop, timeout)
         with self.wakeup:
+            if self.closed is not None:
+                raise RuntimeError(self.closed.message)
             self.waiting.append(request)
             self.wakeup.notify()
         return request
+
+    def close(self, status: int, message: str) -> None:
+        """Refuse new requests; the next step ends every running and waiting one with `message`."""
+        with self.wakeup:
+            self.closed = RequestError(status, message)
+            self.wakeup.notify()
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)
 
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def slots_in_use(self) -> int:
+        return self.cache.slots - len(self.free_slots)
 
     def generate(self, prompt: list[int], params: SamplingParams, n: int = 1) -> list[Completion]:
         """Answer one prompt from the calling thread (no worker may be running)."""
@@ -190,8 +246,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit what fits, then decode one token for every running sequence."""
-        self._drop_cancelled()
+        """End what is over, admit what fits, then decode one token for every running sequence."""
+        self._end_stopped()
         self._admit()
         if self.active:
             self._decode()
@@ -205,11 +261,33 @@ class Engine:
             return 0.0
         return (samples[-1][1] - samples[0][1]) / (samples[-1][0] - samples[0][0])
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in self.active if s.request.cancelled]:
-            self._finish(seq, "cancelled")
+    def _end_stopped(self) -> None:
+        """Cancelled requests leave quietly; expired ones, and all of them once closed, with an error."""
+        now = time.monotonic()
         with self.lock:
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in {id(s.request): s.request for s in self.active}.values():
+            self._end_if_over(request, now)
+        for request in waiting:
+            if not self._end_if_over(request, now):
+                with self.lock:
+                    self.waiting.append(request)
+        if self.closed is not None:
+            with self.lock:  # a submit() that raced close() may have queued one more
+                late, self.waiting = list(self.waiting), deque()
+            for request in late:
+                self.fail_request(request, self.closed.status, self.closed.message)
+
+    def _end_if_over(self, request: Request, now: float) -> bool:
+        if request.cancelled:
+            self.end_request(request, "cancelled")
+        elif self.closed is not None:
+            self.fail_request(request, self.closed.status, self.closed.message)
+        elif request.deadline is not None and now > request.deadline:
+            self.fail_request(request, 504, "the request ran past the server's time limit")
+        else:
+            return False
+        return True
 
     def _admit(self) -> None:
         while True:
@@ -218,20 +296,22 @@ class Engine:
                     return
                 request = self.waiting.popleft()
                 slots = [self.free_slots.pop(0) for _ in range(request.n)]
-            self._prefill(request, sorted(slots))
+            try:
+                self._prefill(request, sorted(slots))
+            except Exception as exc:  # this request alone: a bad parameter, a prompt too long for memory
+                log.exception("request %d failed while being admitted", request.id)
+                self.fail_request(request, *_status_of(exc), slots=slots)
 
     def _prefill(self, request: Request, slots: list[int]) -> None:
+        seqs = [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
         first = slots[0]
         ids = torch.tensor([request.prompt], device=self.device)
         logits = self.model(ids, kv_cache=self.cache.prefill_view(first), last_only=True)[0, -1]
         for slot in slots[1:]:
             self.cache.copy_slot(first, slot)
-        seqs = [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
         self.active.extend(seqs)
         self.active.sort(key=lambda s: s.slot)
-        firsts = sample_tokens(logits.expand(len(seqs), -1), [request.params] * len(seqs), [s.generator for s in seqs])
-        for seq, token in zip(seqs, firsts):
-            self._accept(seq, token)
+        self._sample_and_accept(logits.expand(len(seqs), -1), seqs)
 
     def _decode(self) -> None:
         rows = max(s.slot for s in self.active) + 1
@@ -242,20 +322,67 @@ class Engine:
             last_tokens[seq.slot], running[seq.slot] = seq.tokens[-1], True
         inputs = torch.tensor(last_tokens, device=self.device).view(rows, 1)
         active = torch.tensor(running, device=self.device)
-        logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
-        sampled = [s for s in self.active if not s.forced]
+        try:
+            logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
+        except Exception as exc:
+            # The cache advances only after a whole forward pass, so the others can retry this step.
+            # Dropping the newest request frees the memory a long prompt took, and stops a bad one.
+            newest = max((s.request for s in self.active), key=lambda r: r.id)
+            log.exception("decode step failed; ending request %d, the others continue", newest.id)
+            self.fail_request(newest, *_status_of(exc))
+            return
+        forced = [s for s in self.active if s.forced]
+        for seq in forced:
+            self._accept_isolated(seq, seq.forced.popleft(), forced=True)
+        sampled = [s for s in self.active if s not in forced]
         slots = [s.slot for s in sampled]
         picked = logits if slots == list(range(rows)) else logits[slots]  # the usual case needs no gather
-        choices = sample_tokens(picked, [s.request.params for s in sampled], [s.generator for s in sampled])
-        chosen = {id(s): token for s, token in zip(sampled, choices)}
-        for seq in list(self.active):
-            self._accept(seq, seq.forced.popleft() if seq.forced else chosen[id(seq)])
+        self._sample_and_accept(picked, sampled)
+
+    def _sample_and_accept(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """Sample one token per row (row i for seqs[i]) and accept it; a row that fails ends its request only."""
+        try:
+            choices = sample_tokens(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        except Exception:  # find the row at fault: each alone
+            choices = []
+            for row, seq in enumerate(seqs):
+                try:
+                    choices += sample_tokens(logits[row : row + 1], [seq.request.params], [seq.generator])
+                except Exception as exc:
+                    log.exception("sampling failed for request %d", seq.request.id)
+                    self.fail_request(seq.request, *_status_of(exc))
+                    choices.append(None)
+        wanted = [row for row, s in enumerate(seqs) if s.request.params.logprobs is not None]
+        logprobs = self._logprobs(logits, seqs, choices, wanted) if wanted else {}
+        for row, (seq, token) in enumerate(zip(seqs, choices)):
+            if token is not None and seq.finish_reason is None:
+                self._accept_isolated(seq, token, logprob=logprobs.get(row))
+
+    def _logprobs(self, logits: torch.Tensor, seqs: list[Sequence], choices: list, rows: list[int]) -> dict[int, TokenLogprob]:
+        logp = torch.log_softmax(logits[rows].float(), dim=-1)
+        top_n = max(seqs[r].request.params.logprobs for r in rows)
+        top_values, top_ids = logp.topk(max(top_n, 1), dim=-1)
+        out = {}
+        for i, row in enumerate(rows):
+            if choices[row] is None:
+                continue
+            n = seqs[row].request.params.logprobs
+            top = list(zip(top_ids[i, :n].tolist(), top_values[i, :n].tolist()))
+            out[row] = TokenLogprob(choices[row], float(logp[i, choices[row]]), top)
+        return out
 
     # ------------------------------------------------------------ one token
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept_isolated(self, seq: Sequence, token: int, forced: bool = False, logprob: TokenLogprob | None = None) -> None:
+        try:
+            self._accept(seq, token, forced, logprob)
+        except Exception as exc:  # e.g. the tool call, or decoding, on this sequence's tokens
+            log.exception("request %d failed on token %d", seq.request.id, token)
+            self.fail_request(seq.request, *_status_of(exc))
+
+    def _accept(self, seq: Sequence, token: int, forced: bool = False, logprob: TokenLogprob | None = None) -> None:
         """Record `token` for `seq`: stop, run the tool, stream text, or hit a limit."""
-        if token in self.stop_tokens and not seq.forced:
+        if token in self.stop_tokens and not forced:
             self._finish(seq, "stop")
             return
         seq.tokens.append(token)
@@ -265,7 +392,7 @@ class Engine:
             seq.tool_start = len(seq.tokens)
         elif token == self.python_end and seq.tool_start is not None:
             self._run_tool(seq)
-        self._stream_text(seq, token)
+        self._stream_text(seq, token, logprob)
         if seq.finish_reason is None:
             hit_length = len(seq.tokens) >= seq.request.params.max_tokens
             full = len(seq.request.prompt) + len(seq.tokens) >= self.max_len
@@ -279,7 +406,7 @@ class Engine:
         if result is not None:
             seq.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
 
-    def _stream_text(self, seq: Sequence, token: int) -> None:
+    def _stream_text(self, seq: Sequence, token: int, logprob: TokenLogprob | None) -> None:
         if token in self.markers:
             seq.rendered_prefix += self.tokenizer.decode(seq.tokens[seq.run_start : -1]) + self.markers[token]
             seq.run_start = len(seq.tokens)
@@ -288,29 +415,67 @@ class Engine:
         cut = min((i for i in (seq.visible.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             seq.visible = seq.visible[:cut]
-            self._send(seq, seq.visible, token)
+            self._send(seq, seq.visible, token, logprob)
             self._finish(seq, "stop")
             return
         # hold back what could still become a stop string, and a half-decoded character
         safe = len(seq.visible) - max((len(s) - 1 for s in stops), default=0)
         if seq.visible.endswith("\ufffd"):
             safe = min(safe, len(seq.visible) - 1)
-        self._send(seq, seq.visible[: max(safe, seq.emitted)], token)
+        self._send(seq, seq.visible[: max(safe, seq.emitted)], token, logprob)
 
-    def _send(self, seq: Sequence, text_upto: str, token: int) -> None:
+    def _send(self, seq: Sequence, text_upto: str, token: int, logprob: TokenLogprob | None) -> None:
         delta = text_upto[seq.emitted :]
         seq.emitted = max(seq.emitted, len(text_upto))
-        seq.request.put(Event(seq.index, delta, token))
+        seq.request.put(Event(seq.index, delta, token, logprob=logprob))
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         """Flush held-back text, report the reason and free the slot."""
-        seq.request.put(Event(seq.index, seq.visible[seq.emitted :], None, reason))
         seq.finish_reason = reason
         self.active.remove(seq)
-        self.cache.release(seq.slot)
+        self._free(seq.slot)
+        seq.request.finished.add(seq.index)
+        seq.request.put(Event(seq.index, seq.visible[seq.emitted :], None, reason))
+
+    def _free(self, slot: int) -> None:
+        self.cache.release(slot)
         with self.lock:
-            self.free_slots.append(seq.slot)
+            self.free_slots.append(slot)
             self.free_slots.sort()
+
+    # ------------------------------------------------------------ ending a request early
+
+    def end_request(self, request: Request, reason: str, slots: list[int] = ()) -> None:
+        """Finish every sample of `request` still going with `reason`, freeing its slots
+        (and `slots`, taken for it but not yet given to a sequence)."""
+        for seq in [s for s in self.active if s.request is request]:
+            self._finish(seq, reason)
+        for slot in slots:
+            if slot not in self.free_slots:
+                self._free(slot)
+        for index in range(request.n):
+            if index not in request.finished:
+                request.finished.add(index)
+                request.put(Event(index, "", None, reason))
+
+    def fail_request(self, request: Request, status: int, message: str, slots: list[int] = ()) -> None:
+        request.fail(status, message)
+        self.end_request(request, "error", slots)
+
+    def fail_all(self, status: int, message: str) -> None:
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in {id(s.request): s.request for s in self.active}.values():
+            self.fail_request(request, status, message)
+        for request in waiting:
+            self.fail_request(request, status, message)
+
+
+def _status_of(exc: Exception) -> tuple[int, str]:
+    """The HTTP status and message a failed request reports: 503 for running out of memory (retry later), else 500."""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+        return 503, "the server ran out of memory for this request; retry with a shorter prompt or fewer tokens"
+    return 500, f"generation failed inside the server ({type(exc).__name__})"
 
 
 def collect(request: Request, n: int) -> list[Completion]:
@@ -326,26 +491,37 @@ def collect(request: Request, n: int) -> list[Completion]:
 
 
 class EngineWorker(threading.Thread):
-    """Runs the engine's steps in the background while requests are submitted from elsewhere."""
+    """Runs the engine's steps in the background while requests are submitted from elsewhere.
+
+    It sleeps while there is no work (no CPU used when idle). If it ever dies,
+    `failure` says why and every request it held has been told."""
 
     def __init__(self, engine: Engine):
         super().__init__(daemon=True, name="engine-worker")
         self.engine = engine
         self.stopping = threading.Event()
+        self.failure: str | None = None
 
     def run(self) -> None:
         engine = self.engine
-        while not self.stopping.is_set():
-            with engine.wakeup:
-                if not engine.has_work():
-                    engine.wakeup.wait(timeout=0.1)
-                    continue
-            try:
-                engine.step()
-            except Exception:  # a bug must not take the server down with it
-                log.exception("engine step failed; failing the running requests")
-                for seq in list(engine.active):
-                    engine._finish(seq, "error")
+        try:
+            while not self.stopping.is_set():
+                with engine.wakeup:
+                    if not engine.has_work() and engine.closed is None:
+                        engine.wakeup.wait()
+                        continue
+                try:
+                    engine.step()
+                except Exception:  # step() isolates requests; this is a bug in the engine itself
+                    log.exception("engine step failed; failing the running requests")
+                    engine.fail_all(500, "the server's engine failed")
+                if engine.closed is not None and not engine.has_work():
+                    return
+        except BaseException as exc:
+            self.failure = f"the engine worker stopped ({type(exc).__name__})"
+            engine.close(503, self.failure)
+            engine.fail_all(503, self.failure)
+            raise
 
     def stop(self) -> None:
         self.stopping.set()

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+SEED_RANGE = 2**63  # seeds are signed 64-bit, as OpenAI's are; torch.Generator takes them modulo 2^64
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.8  # 0 means greedy
@@ -15,6 +19,7 @@ class SamplingParams:
     max_tokens: int = 512
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k likeliest (OpenAI allows 0-20)
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -25,6 +30,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.seed is not None and not -SEED_RANGE <= self.seed < SEED_RANGE:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
 
 
 def make_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:
@@ -33,7 +42,7 @@ def make_generator(seed: int | None, sample_index: int, device: torch.device) ->
     if seed is None:
         gen.seed()
     else:
-        gen.manual_seed(seed + sample_index)
+        gen.manual_seed((seed + sample_index) % 2**64)
     return gen
 
 

@@ -1,36 +1,41 @@
-"""One FastAPI app, two faces: an OpenAI-compatible chat API and a web page.
+"""One FastAPI app, two faces: an OpenAI-compatible API and a web page.
 
-    POST /v1/chat/completions   (streaming or not; the `openai` client works unchanged)
-    GET  /v1/models, /health, /stats, and / (the chat page)
+    POST /v1/chat/completions   chat, streaming or not (the `openai` client works unchanged)
+    POST /v1/completions        plain text in and out (for base models)
+    GET  /v1/models, /health (and HEAD), /config, /stats, /metrics (Prometheus), and / (the chat page)
 
 Requests share the engine's continuous batching through an EngineWorker
-thread. Every client mistake gets a 4xx with OpenAI's error object; the
-server keeps serving whatever it is sent.
+thread. Every client mistake gets a 4xx with OpenAI's error object, every
+server-side failure ends that request alone (an error object, or an error
+event and [DONE] in a stream), a client that leaves cancels its work, and
+the server keeps serving whatever it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.api_metrics import CountResponses, ServerMetrics, TokenClock
+from nanochat.api_request import ApiError, ChatRequest, CompletionRequest, read_json
+from nanochat.api_response import ChatDialect, Dialect, TextDialect, sse
 from nanochat.engine import Engine, EngineWorker, Request as EngineRequest, visible_to_parts
 from nanochat.sampling import SamplingParams
 
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"
+ENGINE_PATIENCE = 10.0  # seconds past a request's deadline before the server stops waiting for a stuck engine
 log = logging.getLogger("nanochat.server")
 
 
@@ -46,63 +51,17 @@ class ServerSettings:
     temperature: float = 0.8
     top_k: int = 50
     max_tokens: int | None = None  # None: until the model stops or the context is full, as OpenAI does
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    body_timeout: float = 30.0  # seconds for a request body to arrive
 
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+    @property
+    def max_body_bytes(self) -> int:
+        # JSON may escape every character as \uXXXX (6 bytes); the rest is room for fields and structure
+        return 6 * self.max_total_chars + 64 * 1024
 
 
 def error_response(status: int, message: str, param=None, code=None, kind="invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
-
-
-# ---------------------------------------------------------------- request schema
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown fields are ignored, as OpenAI does
-
-
-class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
-
-
-class Message(_Lenient):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class StreamOptions(_Lenient):
-    include_usage: StrictBool = False
-
-
-class ChatRequest(_Lenient):
-    messages: list[Message]
-    model: str | None = None
-    stream: StrictBool = False
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1)
-    seed: int | None = None
-    stream_options: StreamOptions | None = None
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop must be up to 4 non-empty strings")
-        return stops
+    return JSONResponse(ApiError(status, message, param, code, kind).body(), status_code=status)
 
 
 # ---------------------------------------------------------------- the app
@@ -113,6 +72,7 @@ class ChatService:
 
     def __init__(self, engine: Engine, settings: ServerSettings, model_info: dict):
         self.engine, self.settings, self.model_info = engine, settings, model_info
+        self.metrics = ServerMetrics(engine)
         self.started = time.time()
         self.served = 0
         self.in_flight = 0
@@ -120,8 +80,16 @@ class ChatService:
 
     def check_auth(self, request: Request) -> None:
         key = self.settings.api_key
-        if key and not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {key}"):
+        if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    def unavailable(self) -> str | None:
+        """Why no request can be served now, or None."""
+        if self.engine.closed is not None:
+            return self.engine.closed.message
+        if self.worker is None or not self.worker.is_alive():
+            return (self.worker and self.worker.failure) or "the engine is not running"
+        return None
 
     def conversation(self, body: ChatRequest) -> list[dict]:
         s, msgs = self.settings, body.messages
@@ -135,47 +103,61 @@ class ChatService:
             total += len(text)
             if len(text) > s.max_message_chars:
                 raise ApiError(400, f"messages[{i}] has {len(text)} characters (limit {s.max_message_chars})", f"messages[{i}].content")
-            if m.role == "system" and i != 0:
-                raise ApiError(400, "a system message may only come first", f"messages[{i}].role")
+            if m.role in ("system", "developer") and i != 0:
+                raise ApiError(400, f"a {m.role} message may only come first", f"messages[{i}].role")
             if m.role == "user" and not text.strip():
                 raise ApiError(400, f"messages[{i}] is empty", f"messages[{i}].content")
         if total > s.max_total_chars:
             raise ApiError(400, f"the conversation has {total} characters (limit {s.max_total_chars})", "messages")
-        turns = [m for m in msgs if m.role != "system"]
+        turns = [m for m in msgs if m.role not in ("system", "developer")]
         for i, m in enumerate(turns):
             if m.role != ("user" if i % 2 == 0 else "assistant"):
                 raise ApiError(400, "after an optional system message, turns must alternate user/assistant, starting and ending with user", "messages")
         if not turns or turns[-1].role != "user":
             raise ApiError(400, "the last message must be from the user", "messages")
-        return [{"role": m.role, "content": visible_to_parts(m.text()) if m.role == "assistant" else m.text()} for m in msgs]
+        # the developer role is what current OpenAI clients send in place of system
+        return [{"role": "system" if m.role == "developer" else m.role,
+                 "content": visible_to_parts(m.text()) if m.role == "assistant" else m.text()} for m in msgs]
 
-    def sampling(self, body: ChatRequest, prompt_len: int) -> SamplingParams:
+    def prompt_for(self, body: ChatRequest | CompletionRequest) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if isinstance(body, CompletionRequest):
+            if len(body.text()) > self.settings.max_total_chars:
+                raise ApiError(400, f"the prompt has {len(body.text())} characters (limit {self.settings.max_total_chars})", "prompt")
+            return tokenizer.encode(body.text(), prepend="<|bos|>")
+        return tokenizer.render_for_completion({"messages": self.conversation(body)})
+
+    def sampling(self, body: ChatRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
         s, room = self.settings, self.engine.max_len - prompt_len
         if room < 1:
             raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {self.engine.max_len}", "messages", "context_length_exceeded")
-        asked = body.max_completion_tokens or body.max_tokens
+        param, asked = body.token_limit()
         if asked is not None and asked > room:
-            param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
             raise ApiError(400, f"{param}={asked} does not fit: the prompt uses {prompt_len} of {self.engine.max_len} tokens", param, "context_length_exceeded")
         if body.n > self.engine.cache.slots:
-            raise ApiError(400, f"n must be at most {self.engine.cache.slots}", "n")
+            raise ApiError(400, f"n must be at most {self.engine.cache.slots} (the server's --max-batch)", "n")
         return SamplingParams(
             temperature=s.temperature if body.temperature is None else body.temperature,
             top_k=s.top_k if body.top_k is None else body.top_k,
             top_p=1.0 if body.top_p is None else body.top_p,
             max_tokens=asked or min(s.max_tokens or room, room),
-            seed=body.seed, stop=tuple(body.stop or ()),
+            seed=body.seed, stop=tuple(body.stop or ()), logprobs=body.top_logprobs_wanted(),
         )
 
-    def start(self, body: ChatRequest, loop) -> EngineRequest:
+    def start(self, body: ChatRequest | CompletionRequest, loop) -> EngineRequest:
         if body.model not in (None, "", self.settings.model_id):
             raise ApiError(404, f"the model '{body.model}' does not exist; this server serves '{self.settings.model_id}'", "model", "model_not_found")
-        messages = self.conversation(body)
-        prompt = self.engine.tokenizer.render_for_completion({"messages": messages})
+        prompt = self.prompt_for(body)
         params = self.sampling(body, len(prompt))
         if self.engine.queue_depth() >= self.settings.max_queue:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full", kind="rate_limit_error")
-        return self.engine.submit(prompt, params, body.n, loop=loop)
+        reason = self.unavailable()
+        if reason is not None:
+            raise ApiError(503, reason, kind="server_error")
+        try:
+            return self.engine.submit(prompt, params, body.n, loop=loop, timeout=self.settings.request_timeout)
+        except RuntimeError as exc:  # closed between the check and the submit
+            raise ApiError(503, str(exc), kind="server_error") from None
 
     def page_config(self) -> dict:
         s = self.settings
@@ -188,14 +170,11 @@ class ChatService:
             "requests_served": self.served,
             "requests_in_flight": self.in_flight,
             "queue_depth": self.engine.queue_depth(),
+            "slots_in_use": self.engine.slots_in_use(),
             "tokens_generated": self.engine.tokens_generated,
             "recent_tokens_per_second": round(self.engine.recent_rate(), 1),
             "model": self.model_info,
         }
-
-
-def completion_id() -> str:
-    return "chatcmpl-" + secrets.token_hex(12)
 
 
 def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> FastAPI:
@@ -206,18 +185,22 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
         service.worker = EngineWorker(engine)
         service.worker.start()
         yield
+        engine.close(503, "the server is shutting down")
         service.worker.stop()
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
+    app.router.redirect_slashes = False  # a trailing slash is answered (below), not redirected
     app.state.service = service
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        alive = service.worker is not None and service.worker.is_alive()
-        return JSONResponse({"status": "ok" if alive else "starting"}, status_code=200 if alive else 503)
+        reason = service.unavailable()
+        if reason is None:
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "unavailable", "error": reason}, status_code=503)
 
     @app.get("/config")
     async def config():
@@ -229,6 +212,11 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
         service.check_auth(request)
         return service.stats()
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        service.check_auth(request)
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
     @app.get("/v1/models")
     async def models(request: Request):
         service.check_auth(request)
@@ -237,50 +225,109 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        service.check_auth(request)
-        body = await parse_body(request)
-        engine_request = service.start(body, asyncio.get_running_loop())
-        if body.stream:
-            return StreamingResponse(stream_chunks(service, body, engine_request), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await complete(service, body, engine_request)
+        return await answer(service, request, ChatRequest, ChatDialect)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(service, request, CompletionRequest, TextDialect)
 
     @app.get("/")
     async def page():
         return FileResponse(UI_PAGE, media_type="text/html")
 
+    app.add_middleware(CountResponses, metrics=service.metrics)
+    app.add_middleware(StripTrailingSlash)  # added last, so it runs first: routes and metrics see the bare path
     return app
 
 
-async def parse_body(request: Request) -> ChatRequest:
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"could not parse the JSON body: {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, "the JSON body must be an object")
-    return ChatRequest.model_validate(data)
+class StripTrailingSlash:
+    """ASGI middleware: /v1/chat/completions/ is /v1/chat/completions (clients given a base URL ending in / send it)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope = {**scope, "path": scope["path"].rstrip("/") or "/"}
+        await self.app(scope, receive, send)
 
 
-async def complete(service: ChatService, body: ChatRequest, engine_request: EngineRequest) -> JSONResponse:
-    texts, reasons = [""] * body.n, ["stop"] * body.n
+# ---------------------------------------------------------------- answering
+
+
+async def answer(service: ChatService, request: Request, schema, dialect_class) -> Response:
+    service.check_auth(request)
+    body = schema.model_validate(await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout))
+    engine_request = service.start(body, asyncio.get_running_loop())
+    dialect = dialect_class(service.settings.model_id, service.engine.tokenizer)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(stream(service, dialect, engine_request, request, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await collect(service, dialect, engine_request, request)
+
+
+@asynccontextmanager
+async def serving(service: ChatService, engine_request: EngineRequest, http_request: Request):
+    """Count the request in flight, cancel its work when the client goes away, and always free its slots."""
+
+    async def watch():
+        while (await http_request.receive())["type"] != "http.disconnect":
+            pass
+        engine_request.cancel()
+
+    watcher = asyncio.create_task(watch())
     service.in_flight += 1
     try:
-        async for event in engine_request.aevents():
-            texts[event.index] += event.text
-            if event.finish_reason:
-                reasons[event.index] = event.finish_reason
+        yield
+    except asyncio.TimeoutError:
+        engine_request.fail(504, "the engine did not answer in time")
     finally:
         service.in_flight -= 1
-        engine_request.cancel()  # no-op once finished; frees the slots if the client went away
-    if "error" in reasons:
-        raise ApiError(500, "generation failed inside the server", kind="server_error")
+        watcher.cancel()
+        engine_request.cancel()  # no-op once finished; frees the slots otherwise
+
+
+async def collect(service: ChatService, dialect: Dialect, engine_request: EngineRequest, http_request: Request) -> JSONResponse:
+    n, clock = engine_request.n, TokenClock(service.metrics)
+    texts, reasons = [""] * n, ["stop"] * n
+    logprobs = None if engine_request.params.logprobs is None else [[] for _ in range(n)]
+    async with serving(service, engine_request, http_request):
+        async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
+            texts[event.index] += event.text
+            if event.token is not None:
+                clock.token(event.index)
+            if event.logprob is not None and logprobs is not None:
+                logprobs[event.index].append(event.logprob)
+            if event.finish_reason:
+                reasons[event.index] = event.finish_reason
+    if engine_request.error is not None:
+        raise ApiError(engine_request.error.status, engine_request.error.message, kind="server_error")
     service.served += 1
-    choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-               for i, (t, r) in enumerate(zip(texts, reasons))]
-    return JSONResponse({"id": completion_id(), "object": "chat.completion", "created": int(time.time()),
-                         "model": service.settings.model_id, "choices": choices, "usage": usage(engine_request)})
+    return JSONResponse(dialect.whole(texts, reasons, logprobs, usage(engine_request)))
+
+
+async def stream(service: ChatService, dialect: Dialect, engine_request: EngineRequest, http_request: Request, include_usage: bool):
+    clock = TokenClock(service.metrics)
+    for opening in dialect.opening(engine_request.n):
+        yield opening
+    async with serving(service, engine_request, http_request):
+        async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
+            if event.token is not None:
+                clock.token(event.index)
+            logprob = None if engine_request.params.logprobs is None else [event.logprob] if event.logprob else []
+            if event.text or logprob:
+                yield dialect.chunk([dialect.delta(event.index, event.text, None, logprob)])
+            if event.finish_reason in ("stop", "length"):
+                yield dialect.chunk([dialect.delta(event.index, "", event.finish_reason, None)])
+    error = engine_request.error
+    if error is not None:  # never a finish_reason that would pass a truncated answer off as complete
+        yield sse(ApiError(error.status, error.message, kind="server_error").body())
+    elif include_usage:
+        yield dialect.chunk([], usage=usage(engine_request))
+    yield sse("[DONE]")
+    if error is None:
+        service.served += 1
 
 
 def usage(engine_request: EngineRequest) -> dict:
@@ -288,36 +335,10 @@ def usage(engine_request: EngineRequest) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def stream_chunks(service: ChatService, body: ChatRequest, engine_request: EngineRequest):
-    cid, created, model = completion_id(), int(time.time()), service.settings.model_id
-
-    def chunk(choices: list, **extra) -> str:
-        payload = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices, **extra}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    service.in_flight += 1
-    try:
-        for i in range(body.n):
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None, "logprobs": None}])
-        async for event in engine_request.aevents():
-            if event.text:
-                yield chunk([{"index": event.index, "delta": {"content": event.text}, "finish_reason": None, "logprobs": None}])
-            if event.finish_reason:
-                reason = "length" if event.finish_reason == "length" else "stop"
-                yield chunk([{"index": event.index, "delta": {}, "finish_reason": reason, "logprobs": None}])
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=usage(engine_request))
-        yield "data: [DONE]\n\n"
-        service.served += 1
-    finally:
-        service.in_flight -= 1
-        engine_request.cancel()  # the client may have gone: free the slot now
-
-
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.kind)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):

@@ -12,6 +12,7 @@ import argparse
 import os
 import socket
 import sys
+import threading
 
 import uvicorn
 
@@ -20,6 +21,9 @@ from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine
 from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
+
+KEEP_ALIVE_SECONDS = 5  # an idle connection is closed after this, so idle clients cannot hold --max-connections
+SHUTDOWN_GRACE_SECONDS = 3  # after SIGTERM / Ctrl-C, how long answers in flight get to end before they are cut
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-messages", type=int, default=64, help="messages per request (default %(default)s)")
     p.add_argument("--max-message-chars", type=int, default=8000, help="characters per message (default %(default)s)")
     p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queueing included (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections before new ones get 503 (default %(default)s)")
     p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
     return p.parse_args(argv)
 
@@ -77,14 +83,30 @@ def main(argv=None) -> int:
     settings = ServerSettings(
         api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,
         max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
-        temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
+        temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
     )
     info = {"source": meta["source"], "model_tag": meta["model_tag"], "step": meta["step"],
             "parameters": model.num_params(), "device": str(device), "context": engine.max_len}
     app = create_app(engine, settings, info)
     print(banner(args, meta, device), flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.max_connections,
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
+    Server(config, engine).run()
     return 0
+
+
+class Server(uvicorn.Server):
+    """uvicorn, plus: the first SIGTERM / Ctrl-C tells every request in flight that the server is going away
+    (an error object, or an error event and [DONE]) instead of waiting for the answers to finish."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame) -> None:
+        # from another thread: a signal handler must not wait for the engine's lock, which the interrupted code may hold
+        threading.Thread(target=self.engine.close, args=(503, "the server is shutting down"), daemon=True).start()
+        super().handle_exit(sig, frame)
 
 
 if __name__ == "__main__":

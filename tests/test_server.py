@@ -70,6 +70,7 @@ def test_n_samples_seed_and_stop(client):
 
 
 def test_models_health_stats(server, client):
+    client.chat.completions.create(model="nanochat", messages=HI, max_tokens=3)  # its own, whatever ran before
     models = client.models.list()
     assert [m.id for m in models.data] == ["nanochat"]
     meta = httpx.get(server.url + "/v1/models").json()["data"][0]["metadata"]
@@ -155,29 +156,6 @@ def test_eight_concurrent_streams_are_correct_and_isolated(client):
     for t in threads:
         t.join(timeout=120)
     assert results == expected and results[-1] == SCRIPT_ANSWER
-
-
-def test_client_disconnect_frees_the_slot(server, client):
-    messages = [{"role": "user", "content": "hello world"}]
-    # a seed whose answer runs to the limit, so an early disconnect really cuts it short
-    seed = next(s for s in range(40) if client.chat.completions.create(
-        model="nanochat", messages=messages, temperature=2.0, seed=s, max_tokens=150, extra_body={"top_k": 0}).choices[0].finish_reason == "length")
-    before = httpx.get(server.url + "/stats").json()["tokens_generated"]
-    body = _chat(messages=messages, temperature=2.0, top_k=0, seed=seed, max_tokens=150, stream=True)
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=30) as resp:
-        lines = resp.iter_lines()
-        for _ in range(3):
-            next(lines)
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        stats = httpx.get(server.url + "/stats").json()
-        if stats["requests_in_flight"] == 0:
-            break
-        time.sleep(0.02)
-    assert stats["requests_in_flight"] == 0
-    time.sleep(0.3)
-    spent = httpx.get(server.url + "/stats").json()["tokens_generated"] - before
-    assert spent < 150  # decoding stopped when the client left, before max_tokens
 
 
 def test_api_key_required_when_configured(model_dir):

@@ -1,0 +1,206 @@
+"""What a client may send to the OpenAI-compatible API, and how its body is read.
+
+Everything a client can get wrong is caught here with a message that names
+the field: bodies too large (413, before they are buffered) or too slow
+(408), JSON that is malformed, nested too deeply, holds numbers too long to
+parse or lone UTF-16 surrogates, and fields of the wrong type. Types are
+strict, as OpenAI's are: `max_tokens: "5"` or `true` is refused, not coerced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nanochat.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
+
+MAX_JSON_DEPTH = 32  # a chat request nests 5 deep (body, messages, message, content, part)
+MAX_N = 128  # samples per request; the engine's --max-batch bounds it further
+MAX_INT = 2**31 - 1  # a token count or top_k beyond this is a mistake, not a wish
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is alone
+
+
+class ApiError(Exception):
+    """A request the server answers with an OpenAI error object."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def not_supported(param: str, what: str) -> ApiError:
+    return ApiError(400, f"{what} not supported by this model", param, "unsupported_parameter")
+
+
+# ---------------------------------------------------------------- schema
+
+
+class _Strict(BaseModel):
+    # unknown fields are ignored, as OpenAI does; known ones must have exactly the right type
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """The fields both endpoints share."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=MAX_INT)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    stop: str | list[str] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    seed: int | None = Field(None, ge=-SEED_RANGE, lt=SEED_RANGE)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop must be up to 4 non-empty strings")
+        return stops
+
+    def token_limit(self) -> tuple[str, int | None]:
+        return "max_tokens", self.max_tokens
+
+
+class ChatRequest(_Sampling):
+    messages: list[Message]
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # accepted only in the forms that ask for nothing this model cannot do
+    response_format: dict | None = None
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    functions: list | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            raise not_supported("response_format", f"response_format {json.dumps(self.response_format.get('type'))} is")
+        if self.tools or self.functions:
+            raise not_supported("tools", "tools (function calling) are")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise not_supported("tool_choice", "tool_choice is")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs")
+        return self
+
+    def token_limit(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:
+            return "max_completion_tokens", self.max_completion_tokens
+        return "max_tokens", self.max_tokens
+
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Sampling):
+    """The legacy /v1/completions: plain text in, plain text out (what base models are for)."""
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's limit for this endpoint
+    echo: bool = False
+    suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.echo:
+            raise not_supported("echo", "echo is")
+        if self.suffix:
+            raise not_supported("suffix", "suffix is")
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise ApiError(400, "prompt must be one string (a list of prompts is not supported)", "prompt")
+        return self
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
+
+# ---------------------------------------------------------------- reading the body
+
+
+async def read_json(request, limit: int, timeout: float) -> dict:
+    """The body as a JSON object, or an ApiError saying exactly what is wrong with it."""
+    raw = await read_body(request, limit, timeout)
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
+    except ValueError as exc:  # bad syntax, bad UTF-8, or an integer too long to convert
+        raise ApiError(400, f"could not parse the JSON body: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the JSON body must be an object")
+    check_json_values(data)
+    return data
+
+
+async def read_body(request, limit: int, timeout: float) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ApiError(413, f"the request body is larger than this server accepts ({limit:,} bytes)", code="request_too_large")
+    chunks, size = [], 0
+
+    async def receive():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body is larger than this server accepts ({limit:,} bytes)", code="request_too_large")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+    return b"".join(chunks)
+
+
+def check_json_values(data) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH and strings (keys too) holding lone surrogates,
+    which no tokenizer or JSON encoder can take. Iterative, so depth cannot hurt it."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(value, dict):
+            stack.extend((k, depth) for k in value)
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+        elif isinstance(value, str) and LONE_SURROGATE.search(value):
+            raise ApiError(400, "the request holds a string with an unpaired UTF-16 surrogate (invalid Unicode)")
