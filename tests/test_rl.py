@@ -1,0 +1,133 @@
+"""RL (scripts.chat_rl) by its numbers, with scripted answers in place of sampling: each answer's
+advantage, which tokens carry loss, the loss itself, and pass@k."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from nanochat.common import DistInfo
+from nanochat.engine import Completion
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import Tokenizer
+from scripts.chat_rl import Rollouts, pass_at_k, policy_gradient_loss
+
+RIGHT = "42"
+
+
+class Questions:
+    """A task of n questions; an answer earns 1 when its text is RIGHT."""
+
+    def __init__(self, n: int):
+        self.conversations = [{"messages": [{"role": "user", "content": f"question {i}?"}]} for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.conversations[i]
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(completion == RIGHT)
+
+
+class ScriptedEngine:
+    """Engine.generate's interface: question i gets the completions scripted for it, in order."""
+
+    def __init__(self, tokenizer: Tokenizer, task: Questions, script: list[list[Completion]]):
+        self.tokenizer, self.model, self.max_len = tokenizer, torch.nn.Identity(), 256
+        self.answers = {tuple(tokenizer.render_for_completion(task[i])): completions for i, completions in enumerate(script)}
+
+    def generate(self, prompt: list[int], params, n: int = 1) -> list[Completion]:
+        completions = self.answers[tuple(prompt)]
+        assert len(completions) == n
+        return completions
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer({bytes([i]): i for i in range(256)})
+
+
+def answer(tokenizer: Tokenizer, text: str, tool: tuple[str, str] | None = None) -> Completion:
+    """A sampled answer `text`; with `tool` (expression, result), it first calls the calculator,
+    whose output the engine forces in."""
+    special = tokenizer.encode_special
+    tokens = []
+    if tool:
+        expression, result = tool
+        tokens += [special("<|python_start|>"), *tokenizer.encode(expression), special("<|python_end|>"),
+                   special("<|output_start|>"), *tokenizer.encode(result), special("<|output_end|>")]
+    return Completion(text, tokens + tokenizer.encode(text), "stop")
+
+
+def args(**overrides) -> argparse.Namespace:
+    values = {"examples_per_step": 2, "num_samples": 3, "device_batch_size": 2, "temperature": 1.0, "top_k": 50, "max_new_tokens": 64}
+    return argparse.Namespace(**{**values, **overrides})
+
+
+SINGLE = DistInfo(False, 0, 0, 1, torch.device("cpu"))
+
+
+def test_advantage_is_the_reward_minus_its_questions_mean(tokenizer):
+    task = Questions(2)
+    script = [[answer(tokenizer, t) for t in (RIGHT, "7", "8")], [answer(tokenizer, t) for t in (RIGHT, RIGHT, "9")]]
+    rollouts = Rollouts(ScriptedEngine(tokenizer, task, script), task, args(), SINGLE, state=None)
+    advantages = torch.cat([next(rollouts)[2] for _ in range(3)])
+    # the step's mean reward is 1/2; each question's own is 1/3 and 2/3
+    torch.testing.assert_close(advantages, torch.tensor([2 / 3, -1 / 3, -1 / 3, 1 / 3, 1 / 3, -2 / 3]))
+    assert rollouts.last_reward == pytest.approx(0.5)
+
+
+def test_only_sampled_answer_tokens_are_targets_and_forced_tool_output_is_not(tokenizer):
+    task = Questions(1)
+    calls = answer(tokenizer, RIGHT, tool=("6*7", RIGHT))
+    plain = answer(tokenizer, "no idea")
+    rollouts = Rollouts(ScriptedEngine(tokenizer, task, [[calls, plain]]), task, args(examples_per_step=1, num_samples=2), SINGLE, None)
+    x, y, _ = next(rollouts)
+    prompt = tokenizer.render_for_completion(task[0])
+    forced = {tokenizer.encode_special("<|output_start|>"), tokenizer.encode_special("<|output_end|>"), *tokenizer.encode(RIGHT)}
+    for row, completion in enumerate([calls, plain]):
+        ids = prompt + completion.tokens
+        assert x[row, : len(ids)].tolist() == ids
+        expected = [-1] * y.size(1)
+        for j, token in enumerate(completion.tokens):
+            expected[len(prompt) - 1 + j] = token  # position p predicts token p + 1
+        if completion is calls:
+            start = completion.tokens.index(tokenizer.encode_special("<|output_start|>"))
+            end = completion.tokens.index(tokenizer.encode_special("<|output_end|>"))
+            assert set(completion.tokens[start : end + 1]) == forced
+            for j in range(start, end + 1):
+                expected[len(prompt) - 1 + j] = -1
+        assert y[row].tolist() == expected, row
+
+
+def test_loss_is_the_advantage_weighted_nll_averaged_over_the_counted_tokens():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randint(0, 32, (2, 10))
+    y = torch.randint(0, 32, (2, 10))
+    y[0, :4], y[1, :7], y[1, 9] = -1, -1, -1  # rows count 6 and 2 tokens
+    adv = torch.tensor([0.5, -1.5])
+    with torch.no_grad():
+        nll = model(x, y, loss_reduction="none")
+    expected = (adv[:, None] * nll * (y != -1)).sum() / 8
+    loss = policy_gradient_loss(model, (x, y, adv))
+    torch.testing.assert_close(loss.detach(), expected)
+    loss.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_pass_at_k_counts_questions_solved_within_the_first_k_samples(tokenizer):
+    task = Questions(3)
+    script = [[answer(tokenizer, t) for t in ("1", RIGHT, "2", "3")],
+              [answer(tokenizer, t) for t in ("4", "5", "6", "7")],
+              [answer(tokenizer, t) for t in (RIGHT, "8", RIGHT, "9")]]
+    engine = ScriptedEngine(tokenizer, task, script)
+    assert pass_at_k(engine, task, args(num_samples=4), [0, 1, 2]) == pytest.approx({"pass@1": 1 / 3, "pass@2": 2 / 3, "pass@4": 2 / 3})
+    assert pass_at_k(engine, task, args(num_samples=4), [1]) == {"pass@1": 0.0, "pass@2": 0.0, "pass@4": 0.0}
