@@ -30,7 +30,9 @@ Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, x86_64 or aar
 - Other processes (Landlock restricts ptrace to the sandbox's own domain):
   /proc/<pid>/environ, mem, fd, cwd and root of every process outside it
   (the parent, pid 1, other sandboxes) cannot be read, nor can they be
-  ptraced. Signals (seccomp) may be sent only to the program's own pid.
+  ptraced. Signals (seccomp) may be sent only to the program's own pid, and no
+  file may be given an owner (F_SETOWN, FIOSETOWN), whose I/O would signal it.
+  TIOCSTI, which types into a terminal, fails.
 - Its own limits (seccomp): setrlimit, and prlimit with a new limit, fail; the
   limits are frozen as set. Without CAP_SYS_RESOURCE no hard limit could be
   raised anyway. unshare and setns fail, so no namespace hands capabilities back.
@@ -39,7 +41,7 @@ Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, x86_64 or aar
 
 Accident protections (limits, not a security boundary):
 - Address space and data segment (`memory_mb`), CPU seconds, size of any file
-  written (MAX_FILE_BYTES), open files, no core dumps, RLIMIT_NPROC 0.
+  written (MAX_FILE_BYTES), open files, no core dumps.
 - A wall-clock timeout that SIGKILLs the child's process group and the child.
 - Only the first MAX_OUTPUT_BYTES of stdout and of stderr are kept.
 - Exiting early through Python (`exit()`, `sys.exit(0)`, `os._exit`, `os.abort`)
@@ -50,9 +52,10 @@ Accident protections (limits, not a security boundary):
 Not contained:
 - Reading: every file the caller may read stays readable (Landlock is given
   write rules only), and so are other processes' /proc/<pid>/cmdline and status.
-- SysV IPC and POSIX message queues, which the machine shares; the priority
-  and CPU affinity of the caller's other processes; timestamps and extended
-  attributes of files the caller owns (as root: most of the system).
+- SysV IPC and POSIX message queues, which the machine shares; the CPU and I/O
+  priority and CPU affinity of the caller's other processes; timestamps and
+  extended attributes of files the caller owns (as root: most of the system);
+  the settings of a terminal it can open for reading.
 - Filling the disk: each file is capped at MAX_FILE_BYTES, not their number.
 - CPU and memory pressure on the machine while the program runs.
 - Kernel exploits and side channels: the filter is a deny list on a shared
@@ -82,9 +85,10 @@ Without Landlock ABI 3 or seccomp (an older kernel, Landlock left out of the
 boot's lsm= list, a container profile that refuses the calls), execute() warns
 once and falls back to Python-level guards that catch accidents only: process
 creation, signalling, destructive file calls, sockets and limit changes raise
-PermissionError, `ctypes` and `multiprocessing` cannot be imported, and files
-may be opened for writing only inside the working directory; re-importing a
-private module walks around every one of them.
+PermissionError, `ctypes` and `multiprocessing` cannot be imported, files may
+be opened for writing only inside the working directory, and RLIMIT_NPROC is 0
+(which the kernel ignores for root, and which refuses threads to anyone else);
+re-importing a private module walks around every one of them.
 
 Why not bubblewrap: for a caller that is not root it needs user namespaces,
 which Ubuntu 24.04 (hence DGX OS 7) restricts for unprivileged programs by
@@ -157,7 +161,7 @@ SYSCALLS = {
         "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
         "setrlimit": 160, "prlimit64": 302, "unshare": 272, "setns": 308,
         "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
-        "pidfd_send_signal": 424,
+        "pidfd_send_signal": 424, "fcntl": 72, "ioctl": 16,
     },
     "aarch64": {  # no fork, vfork or chmod: glibc uses clone and fchmodat
         "clone": 220, "clone3": 435, "execve": 221, "execveat": 281,
@@ -165,7 +169,7 @@ SYSCALLS = {
         "fchmod": 52, "fchmodat": 53, "fchmodat2": 452,
         "setrlimit": 164, "prlimit64": 261, "unshare": 97, "setns": 268,
         "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
-        "pidfd_send_signal": 424,
+        "pidfd_send_signal": 424, "fcntl": 25, "ioctl": 29,
     },
 }
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
@@ -176,6 +180,9 @@ REFUSED_SYSCALLS = (
 )
 SIGNALS_TO_SELF_ONLY = ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo")  # the pid is argument 0
 CLONE_THREAD = 0x00010000
+# A file's owner gets a signal of the file's choosing (SIGKILL too) on I/O; TIOCSTI types into a terminal.
+F_SETOWN, F_SETOWN_EX = 8, 15
+FIOSETOWN, SIOCSPGRP, TIOCSTI = 0x8901, 0x8902, 0x5412
 # Classic BPF as seccomp runs it: load a 32-bit word of struct seccomp_data, compare, return.
 BPF_LOAD, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
 SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARGS = 0, 4, 16
@@ -390,9 +397,10 @@ def _child_main(memory_bytes: int, cpu_seconds: int, confinement: str) -> None:
     try:
         with open(PROGRAM_FILE, "rb") as f:
             source = f.read()  # bytes: compile() honours a coding declaration
-        _limit_resources(memory_bytes, cpu_seconds)  # first: the seccomp filter freezes them
+        kernel = confinement == "kernel"
+        _limit_resources(memory_bytes, cpu_seconds, limit_processes=not kernel)  # first: seccomp freezes them
         workdir = os.path.realpath(os.getcwd())
-        if confinement == "kernel":
+        if kernel:
             _confine(workdir)
         else:
             _install_guards(workdir)
@@ -407,7 +415,7 @@ def _child_main(memory_bytes: int, cpu_seconds: int, confinement: str) -> None:
     real_exit(code)
 
 
-def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
+def _limit_resources(memory_bytes: int, cpu_seconds: int, limit_processes: bool) -> None:
     limits = {
         resource.RLIMIT_AS: memory_bytes,
         resource.RLIMIT_DATA: memory_bytes,
@@ -415,8 +423,9 @@ def _limit_resources(memory_bytes: int, cpu_seconds: int) -> None:
         resource.RLIMIT_FSIZE: MAX_FILE_BYTES,
         resource.RLIMIT_NOFILE: MAX_OPEN_FILES,
         resource.RLIMIT_CORE: 0,
-        resource.RLIMIT_NPROC: 0,  # ignored by the kernel for root, effective for anyone else
     }
+    if limit_processes:  # ignored by the kernel for root; for anyone else it refuses threads too
+        limits[resource.RLIMIT_NPROC] = 0
     for which, value in limits.items():
         _, hard = resource.getrlimit(which)
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
@@ -468,7 +477,8 @@ def _filter_syscalls(machine: str) -> None:
 
 
 def _seccomp_program(machine: str, pid: int) -> bytes:
-    """REFUSED_SYSCALLS fail, clone makes threads only, prlimit only reads, signals reach only `pid`."""
+    """REFUSED_SYSCALLS fail, clone makes threads only, prlimit only reads, signals reach only `pid`,
+    and no file gets an owner to signal."""
     numbers = SYSCALLS[machine]
     rules = {numbers[name]: [_ret(SECCOMP_RET_ERRNO | errno.EPERM)] for name in REFUSED_SYSCALLS if name in numbers}
     rules[numbers["clone3"]] = [_ret(SECCOMP_RET_ERRNO | errno.ENOSYS)]
@@ -476,6 +486,8 @@ def _seccomp_program(machine: str, pid: int) -> bytes:
     rules[numbers["prlimit64"]] = _allow_when_null(2)
     for name in SIGNALS_TO_SELF_ONLY:
         rules[numbers[name]] = _allow_when(0, BPF_JEQ, pid)
+    rules[numbers["fcntl"]] = _refuse_when_in(1, (F_SETOWN, F_SETOWN_EX))
+    rules[numbers["ioctl"]] = _refuse_when_in(1, (FIOSETOWN, SIOCSPGRP, TIOCSTI))
     code = [
         _load(SECCOMP_DATA_ARCH), _jump(BPF_JEQ, AUDIT_ARCH[machine], 1, 0), _ret(SECCOMP_RET_KILL_PROCESS),
         _load(SECCOMP_DATA_NR),
@@ -489,7 +501,7 @@ def _seccomp_program(machine: str, pid: int) -> bytes:
 
 
 def _allow_when(arg: int, test: int, value: int) -> list[bytes]:
-    # The low 32 bits only: the kernel reads pids as ints, and CLONE_THREAD is a low bit.
+    # The low 32 bits only: the kernel reads pids and commands as ints, and CLONE_THREAD is a low bit.
     return [
         _load(_low_word(arg)), _jump(test, value, 0, 1),
         _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
@@ -501,6 +513,12 @@ def _allow_when_null(arg: int) -> list[bytes]:
         _load(_low_word(arg)), _jump(BPF_JEQ, 0, 0, 3), _load(_low_word(arg) + 4), _jump(BPF_JEQ, 0, 0, 1),
         _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
     ]
+
+
+def _refuse_when_in(arg: int, values: tuple[int, ...]) -> list[bytes]:
+    # Each match jumps over the remaining tests and the ALLOW to the EPERM.
+    tests = [_jump(BPF_JEQ, value, len(values) - i, 0) for i, value in enumerate(values)]
+    return [_load(_low_word(arg)), *tests, _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM)]
 
 
 def _low_word(arg: int) -> int:

@@ -360,6 +360,27 @@ def test_other_processes_cannot_be_signalled_past_the_guards(bystander):
 
 
 @kernel_only
+@pytest.mark.parametrize("owner", [
+    "fcntl.fcntl(r, fcntl.F_SETOWN, {pid})",
+    "fcntl.ioctl(r, 0x8901, struct.pack('i', {pid}))",  # FIOSETOWN, on a socket
+], ids=["F_SETOWN", "FIOSETOWN"])
+def test_other_processes_cannot_be_signalled_through_io_notices(bystander, owner):
+    # An fd's owner gets a signal of the fd's choosing, SIGKILL included, when I/O becomes possible.
+    program = (
+        "import fcntl, os, signal, socket, struct\n"
+        "r, w = socket.socketpair()\n"
+        f"{owner.format(pid=bystander.pid)}\n"
+        "fcntl.fcntl(r, fcntl.F_SETSIG, signal.SIGKILL)\n"
+        "fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)\n"
+        "w.send(b'x')\n"
+    )
+    result = execute(program)
+    assert result.status == "failed"
+    time.sleep(0.1)
+    assert bystander.poll() is None
+
+
+@kernel_only
 @pytest.mark.parametrize("whose", ["bystander", "parent", "init"])
 def test_other_processes_environment_cannot_be_read(bystander, whose):
     pid = {"bystander": bystander.pid, "parent": os.getpid(), "init": 1}[whose]
