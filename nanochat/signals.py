@@ -11,12 +11,23 @@ from nanochat.common import print0
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM; `agreed()` makes every rank stop at the same step."""
+    """Set by SIGINT/SIGTERM inside its `with` block; `agreed()` makes every rank stop at the same step.
+
+    Leaving the block puts back the handlers it replaced, so a caller that runs
+    training in-process (a test, a notebook) gets its own Ctrl-C back.
+    """
 
     def __init__(self):
         self.signum: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self._replaced: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        self._replaced = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._replaced.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, _frame) -> None:
         if self.signum is not None:  # a second Ctrl-C means: now

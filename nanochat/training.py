@@ -103,13 +103,14 @@ class TrainLoop:
         if self.power:
             self.power.start()
         try:
-            return self._run()
+            with StopRequest() as stop:
+                return self._run(stop)
         finally:
             if self.power:
                 self.power.stop()
 
-    def _run(self) -> int:
-        stop, s, last = StopRequest(), self.settings, self.settings.num_iterations
+    def _run(self, stop: StopRequest) -> int:
+        s, last = self.settings, self.settings.num_iterations
         for step in range(self.start_step, last):
             self.train_step(step)
             done = step + 1

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from child import Child
 from nanochat.checkpoint import load_model, resolve_source, save_checkpoint
 from nanochat.engine import Engine
 from nanochat.sampling import SamplingParams
@@ -59,12 +64,22 @@ def test_mid_sft_rl_and_chat_eval(workspace):
     for stage in ("mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         assert list((base / stage / "d2").glob("step_*"))
     evaluation = run(env, "scripts.chat_eval", "-i", "rl", "-a", "ARC-Easy", "GSM8K", "HumanEval", "--max-problems", "3", "--max-new-tokens", "16")
-    assert "ARC-Easy" in evaluation.stdout and "ChatCORE" in evaluation.stdout
-    metrics = json.loads((base / "report" / "chat-eval-rl.json").read_text())["metrics"]
-    assert {"ARC-Easy", "GSM8K", "HumanEval", "ChatCORE"} <= set(metrics)
+    check_chat_eval_figures(evaluation.stdout, json.loads((base / "report" / "chat-eval-rl.json").read_text())["metrics"])
     for name in ("mid-train", "sft-train", "rl-train", "chat-eval-sft"):
         assert (base / "report" / f"{name}.md").is_file(), name
     check_engine_loads_every_stage(base)
+
+
+def check_chat_eval_figures(stdout: str, metrics: dict) -> None:
+    """Each task's accuracy in the report is its printed count over 3 problems; ChatCORE is computed from them."""
+    from scripts.chat_eval import chat_core
+
+    counts = {name: (int(right), int(total)) for name, right, total in re.findall(r"^(\S+) +(\d+)/(\d+) +=", stdout, re.MULTILINE)}
+    assert set(counts) == {"ARC-Easy", "GSM8K", "HumanEval"}, stdout
+    for name, (right, total) in counts.items():
+        assert total == 3 and metrics[name] == right / total, (name, metrics)
+    kinds = {"ARC-Easy": "categorical", "GSM8K": "generative", "HumanEval": "generative"}
+    assert metrics["ChatCORE"] == pytest.approx(chat_core({name: (metrics[name], kind) for name, kind in kinds.items()}))
 
 
 def check_engine_loads_every_stage(base: Path) -> None:
@@ -115,34 +130,81 @@ def test_categorical_scoring_picks_the_letter_with_the_highest_logit(workspace):
     assert score_categorical(model, tokenizer, task, list(range(8)), batch_size=3) == expected
 
 
-def test_sft_resume_after_sigterm_is_bit_identical(workspace, tmp_path):
-    import shutil
-    import signal
+def copy_workspace(base: Path, to: Path) -> Path:
+    """The tokenizer, task files and base checkpoint, without any later stage's output."""
+    shutil.copytree(base, to, ignore=shutil.ignore_patterns("*_checkpoints", "report"))
+    shutil.copytree(base / "base_checkpoints", to / "base_checkpoints")
+    return to
 
-    from safetensors.torch import load_file
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run stages in this process (no interpreter start-up) on one torch thread, as the
+    OMP_NUM_THREADS=1 children do, so both compute the same bits; returns a function that
+    points NANOCHAT_* at a workspace copy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def use(env: dict, home: Path) -> dict:
+        for key, value in env.items():
+            if key.startswith("NANOCHAT_"):
+                monkeypatch.setenv(key, value)
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(home))
+        return {**env, "NANOCHAT_BASE_DIR": str(home)}
+
+    yield use
+    torch.set_num_threads(threads)
+
+
+def final_weights(home: Path, stage: str, step: int) -> dict:
+    return load_file(str(home / stage / "d2" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def test_sft_resume_after_sigterm_is_bit_identical(workspace, tmp_path, in_process, capsys):
+    from scripts import chat_sft
 
     base, env = workspace
     args = ["--source", "base", "--num-iterations", "12", "--device-batch-size", "2", "--examples-per-step", "4",
             "--max-seq-len", "128", "--eval-every", "0", "--eval-steps", "1", "--save-every", "0", "--no-eval"]
-    copies = {}
-    for name in ("straight", "stopped"):
-        copies[name] = tmp_path / name
-        shutil.copytree(base, copies[name], ignore=shutil.ignore_patterns("*_checkpoints", "report"))
-        shutil.copytree(base / "base_checkpoints", copies[name] / "base_checkpoints")
-    run({**env, "NANOCHAT_BASE_DIR": str(copies["straight"])}, "scripts.chat_sft", *args)
-    stopped_env = {**env, "NANOCHAT_BASE_DIR": str(copies["stopped"])}
-    proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_sft", *args], cwd=ROOT, env=stopped_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "step 000004/" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-    proc.stdout.read()
-    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
-    resumed = run(stopped_env, "scripts.chat_sft", *args, "--resume")
-    assert "resumed from" in resumed.stdout
-    final = [load_file(str(c / "chatsft_checkpoints" / "d2" / "step_000012" / "model.safetensors")) for c in copies.values()]
-    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    in_process(env, copy_workspace(base, tmp_path / "straight"))
+    assert chat_sft.main(args) == 0
+    stopped_env = in_process(env, copy_workspace(base, tmp_path / "stopped"))
+    with Child([sys.executable, "-m", "scripts.chat_sft", *args], cwd=ROOT, env=stopped_env) as stopped:
+        stopped.wait_for("step 000004/", timeout=240)
+        stopped.proc.send_signal(signal.SIGTERM)
+        assert stopped.finish(timeout=120) == 128 + signal.SIGTERM, stopped.output[-3000:]
+    capsys.readouterr()
+    assert chat_sft.main([*args, "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    straight, resumed = (final_weights(tmp_path / name, "chatsft_checkpoints", 12) for name in ("straight", "stopped"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_rl_resume_ends_on_the_weights_of_the_run_never_stopped(workspace, tmp_path, in_process, monkeypatch, capsys):
+    import tasks
+    from scripts import chat_rl
+
+    class LengthParity(tasks.GSM8K):
+        """A random model almost never gets a GSM8K number right, so every advantage would be 0;
+        the parity of the answer's length differs within a group, so the updates depend on which questions came."""
+
+        def reward(self, conversation: dict, completion: str) -> float:
+            return float(len(completion) % 2)
+
+    monkeypatch.setattr(tasks, "GSM8K", LengthParity)
+    base, env = workspace
+    home = copy_workspace(base, tmp_path / "home")
+    in_process(env, home)
+    args = ["--source", "base", "--num-iterations", "4", "--examples-per-step", "2", "--num-samples", "4", "--device-batch-size", "4",
+            "--max-new-tokens", "12", "--eval-every", "0", "--eval-examples", "2", "--save-every", "2", "--no-eval"]
+    assert chat_rl.main(args) == 0
+    straight = final_weights(home, "chatrl_checkpoints", 4)
+    shutil.rmtree(home / "chatrl_checkpoints" / "d2" / "step_000004")  # as if killed after step 2's checkpoint
+    capsys.readouterr()
+    assert chat_rl.main([*args, "--resume"]) == 0
+    assert "(step 2)" in capsys.readouterr().out
+    resumed = final_weights(home, "chatrl_checkpoints", 4)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
 @pytest.mark.parametrize("script", ["midtrain.sh", "sft.sh", "rl.sh"])
@@ -155,7 +217,6 @@ def test_stage_scripts_help(script):
 
 def test_sample_task_answers_are_right():
     import random
-    import re
 
     from tasks.sample_data import arc_rows, gsm8k_rows, mmlu_rows
 
