@@ -5,9 +5,9 @@
         child.proc.send_signal(signal.SIGTERM)
         assert child.finish(timeout=60) == 128 + signal.SIGTERM
 
-stdout and stderr are merged and read by a thread into `output`; the child
-runs in its own session, and leaving the `with` block kills that whole
-session (torchrun's workers too) if it is still running.
+stdout and stderr are merged and read by a thread into `output`. Leaving the
+`with` block kills the child and every process under it (torchrun's workers,
+which sit in sessions of their own) if it is still running.
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ from __future__ import annotations
 import codecs
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 
 class Child:
     def __init__(self, command: list[str], **popen):
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
         self.output = ""
         self._chunks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -78,8 +80,27 @@ class Child:
         return code
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the child and its descendants, found before any dies (an orphan's parent becomes init)."""
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            parent = int(re.search(r"^PPid:\s+(\d+)", status.read_text(), re.MULTILINE).group(1))
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(status.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found

@@ -1,9 +1,17 @@
-"""base_train end to end on a tiny model: exact resume after SIGKILL, SIGTERM
-checkpoints, 2-rank torchrun == 1 process with gradient accumulation, base_loss."""
+"""base_train end to end on a tiny model: exact resume after SIGKILL, SIGTERM checkpoints,
+2 ranks (torchrun, gloo) == 1 process with gradient accumulation, also when a SIGTERM reaches
+one rank only and the run resumes through both ranks' checkpoint files, the memory refusal and
+out-of-memory exit codes, base_loss.
+
+Runs that need neither a signal nor a second rank call main() in this process (an interpreter
+start-up saved each) on one torch thread, as the OMP_NUM_THREADS=1 children compute, so the
+two give the same bits."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from child import Child, descendants
 from conftest import write_shard
 from nanochat.tokenizer import Tokenizer
 
@@ -36,6 +45,23 @@ def workspace(base_dir):
     return base_dir
 
 
+@pytest.fixture
+def here(capsys):
+    """base_train.main(TINY + args) in this process: (exit code, what it printed)."""
+    from scripts import base_train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(*args: str, tiny: list[str] = TINY) -> tuple[int, str]:
+        capsys.readouterr()
+        code = base_train.main([*tiny, *args])
+        return code, capsys.readouterr().out
+
+    yield run
+    torch.set_num_threads(threads)
+
+
 def _cmd(*args, nproc=1):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     return launcher + ["-m", "scripts.base_train", *TINY, *args]
@@ -45,84 +71,119 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _train(*args, nproc=1, check=True):
+def _train(*args, nproc=1):
     out = subprocess.run(_cmd(*args, nproc=nproc), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
+def _checkpoints(base_dir, tag) -> list[Path]:
+    return sorted((base_dir / "base_checkpoints" / tag).glob("step_*"))
+
+
 def _final_weights(base_dir, tag):
-    steps = sorted((base_dir / "base_checkpoints" / tag).glob("step_*"))
-    return load_file(str(steps[-1] / "model.safetensors"))
+    return load_file(str(_checkpoints(base_dir, tag)[-1] / "model.safetensors"))
 
 
-def _run_until(args, marker: str, sig: int) -> subprocess.Popen:
-    """Start training, send `sig` once a stdout line contains `marker`; return the finished process."""
-    proc = subprocess.Popen(_cmd(*args), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if marker in line:
-            proc.send_signal(sig)
-            break
-    proc.stdout.read()
-    proc.wait(timeout=120)
-    return proc
+def _worker_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank`: the process under `launcher` with RANK=rank in its environment."""
+    for pid in descendants(launcher):
+        try:
+            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:  # the process ended meanwhile
+            continue
+    raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
 
 
-def test_sigkill_then_resume_is_bit_identical(workspace):
+def test_sigkill_then_resume_is_bit_identical(workspace, here):
     steps = ["--num-iterations", "40", "--total-batch-size", str(2 * ROWS * SEQ), "--eval-every", "0"]
-    _train(*steps, "--model-tag", "straight", "--save-every", "0")
-    killed = _run_until([*steps, "--model-tag", "killed", "--save-every", "1"], "step 000020/", signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    resumed = _train(*steps, "--model-tag", "killed", "--save-every", "1", "--resume")
-    assert "resumed from" in resumed.stdout
+    assert here(*steps, "--model-tag", "straight", "--save-every", "0")[0] == 0
+    with Child(_cmd(*steps, "--model-tag", "killed", "--save-every", "1"), cwd=ROOT, env=_env()) as killed:
+        killed.wait_for("step 000020/", timeout=240)
+        killed.proc.kill()
+        assert killed.finish(timeout=60) == -signal.SIGKILL
+    code, out = here(*steps, "--model-tag", "killed", "--save-every", "1", "--resume")
+    assert code == 0 and "resumed from" in out
     straight, again = _final_weights(workspace, "straight"), _final_weights(workspace, "killed")
     assert straight.keys() == again.keys()
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace):
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace, here):
     steps = ["--num-iterations", "200", "--total-batch-size", str(ROWS * SEQ), "--save-every", "0", "--eval-every", "0"]
-    stopped = _run_until([*steps, "--model-tag", "t"], "step 000003/", signal.SIGTERM)
-    assert stopped.returncode == 128 + signal.SIGTERM
-    saved = sorted((workspace / "base_checkpoints" / "t").glob("step_*"))
+    with Child(_cmd(*steps, "--model-tag", "t"), cwd=ROOT, env=_env()) as stopped:
+        stopped.wait_for("step 000003/", timeout=240)
+        stopped.proc.send_signal(signal.SIGTERM)
+        assert stopped.finish(timeout=120) == 128 + signal.SIGTERM
+    saved = _checkpoints(workspace, "t")
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("_")[1]) < 200
-    done = _train(*steps, "--model-tag", "t", "--resume")
-    assert "step 000200/000200" in done.stdout and "validation bits per byte" in done.stdout
+    code, out = here(*steps, "--model-tag", "t", "--resume")
+    assert code == 0 and "step 000200/000200" in out and "validation bits per byte" in out
 
 
-def test_two_ranks_equal_one_process_with_accumulation(workspace):
-    common = ["--num-iterations", "4", "--total-batch-size", str(2 * ROWS * SEQ), "--eval-every", "0", "--save-every", "0"]
-    single = _train(*common, "--model-tag", "single")
-    assert "x 1 rank(s) x 2 accumulation step(s)" in single.stdout
-    double = _train(*common, "--model-tag", "double", nproc=2)
-    assert "x 2 rank(s) x 1 accumulation step(s)" in double.stdout
+def test_two_ranks_equal_one_process_also_across_a_sigterm_to_one_rank(workspace, here):
+    """Rank 1 alone gets SIGTERM: both ranks stop after the same step and write their own
+    optimizer and data files; resuming with 1 process is refused, with 2 it ends where the
+    single process with 2 accumulation steps does."""
+    steps = ["--num-iterations", "16", "--total-batch-size", str(2 * ROWS * SEQ), "--eval-every", "0", "--save-every", "0"]
+    code, single = here(*steps, "--model-tag", "single")
+    assert code == 0 and "x 1 rank(s) x 2 accumulation step(s)" in single
+    with Child(_cmd(*steps, "--model-tag", "double", nproc=2), cwd=ROOT, env=_env()) as stopped:
+        stopped.wait_for("step 000002/", timeout=240)
+        os.kill(_worker_pid(stopped.proc.pid, rank=1), signal.SIGTERM)
+        assert stopped.finish(timeout=120) != 0
+    assert "x 2 rank(s) x 1 accumulation step(s)" in stopped.output
+    assert re.search(r"^stopped at step \d+; continue with --resume$", stopped.output, re.MULTILINE), stopped.output[-3000:]
+    saved = _checkpoints(workspace, "double")
+    assert len(saved) == 1 and 2 <= int(saved[0].name.split("_")[1]) < 16
+    assert {f"{kind}_rank{r}.{ext}" for kind, ext in (("optim", "pt"), ("data", "json")) for r in (0, 1)} <= {p.name for p in saved[0].iterdir()}
+    assert json.loads((saved[0] / "meta.json").read_text())["world_size"] == 2
+    code, refused = here(*steps, "--model-tag", "double", "--resume")
+    assert code == 2 and "written by 2 rank(s)" in refused
+    resumed = _train(*steps, "--model-tag", "double", "--resume", nproc=2)
+    assert f"resumed from {saved[0]}" in resumed.stdout
     a, b = _final_weights(workspace, "single"), _final_weights(workspace, "double")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     assert not torch.equal(a["blocks.0.attn.o_proj.weight"], torch.zeros_like(a["blocks.0.attn.o_proj.weight"]))
 
 
-def test_base_loss_reports_both_splits(workspace):
-    _train("--num-iterations", "3", "--total-batch-size", str(ROWS * SEQ), "--eval-every", "0")
-    out = subprocess.run([sys.executable, "-m", "scripts.base_loss", "--device-batch-size", "2", "--split-tokens", "512"],
-                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "train bits per byte" in out.stdout and "val bits per byte" in out.stdout
+def test_base_loss_reports_both_splits(workspace, here, capsys):
+    from scripts import base_loss
+
+    assert here("--num-iterations", "3", "--total-batch-size", str(ROWS * SEQ), "--eval-every", "0")[0] == 0
+    assert base_loss.main(["--device-batch-size", "2", "--split-tokens", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "train bits per byte" in out and "val bits per byte" in out
     section = (workspace / "report" / "base-loss.md").read_text()
     assert "val bpb" in section and "d2 step 3" in section
 
 
-def test_clear_errors_without_tokenizer_or_checkpoint(base_dir):
-    out = _train("--num-iterations", "1", "--total-batch-size", str(ROWS * SEQ), check=False)
-    assert out.returncode == 2 and "tok_train" in out.stdout
-    loss = subprocess.run([sys.executable, "-m", "scripts.base_loss"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
-    assert loss.returncode == 2 and "tok_train" in loss.stdout
+def test_clear_errors_without_tokenizer_or_checkpoint(base_dir, here, capsys):
+    from scripts import base_loss
+
+    code, out = here("--num-iterations", "1", "--total-batch-size", str(ROWS * SEQ))
+    assert code == 2 and "tok_train" in out
+    assert base_loss.main([]) == 2 and "tok_train" in capsys.readouterr().out
 
 
-def test_batch_sizes_that_do_not_divide_are_refused(workspace):
-    out = _train("--num-iterations", "1", "--total-batch-size", "100", check=False)
-    assert out.returncode == 2 and "not a multiple" in out.stdout
+def test_batch_sizes_that_do_not_divide_are_refused(workspace, here):
+    code, out = here("--num-iterations", "1", "--total-batch-size", "100")
+    assert code == 2 and "not a multiple" in out
+
+
+def test_out_of_memory_exits_3_naming_a_smaller_batch(workspace, here, monkeypatch):
+    from nanochat.training import TrainLoop
+
+    def oom(self, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrainLoop, "train_step", oom)
+    handler = signal.getsignal(signal.SIGINT)
+    code, out = here("--num-iterations", "1", "--total-batch-size", str(ROWS * SEQ), "--model-tag", "oom")
+    assert code == 3 and "out of memory at --device-batch-size 2; try 1" in out and "--resume" in out
+    assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are gone with it
 
 
 def test_pretrain_script_trains_then_measures(workspace):
@@ -151,26 +212,21 @@ def _limit_between(workspace, small: int, large: int) -> str:
     return f"{(fits + too_big) / 2 / DEFAULT_MARGIN / 2**30:.6f}"
 
 
-def test_device_batch_is_measured_to_fit_before_step_one(workspace):
+def test_device_batch_is_measured_to_fit_before_step_one(workspace, here):
     """Unset: the default 32 or the largest power of two that fits, said in the log; set and too big:
-    refused with the batch that would fit, unless --auto-batch or --ignore-memory-check."""
+    refused (exit 3) with the batch that would fit, unless --auto-batch or --ignore-memory-check."""
     limit = _limit_between(workspace, 8, 16)
     at = TINY.index("--device-batch-size")
     tiny = TINY[:at] + TINY[at + 2 :]
     common = ["--num-iterations", "1", "--total-batch-size", str(32 * SEQ), "--memory-limit", limit, "--save-every", "0"]
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "scripts.base_train", *tiny, *common, *args], cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-
-    chosen = run()
-    assert chosen.returncode == 0, chosen.stdout[-3000:] + chosen.stderr[-3000:]
-    assert "device batch 8 (the default 32 does not fit)" in chosen.stdout
-    assert "= 8 rows x 32 tokens x 1 rank(s) x 4 accumulation step(s)" in chosen.stdout  # same tokens per step
-    refused = run("--device-batch-size", "32", "--model-tag", "refused")
-    assert refused.returncode == 3 and "--device-batch-size 8 would" in refused.stdout and "refusing to start" in refused.stdout
+    code, chosen = here(*common, tiny=tiny)
+    assert code == 0, chosen[-3000:]
+    assert "device batch 8 (the default 32 does not fit)" in chosen
+    assert "= 8 rows x 32 tokens x 1 rank(s) x 4 accumulation step(s)" in chosen  # same tokens per step
+    code, refused = here(*common, "--device-batch-size", "32", "--model-tag", "refused", tiny=tiny)
+    assert code == 3 and "--device-batch-size 8 would" in refused and "refusing to start" in refused
     assert not (workspace / "base_checkpoints" / "refused").exists()
-    auto = run("--device-batch-size", "32", "--auto-batch", "--model-tag", "auto")
-    assert auto.returncode == 0 and "device batch 8 (--auto-batch)" in auto.stdout
-    forced = run("--device-batch-size", "32", "--ignore-memory-check", "--model-tag", "forced")
-    assert forced.returncode == 0 and "starting at device batch 32 anyway" in forced.stdout
+    code, auto = here(*common, "--device-batch-size", "32", "--auto-batch", "--model-tag", "auto", tiny=tiny)
+    assert code == 0 and "device batch 8 (--auto-batch)" in auto
+    code, forced = here(*common, "--device-batch-size", "32", "--ignore-memory-check", "--model-tag", "forced", tiny=tiny)
+    assert code == 0 and "starting at device batch 32 anyway" in forced
