@@ -48,8 +48,11 @@ STAMP="$VENV/.nanochat-setup"
 GPU_NAME=""
 DRIVER_CUDA=""
 if [ "$FORCE_CPU" = 0 ] && command -v nvidia-smi >/dev/null 2>&1; then
-  GPU_NAME=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 || true)
-  DRIVER_CUDA=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -n1 || true)
+  # Without a working driver nvidia-smi prints its complaint on stdout and fails: that is no GPU.
+  if GPU_LIST=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null); then
+    GPU_NAME=$(head -n1 <<<"$GPU_LIST")
+    DRIVER_CUDA=$(nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: *\([0-9.]*\).*/\1/p' | head -n1 || true)
+  fi
 fi
 ARCH=$(uname -m)
 

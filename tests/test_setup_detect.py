@@ -1,4 +1,4 @@
-"""setup.sh's machine detection, with fake nvidia-smi and uname on PATH (no GPU here): --check changes nothing."""
+"""setup.sh's machine detection, with fake nvidia-smi and uname on PATH, or no nvidia-smi at all: --check changes nothing."""
 
 from __future__ import annotations
 
@@ -39,8 +39,26 @@ def test_other_nvidia_gpus_follow_the_driver(tmp_path):
     assert "from cu130" in check(fake_tools(tmp_path / "c", "NVIDIA H200", "x86_64", "13.0"))
 
 
-def test_no_gpu_means_the_cpu_build(tmp_path):
-    folder = tmp_path / "bin"
+def without_nvidia_smi(folder: Path) -> dict:
+    """PATH = `folder`, holding links to everything in /usr/bin and /bin but nvidia-smi, so a host
+    with a real GPU (and a real /usr/bin/nvidia-smi) runs this case too."""
     folder.mkdir()
-    env = {**os.environ, "PATH": f"{folder}:/usr/bin:/bin"}
-    assert "no NVIDIA GPU" in check(env) and "from cpu" in check(env)
+    for directory in (Path("/usr/bin"), Path("/bin")):
+        for tool in directory.iterdir():
+            if tool.name != "nvidia-smi" and not (folder / tool.name).exists():
+                (folder / tool.name).symlink_to(tool)
+    return {**os.environ, "PATH": str(folder)}
+
+
+def test_no_gpu_means_the_cpu_build(tmp_path):
+    out = check(without_nvidia_smi(tmp_path / "bin"))
+    assert "no NVIDIA GPU" in out and "from cpu" in out
+
+
+def test_an_nvidia_smi_that_finds_no_driver_means_the_cpu_build(tmp_path):
+    env = without_nvidia_smi(tmp_path / "bin")
+    broken = tmp_path / "bin" / "nvidia-smi"
+    broken.write_text("#!/bin/sh\necho \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"\nexit 9\n")
+    broken.chmod(0o755)
+    out = check(env)
+    assert "no NVIDIA GPU" in out and "from cpu" in out
