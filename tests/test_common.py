@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -75,10 +77,12 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert "rank 0 local 0 master=True" in out.stdout and "rank 1 local 1 master=False" in out.stdout
 
 
-def test_environment_report_names_the_essentials():
+def test_environment_report_on_cpu(monkeypatch, base_dir):
+    monkeypatch.setattr(common, "autodetect_device_type", lambda override=None: "cpu")
     report = common.environment_report()
-    assert {"python", "torch", "device", "bf16", "artifacts"} <= set(report)
-    assert report["torch"] == torch.__version__
+    assert report["python"] == platform.python_version() and report["torch"] == torch.__version__
+    assert report["device"] == f"cpu ({os.cpu_count()} cores)" and report["bf16"] == "no (fp32 compute)"
+    assert report["artifacts"] == str(base_dir)
 
 
 def test_setup_script_help_and_bad_flag():
