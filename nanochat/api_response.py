@@ -44,7 +44,7 @@ class Dialect:
         return []
 
     def token_text(self, token: int) -> str:
-        return self.tokenizer.token_bytes(token).decode("utf-8", errors="replace")
+        return self.tokenizer.bytes_of(token).decode("utf-8", errors="replace")
 
 
 class ChatDialect(Dialect):
@@ -69,7 +69,7 @@ class ChatDialect(Dialect):
                             for e in entries]}
 
     def _entry(self, token: int, logprob: float) -> dict:
-        raw = self.tokenizer.token_bytes(token)
+        raw = self.tokenizer.bytes_of(token)
         return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
 

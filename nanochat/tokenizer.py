@@ -186,7 +186,7 @@ class Tokenizer:
         """The text of one token; a token holding part of a UTF-8 character shows as U+FFFD."""
         return self.decode([token_id])
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def bytes_of(self, token_id: int) -> bytes:
         """The bytes of one token (a special token's name for a special)."""
         return self._enc.decode_single_token_bytes(int(token_id))
 

@@ -120,6 +120,9 @@ MALFORMED = [
     ("too many stops", "POST", "/v1/chat/completions", _chat(stop=["a", "b", "c", "d", "e"]), 400),
     ("empty stop", "POST", "/v1/chat/completions", _chat(stop=[""]), 400),
     ("seed not an int", "POST", "/v1/chat/completions", _chat(seed="abc"), 400),
+    ("seed beyond 64 bits", "POST", "/v1/chat/completions", _chat(seed=2**64), 400),
+    ("max_tokens a bool", "POST", "/v1/chat/completions", _chat(max_tokens=True), 400),
+    ("max_tokens a string", "POST", "/v1/chat/completions", _chat(max_tokens="5"), 400),
     ("unknown model", "POST", "/v1/chat/completions", _chat(model="gpt-9"), 404),
     ("unknown path", "GET", "/v1/nothing", None, 404),
     ("wrong method", "GET", "/v1/chat/completions", None, 405),
@@ -180,3 +183,86 @@ def test_open_server_says_so(model_dir):
     assert httpx.get(srv.url + "/v1/models").status_code == 200
     banner = srv.close()
     assert "auth: none" in banner and "/v1" in banner
+
+
+# ---------------------------------------------------------------- OpenAI features, through the real client
+
+
+def test_logprobs_whole_and_streamed_agree_with_the_answer(client):
+    asked = dict(model="nanochat", messages=HI, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    whole = client.chat.completions.create(**asked)
+    entries = whole.choices[0].logprobs.content
+    assert len(entries) == whole.usage.completion_tokens == 8
+    assert b"".join(bytes(e.bytes) for e in entries).decode() == whole.choices[0].message.content
+    for e in entries:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # greedy takes the likeliest
+        assert e.logprob <= 0 and e.top_logprobs[0].logprob >= e.top_logprobs[1].logprob >= e.top_logprobs[2].logprob
+    streamed = [e for c in client.chat.completions.create(**asked, stream=True) if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    plain = client.chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=8)
+    assert plain.choices[0].logprobs is None
+
+
+def test_developer_role_is_the_system_role(client):
+    def answer(role):
+        messages = [{"role": role, "content": "be brief"}, *HI]
+        return client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=20).choices[0].message.content
+
+    assert answer("developer") == answer("system")
+
+
+def test_features_this_model_lacks_are_refused_not_ignored(client):
+    import openai
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra in ({"response_format": {"type": "json_object"}}, {"tools": [tool]}, {"tool_choice": "required"}):
+        with pytest.raises(openai.BadRequestError, match="not supported by this model"):
+            client.chat.completions.create(model="nanochat", messages=HI, max_tokens=5, **extra)
+    text = client.chat.completions.create(model="nanochat", messages=HI, max_tokens=5, response_format={"type": "text"})
+    assert text.choices[0].message.content
+
+
+def test_without_max_tokens_the_answer_runs_to_its_end_and_usage_streams(client):
+    whole = client.chat.completions.create(model="nanochat", messages=HI, temperature=0)
+    assert whole.choices[0].message.content == SCRIPT_ANSWER and whole.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model="nanochat", messages=HI, temperature=0, max_completion_tokens=4,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_head_health_and_trailing_slashes(server):
+    assert httpx.head(server.url + "/health").status_code == 200
+    resp = httpx.post(server.url + "/v1/chat/completions/", json=_chat(temperature=0, max_tokens=60))
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == SCRIPT_ANSWER
+    assert OpenAI(base_url=server.url + "/v1/", api_key="unused").models.list().data[0].id == "nanochat"
+
+
+def test_text_completions_for_plain_prompts(client):
+    whole = client.completions.create(model="nanochat", prompt="hello world", max_tokens=6, temperature=0, logprobs=2)
+    choice = whole.choices[0]
+    assert whole.object == "text_completion" and choice.finish_reason in ("length", "stop") and whole.usage.completion_tokens >= 1
+    assert "".join(choice.logprobs.tokens) == choice.text and len(choice.logprobs.token_logprobs) == whole.usage.completion_tokens
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs)
+    assert choice.logprobs.text_offset[0] == 0
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="nanochat", prompt="hello world", max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == choice.text
+
+
+def test_prometheus_metrics(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=5)
+    httpx.post(server.url + "/v1/chat/completions", content=b"{")
+    text = httpx.get(server.url + "/metrics").text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("nanochat_http_responses_total", (("route", "/v1/chat/completions"), ("status", "200")))] >= 1
+    assert samples[("nanochat_http_responses_total", (("route", "/v1/chat/completions"), ("status", "400")))] >= 1
+    assert samples[("nanochat_generated_tokens_total", ())] >= 5
+    assert samples[("nanochat_time_to_first_token_seconds_count", ())] >= 1
+    assert samples[("nanochat_time_per_output_token_seconds_count", ())] >= 4
+    assert samples[("nanochat_slots", ())] == 8 and samples[("nanochat_slots_in_use", ())] == 0
+    assert samples[("nanochat_queue_depth", ())] == 0
