@@ -1,6 +1,7 @@
-"""bench/gpu_check.py: the whole smoke run on CPU (every check PASS or SKIP, a
-JSON entry with finite figures per check), how failures, out-of-memory and a
-missing estimator are reported, usage errors, and the MFU peak table."""
+"""bench/gpu_check.py: the smoke run on CPU (every check PASS or SKIP, a JSON
+entry with finite figures per check; the quick checks in-process, the whole run
+in the slow set), how failures, out-of-memory and a missing estimator are
+reported, usage errors, and the MFU peak table."""
 
 from __future__ import annotations
 
@@ -35,17 +36,17 @@ def status_lines(stdout: str) -> dict[str, str]:
     return found
 
 
-def test_smoke_run_on_cpu_passes_every_check(tmp_path):
-    out = tmp_path / "x.json"
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout + done.stderr
-    names = [name for name, _ in gpu_check.CHECKS]
-    lines = status_lines(done.stdout)
-    assert sorted(lines) == sorted(names), done.stdout
-    assert all(status in ("PASS", "SKIP") for status in lines.values()), done.stdout
+# The checks that need neither torch.compile nor transformers: ~10 s of the ~50 s the whole smoke run takes.
+QUICK = ["bf16_vs_fp32", "chunked_loss", "d20_eager_memory", "d20_decode"]
+
+
+def check_results(stdout: str, out: Path, names: list[str]) -> None:
+    """Every named check PASS or SKIP in the log and in the JSON, with finite figures."""
+    lines = status_lines(stdout)
+    assert sorted(lines) == sorted(names), stdout
+    assert all(status in ("PASS", "SKIP") for status in lines.values()), stdout
     for field in ("device: cpu", f"torch: {torch.__version__}", "cuda: "):
-        assert field in done.stdout
+        assert field in stdout
     data = json.loads(out.read_text())
     assert [c["name"] for c in data["checks"]] == names
     for check in data["checks"]:
@@ -54,6 +55,21 @@ def test_smoke_run_on_cpu_passes_every_check(tmp_path):
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in check["figures"].values()), check
         assert check["seconds"] >= 0 and check["message"]
     assert data["header"]["torch"] == torch.__version__
+
+
+def test_smoke_run_of_the_quick_checks_in_process(tmp_path, capsys):
+    out = tmp_path / "x.json"
+    assert gpu_check.main(["--device", "cpu", "--smoke", "--only", ",".join(QUICK), "--out", str(out)]) == 0
+    check_results(capsys.readouterr().out, out, QUICK)
+
+
+@pytest.mark.slow  # ~50 s: torch.compile twice and a transformers model; `pytest -m slow`
+def test_smoke_run_on_cpu_passes_every_check(tmp_path):
+    out = tmp_path / "x.json"
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_results(done.stdout, out, [name for name, _ in gpu_check.CHECKS])
 
 
 def test_a_failing_check_is_reported_and_the_others_still_run(tmp_path, monkeypatch, capsys):
