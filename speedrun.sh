@@ -23,7 +23,7 @@ Options:
                    on 2 cores (the model talks nonsense; the point is the whole pipeline)
   --data PATH      pretrain on a local corpus (.txt/.jsonl/.parquet file or folder) and use
                    generated sample task files: no network needed
-  --smoke          (with --tiny) a few steps per stage only, for tests
+  --smoke          (with --tiny) a few steps per stage of 4 rows only, for tests
   -h, --help       show this help
 USAGE
 }
@@ -53,10 +53,11 @@ fi
 
 # ---------------------------------------------------------------- sizes (one place)
 if [ "$TINY" = 1 ]; then
+  if [ "$SMOKE" = 1 ]; then BATCH=${BATCH:-4}; fi
   DEPTH=${DEPTH:-4}; BATCH=${BATCH:-16}; SEQ=256; VOCAB=8192; TOK_CHARS=20000000
   PRE_STEPS=200; MID_STEPS=60; SFT_STEPS=60; RL_STEPS=8; EVAL_PROBLEMS=16; MAX_NEW=96; CORE_PER_TASK=16
   PRETRAIN_EVAL_TOKENS=(--eval-tokens 65536)
-  if [ "$SMOKE" = 1 ]; then PRE_STEPS=3; MID_STEPS=2; SFT_STEPS=2; RL_STEPS=1; EVAL_PROBLEMS=2; MAX_NEW=8; CORE_PER_TASK=2; TOK_CHARS=2000000; PRETRAIN_EVAL_TOKENS=(--eval-tokens 8192); VOCAB=1024; fi
+  if [ "$SMOKE" = 1 ]; then PRE_STEPS=3; MID_STEPS=2; SFT_STEPS=2; RL_STEPS=1; EVAL_PROBLEMS=2; MAX_NEW=8; CORE_PER_TASK=2; TOK_CHARS=2000000; PRETRAIN_EVAL_TOKENS=(--eval-tokens 2048); VOCAB=1024; fi
   PRE_ARGS=(-- --max-seq-len "$SEQ" --total-batch-size $((BATCH * SEQ)) --num-iterations "$PRE_STEPS" --eval-every 100 --sample-every 0 --save-every 50)
   MID_ARGS=(--num-iterations "$MID_STEPS" --device-batch-size "$BATCH" --total-batch-size $((BATCH * SEQ)) --max-examples 4000 --eval-steps 4 --save-every 20 --no-eval)
   SFT_ARGS=(--num-iterations "$SFT_STEPS" --device-batch-size 4 --examples-per-step 8 --max-examples 1000 --eval-steps 4 --save-every 20 --no-eval)
@@ -68,6 +69,8 @@ else
   PRE_ARGS=(); MID_ARGS=(--no-eval); SFT_ARGS=(--no-eval); RL_ARGS=(--no-eval); EVAL_ARGS=(); PRETRAIN_EVAL_TOKENS=()
 fi
 RUN_ARGS=(); [ -n "$RUN" ] && RUN_ARGS=(--run "$RUN")
+# --tiny installs the CPU build: one process, said outright, spares each stage script a Python start to count GPUs
+PROCESS_ARGS=(); if [ "$TINY" = 1 ]; then PROCESS_ARGS=(--gpus 1); fi
 
 # ---------------------------------------------------------------- environment
 echo "== setup ($(date '+%H:%M:%S'))"
@@ -135,12 +138,12 @@ if [ -z "$(ls "$MARKS"/*.done 2>/dev/null)" ]; then
   python -m nanochat.report reset  # a fresh run starts a fresh report card; old sections are archived
 fi
 run_stage prepare prepare
-run_stage pretrain ./pretrain.sh --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
+run_stage pretrain ./pretrain.sh "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
 run_stage base-eval base_eval
-run_stage mid ./midtrain.sh "${RUN_ARGS[@]}" $(resume_flag mid_checkpoints) -- "${MID_ARGS[@]}"
-run_stage sft ./sft.sh "${RUN_ARGS[@]}" $(resume_flag chatsft_checkpoints) -- "${SFT_ARGS[@]}"
+run_stage mid ./midtrain.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag mid_checkpoints) -- "${MID_ARGS[@]}"
+run_stage sft ./sft.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag chatsft_checkpoints) -- "${SFT_ARGS[@]}"
 if [ "$SKIP_RL" = 0 ]; then
-  run_stage rl ./rl.sh "${RUN_ARGS[@]}" $(resume_flag chatrl_checkpoints) -- "${RL_ARGS[@]}"
+  run_stage rl ./rl.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag chatrl_checkpoints) -- "${RL_ARGS[@]}"
 fi
 run_stage chat-eval chat_eval
 echo; echo "== report ($(date '+%H:%M:%S'))"
