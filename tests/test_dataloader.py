@@ -12,6 +12,9 @@ from conftest import make_shards
 from nanochat.dataloader import PretrainLoader
 from nanochat.tokenizer import Tokenizer
 
+# each test takes about a second; a producer thread that deadlocks fails in a minute, not five
+pytestmark = pytest.mark.timeout(60)
+
 
 @pytest.fixture(scope="module")
 def tokenizer():

@@ -14,6 +14,9 @@ from conftest import make_shards, write_shard
 from nanochat import dataset
 from nanochat.download import DownloadError, download_file
 
+# each test takes about a second against a local server; retries that never end fail in a minute, not five
+pytestmark = pytest.mark.timeout(60)
+
 
 class ShardServer:
     """Serves files from a folder. `faults[name]` is a list of what to do on
