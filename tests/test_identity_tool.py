@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -226,14 +226,15 @@ def test_file_option_before_or_after_command_and_env_default(tmp_path, capsys, m
     assert run(capsys, "count", "--file", str(path))[1] == "1\n"
 
 
-def test_interactive_add_through_stdin(tmp_path):
+def test_interactive_add_through_stdin(tmp_path, monkeypatch, capsys):
     path = tmp_path / "new" / "identity.jsonl"
-    command = [sys.executable, str(ROOT / "view_identity_data.py"), "--file", str(path), "add", "--system", "You are nanochat."]
-    done = subprocess.run(command, input="Who built you?\nA curious engineer.\nThanks!\nAnytime.\n\n", capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    monkeypatch.setattr("sys.stdin", io.StringIO("Who built you?\nA curious engineer.\nThanks!\nAnytime.\n\n"))
+    code, _, err = run(capsys, "--file", str(path), "add", "--system", "You are nanochat.")
+    assert code == 0, err
     saved = json.loads(path.read_text())
     assert saved == conversation("Who built you?", "A curious engineer.", "Thanks!", "Anytime.", system="You are nanochat.")
     # ending input before any assistant reply is refused and creates nothing
     other = tmp_path / "other.jsonl"
-    refused = subprocess.run(command[:3] + [str(other), "add"], input="only a question\n", capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 1 and "refusing to add" in refused.stderr and not other.exists()
+    monkeypatch.setattr("sys.stdin", io.StringIO("only a question\n"))
+    code, _, err = run(capsys, "--file", str(other), "add")
+    assert code == 1 and "refusing to add" in err and not other.exists()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import math
 import re
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,7 +37,6 @@ from nanochat.memory import (
 from nanochat.optim import build_optimizers
 
 CPU = torch.device("cpu")
-REPO = Path(__file__).resolve().parents[1]
 SMALL = config_for_depth(4, 8192, max_seq_len=256)  # 256 wide, 2 heads of 128
 # Depth 4 but 128 wide, for the real-tensor runs: this CPU has no bf16 matmul
 # instructions, and SMALL's real bf16 step takes ~100 s on it.
@@ -181,11 +178,9 @@ def test_depth20_is_measured_in_reasonable_time():
 # ---------------------------------------------------------------- the command line
 
 
-def test_cli_prints_the_peak_first_then_the_parts():
-    command = [sys.executable, "-m", "nanochat.memory", "--depth", "2", "--batch-size", "2", "--seq-len", "64",
-               "--vocab-size", "1000", "--dtype", "float32"]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
-    lines = done.stdout.splitlines()
+def test_cli_prints_the_peak_first_then_the_parts(capsys):
+    assert main(["--depth", "2", "--batch-size", "2", "--seq-len", "64", "--vocab-size", "1000", "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"peak \d+\.\d GiB", lines[0])
     assert [line.split()[0] for line in lines[1:7]] == [
         "parameters", "gradients", "optimizer", "activations", "temporaries", "overhead"]

@@ -7,14 +7,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nanochat import report
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def leftover_temp_files(folder: Path) -> list[Path]:
@@ -210,12 +207,15 @@ def test_code_size_without_git_walks_and_skips_hidden(tmp_path):
     assert report.code_size(tmp_path) == {"files": 2, "lines": 4, "characters": 20}
 
 
-def test_cli_help_and_unknown_command(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    helped = subprocess.run([sys.executable, "-m", "nanochat.report", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert helped.returncode == 0 and "generate" in helped.stdout and "reset" in helped.stdout
-    bad = subprocess.run([sys.executable, "-m", "nanochat.report", "publish"], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert bad.returncode == 2 and "usage:" in bad.stderr and "invalid choice" in bad.stderr
+def test_cli_help_and_unknown_command(capsys):
+    with pytest.raises(SystemExit) as helped:
+        report.main(["--help"])
+    out = capsys.readouterr().out
+    assert helped.value.code == 0 and "generate" in out and "reset" in out
+    with pytest.raises(SystemExit) as bad:
+        report.main(["publish"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "usage:" in err and "invalid choice" in err
 
 
 def test_stage_times_table_and_section(base_dir, tmp_path):

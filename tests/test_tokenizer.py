@@ -12,8 +12,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +31,8 @@ from nanochat.tokenizer import (
     default_tokenizer_dir,
     get_tokenizer,
 )
-from scripts import tok_eval
+from scripts import tok_eval, tok_train
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 512
 NUM_MERGEABLE = VOCAB_SIZE - len(SPECIAL_TOKENS)
 SYLLABLES = ["ka", "to", "ri", "en", "the", "ing", "qu", "an", "s", "mo", "la", "ver", "é", "ü", "日本", "語"]
@@ -401,48 +398,44 @@ def shards(tmp_path_factory) -> Path:
     return folder
 
 
-def run_script(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=os.environ.copy(),
-    )
+def run_main(capsys, script, *args: str) -> tuple[int, str, str]:
+    """script.main(args) in this process (no interpreter start-up): exit code, stdout, stderr."""
+    code = script.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_tok_train_then_tok_eval(shards, base_dir):
-    train = run_script("scripts.tok_train", "--vocab-size", "512", "--max-chars", "1e5", "--data-dir", str(shards))
-    assert train.returncode == 0, train.stderr
-    assert "trained on 100,000 characters" in train.stdout
-    assert str(base_dir / "tokenizer") in train.stdout
+def test_tok_train_then_tok_eval(shards, base_dir, capsys):
+    code, out, err = run_main(capsys, tok_train, "--vocab-size", "512", "--max-chars", "1e5", "--data-dir", str(shards))
+    assert code == 0, err
+    assert "trained on 100,000 characters" in out
+    assert str(base_dir / "tokenizer") in out
     assert Tokenizer.load(base_dir / "tokenizer").get_vocab_size() == 512
 
-    evaluation = run_script("scripts.tok_eval", "--max-docs", "25", "--data-dir", str(shards))
-    assert evaluation.returncode == 0, evaluation.stderr
+    code, out, err = run_main(capsys, tok_eval, "--max-docs", "25", "--data-dir", str(shards))
+    assert code == 0, err
     val_docs = make_documents(seed=11, count=40)[:25]
-    assert f"validation documents: 25 ({sum(map(len, val_docs)):,} characters" in evaluation.stdout
-    assert re.search(r"^ours\s+512\s", evaluation.stdout, re.MULTILINE)
+    assert f"validation documents: 25 ({sum(map(len, val_docs)):,} characters" in out
+    assert re.search(r"^ours\s+512\s", out, re.MULTILINE)
 
 
-def test_tok_train_caps_each_document(shards, base_dir):
-    result = run_script("scripts.tok_train", "--vocab-size", "300", "--doc-cap", "500", "--data-dir", str(shards))
-    assert result.returncode == 0, result.stderr
+def test_tok_train_caps_each_document(shards, base_dir, capsys):
+    code, out, err = run_main(capsys, tok_train, "--vocab-size", "300", "--doc-cap", "500", "--data-dir", str(shards))
+    assert code == 0, err
     capped_total = sum(min(len(doc), 500) for doc in make_documents(seed=10, count=150))
-    assert f"trained on {capped_total:,} characters" in result.stdout
+    assert f"trained on {capped_total:,} characters" in out
 
 
-def test_tok_eval_without_tokenizer_fails_clearly(shards):
-    result = run_script("scripts.tok_eval", "--data-dir", str(shards))
-    assert result.returncode != 0
-    assert "python -m scripts.tok_train" in result.stderr
+def test_tok_eval_without_tokenizer_fails_clearly(shards, capsys):
+    code, _, err = run_main(capsys, tok_eval, "--data-dir", str(shards))
+    assert code != 0
+    assert "python -m scripts.tok_train" in err
 
 
-def test_tok_train_without_data_fails_clearly(tmp_path):
-    result = run_script("scripts.tok_train", "--vocab-size", "300", "--data-dir", str(tmp_path / "empty"))
-    assert result.returncode != 0
-    assert str(tmp_path / "empty") in result.stderr
+def test_tok_train_without_data_fails_clearly(tmp_path, capsys):
+    code, _, err = run_main(capsys, tok_train, "--vocab-size", "300", "--data-dir", str(tmp_path / "empty"))
+    assert code != 0
+    assert str(tmp_path / "empty") in err
 
 
 def byte_level_encoding(name: str) -> tiktoken.Encoding:
