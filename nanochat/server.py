@@ -77,6 +77,7 @@ class ChatService:
         self.served = 0
         self.in_flight = 0
         self.worker: EngineWorker | None = None
+        self.watchers: set[asyncio.Task] = set()
 
     def check_auth(self, request: Request) -> None:
         key = self.settings.api_key
@@ -158,6 +159,22 @@ class ChatService:
             return self.engine.submit(prompt, params, body.n, loop=loop, timeout=self.settings.request_timeout)
         except RuntimeError as exc:  # closed between the check and the submit
             raise ApiError(503, str(exc), kind="server_error") from None
+
+    def cancel_on_disconnect(self, http_request: Request, engine_request: EngineRequest) -> asyncio.Task:
+        """Watch the client: when it goes away, its request is cancelled (queued, running, or holding text back).
+
+        The task is held here until it ends: a streaming response that stops early leaves its generator
+        unfinished, and a task only that generator refers to could be collected before it fired."""
+
+        async def watch():
+            while (await http_request.receive())["type"] != "http.disconnect":
+                pass
+            engine_request.cancel()
+
+        task = asyncio.create_task(watch())
+        self.watchers.add(task)
+        task.add_done_callback(self.watchers.discard)
+        return task
 
     def page_config(self) -> dict:
         s = self.settings
@@ -259,24 +276,18 @@ async def answer(service: ChatService, request: Request, schema, dialect_class) 
     service.check_auth(request)
     body = schema.model_validate(await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout))
     engine_request = service.start(body, asyncio.get_running_loop())
+    watcher = service.cancel_on_disconnect(request, engine_request)
     dialect = dialect_class(service.settings.model_id, service.engine.tokenizer)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(service, dialect, engine_request, request, include_usage), media_type="text/event-stream",
+        return StreamingResponse(stream(service, dialect, engine_request, watcher, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(service, dialect, engine_request, request)
+    return await collect(service, dialect, engine_request, watcher)
 
 
 @asynccontextmanager
-async def serving(service: ChatService, engine_request: EngineRequest, http_request: Request):
-    """Count the request in flight, cancel its work when the client goes away, and always free its slots."""
-
-    async def watch():
-        while (await http_request.receive())["type"] != "http.disconnect":
-            pass
-        engine_request.cancel()
-
-    watcher = asyncio.create_task(watch())
+async def serving(service: ChatService, engine_request: EngineRequest, watcher: asyncio.Task):
+    """Count the request in flight and, however it ends, free its slots and stop watching its client."""
     service.in_flight += 1
     try:
         yield
@@ -288,11 +299,11 @@ async def serving(service: ChatService, engine_request: EngineRequest, http_requ
         engine_request.cancel()  # no-op once finished; frees the slots otherwise
 
 
-async def collect(service: ChatService, dialect: Dialect, engine_request: EngineRequest, http_request: Request) -> JSONResponse:
+async def collect(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task) -> JSONResponse:
     n, clock = engine_request.n, TokenClock(service.metrics)
     texts, reasons = [""] * n, ["stop"] * n
     logprobs = None if engine_request.params.logprobs is None else [[] for _ in range(n)]
-    async with serving(service, engine_request, http_request):
+    async with serving(service, engine_request, watcher):
         async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
             texts[event.index] += event.text
             if event.token is not None:
@@ -307,11 +318,11 @@ async def collect(service: ChatService, dialect: Dialect, engine_request: Engine
     return JSONResponse(dialect.whole(texts, reasons, logprobs, usage(engine_request)))
 
 
-async def stream(service: ChatService, dialect: Dialect, engine_request: EngineRequest, http_request: Request, include_usage: bool):
+async def stream(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task, include_usage: bool):
     clock = TokenClock(service.metrics)
-    for opening in dialect.opening(engine_request.n):
-        yield opening
-    async with serving(service, engine_request, http_request):
+    async with serving(service, engine_request, watcher):
+        for opening in dialect.opening(engine_request.n):
+            yield opening
         async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
             if event.token is not None:
                 clock.token(event.index)

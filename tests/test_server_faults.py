@@ -1,0 +1,167 @@
+"""The server under faults, for real (uvicorn on 127.0.0.1): clients that leave cancel their work in every
+mode, deadlines, SIGTERM with answers in flight, a dead engine, and no CPU used while idle."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from nanochat.engine import Engine
+from nanochat.server import ServerSettings, create_app
+from nanochat.tokenizer import Tokenizer
+from serving import ServerProcess, free_port, make_served_model
+from test_engine import random_model
+from test_engine_faults import Crash, Faulty
+
+LONG_ANSWER = "hello world " * 400  # ~800 tokens: seconds of decoding, so a client can leave midway
+GO = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def long_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("long")
+    make_served_model(base, sequence_len=2048, answer=LONG_ANSWER)
+    return base
+
+
+@pytest.fixture(scope="module")
+def server(long_dir):
+    srv = ServerProcess(long_dir, "--max-batch", "2")
+    yield srv
+    srv.close()
+
+
+def stats(server) -> dict:
+    return httpx.get(server.url + "/stats", timeout=5).json()
+
+
+def wait_for(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def raw_request(server, body: dict) -> socket.socket:
+    """Send a chat request on a bare socket, so the test decides exactly when the client goes away."""
+    payload = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    return sock
+
+
+def long_body(**fields) -> dict:
+    return {"messages": GO, "temperature": 0, **fields}
+
+
+@pytest.mark.parametrize("mode", ["streaming", "whole", "held back for a stop string", "queued"])
+def test_a_client_that_leaves_cancels_its_work(server, mode):
+    before = stats(server)["tokens_generated"]
+    blockers = []
+    if mode == "queued":  # both slots busy, so the leaving request waits in the queue
+        blockers = [raw_request(server, long_body()), raw_request(server, long_body())]
+        assert wait_for(lambda: stats(server)["slots_in_use"] == 2)
+    fields = {"streaming": {"stream": True}, "whole": {}, "queued": {},
+              "held back for a stop string": {"stream": True, "stop": ["x" * 2000]}}[mode]
+    leaving = raw_request(server, long_body(**fields))
+    if mode == "streaming":
+        received = b""
+        while b"data:" not in received:  # the headers may come alone; each recv is bounded by the socket timeout
+            received += leaving.recv(4096)
+    elif mode == "queued":
+        assert wait_for(lambda: stats(server)["queue_depth"] == 1)
+    else:
+        assert wait_for(lambda: stats(server)["tokens_generated"] > before + 20)
+    leaving.close()
+    if mode == "queued":
+        assert wait_for(lambda: stats(server)["queue_depth"] == 0, timeout=3)
+        assert stats(server)["slots_in_use"] == 2  # the others were not touched
+        for sock in blockers:
+            sock.close()
+    assert wait_for(lambda: stats(server)["slots_in_use"] == 0 and stats(server)["requests_in_flight"] == 0, timeout=3)
+    spent = stats(server)["tokens_generated"] - before
+    assert spent < (len(blockers) + 1) * 600  # each answer would be ~800 tokens had it run on
+
+
+def test_an_idle_server_uses_no_cpu(server):
+    httpx.post(server.url + "/v1/chat/completions", json=long_body(max_tokens=5), timeout=30)
+
+    def cpu_seconds() -> float:
+        fields = open(f"/proc/{server.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+    start = cpu_seconds()
+    time.sleep(2.0)
+    assert cpu_seconds() - start < 0.1
+
+
+def read_events(resp) -> list:
+    return [line[len("data: "):] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_the_request_deadline_ends_answers_with_an_error(long_dir):
+    srv = ServerProcess(long_dir, "--request-timeout", "0.5")
+    try:
+        started = time.monotonic()
+        whole = httpx.post(srv.url + "/v1/chat/completions", json=long_body(), timeout=30)
+        assert whole.status_code == 504 and "time limit" in whole.json()["error"]["message"]
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long_body(stream=True), timeout=30) as resp:
+            events = read_events(resp)
+        assert time.monotonic() - started < 10
+        assert events[-1] == "[DONE]" and "time limit" in json.loads(events[-2])["error"]["message"]
+        finishes = [c["choices"][0]["finish_reason"] for c in map(json.loads, events[:-2]) if c["choices"]]
+        assert set(finishes) == {None}  # never "stop": the answer was cut, the client must know
+    finally:
+        srv.close()
+
+
+def test_sigterm_tells_answers_in_flight_and_stops_within_seconds(long_dir):
+    srv = ServerProcess(long_dir)
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long_body(stream=True), timeout=30) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: ")
+        srv.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        events = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    srv.proc.wait(timeout=10)
+    assert time.monotonic() - started < 5
+    assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_answers_503_and_health_says_so(long_dir):
+    tokenizer = Tokenizer.load(long_dir / "tokenizer")
+
+    def rule(ids):
+        if ids.size(1) == 1:  # the first decode step kills the worker thread
+            raise Crash()
+
+    engine = Engine(Faulty(random_model(tokenizer.get_vocab_size()), rule), tokenizer, max_batch=2)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, ServerSettings(), {}), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.started)
+        first = httpx.post(url + "/v1/chat/completions", json=long_body(max_tokens=5), timeout=10)
+        assert first.status_code == 503 and "Crash" in first.json()["error"]["message"]
+        health = httpx.get(url + "/health", timeout=5)
+        assert health.status_code == 503 and "Crash" in health.json()["error"]
+        started = time.monotonic()
+        again = httpx.post(url + "/v1/chat/completions", json=long_body(max_tokens=5), timeout=10)
+        assert again.status_code == 503 and time.monotonic() - started < 2
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
