@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
+from nanochat.checkpoint import save_checkpoint
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.tokenizer import Tokenizer
 from serving import ROOT, SCRIPT_ANSWER, make_slow_model
 
 
@@ -48,10 +53,8 @@ def test_ctrl_c_stops_an_answer_but_not_the_chat(model_dir):
                             env=_env(model_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc.stdin.write("hello world\n")
     proc.stdin.flush()
-    seen = ""
-    while "Assistant: " not in seen:
-        seen += proc.stdout.read(1)
-    seen += proc.stdout.read(5)  # some answer text has streamed
+    seen = read_until(proc, "Assistant: ", timeout=60)
+    seen += read_until(proc, seen + "?????", timeout=10, at_least=5)  # some answer text has streamed
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
     proc.stdin.write("quit\n")
@@ -59,6 +62,43 @@ def test_ctrl_c_stops_an_answer_but_not_the_chat(model_dir):
     rest, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert "[stopped]" in seen + rest
+
+
+def read_until(proc, marker: str, timeout: float, at_least: int = 0) -> str:
+    """Child output until `marker` appears (or `at_least` characters came), failing after `timeout` seconds:
+    a hung child fails the test instead of hanging the suite."""
+    fd, seen, deadline = proc.stdout.fileno(), b"", time.monotonic() + timeout
+    while marker.encode() not in seen and not (at_least and len(seen) >= at_least):
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"no {marker!r} from the child within {timeout} s; it said: {seen.decode(errors='replace')!r}"
+        chunk = os.read(fd, 4096)
+        assert chunk, f"the child closed its output before {marker!r}: {seen.decode(errors='replace')!r}"
+        seen += chunk
+    return seen.decode(errors="replace")
+
+
+def test_a_special_token_mid_answer_ends_it_unseen(tmp_path):
+    """A model that runs on into the next turn (emits <|user_start|> after its answer): the CLI ends the
+    answer there and never prints the token's name."""
+    texts = ["hello there, general answer " * 20] * 20
+    tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=270)
+    tokenizer.save(tmp_path / "tokenizer")
+    ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]})
+    ids = ids[:-1] + [tokenizer.encode_special("<|user_start|>"), *tokenizer.encode("general"), tokenizer.encode_special("<|user_end|>")]
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = build_model(config, "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        model(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])).backward()
+        opt.step()
+        opt.zero_grad()
+    save_checkpoint(tmp_path / "chatsft_checkpoints" / "runon", 150, model_state=model.state_dict(), optim_state=None,
+                    data_state=None, meta={"model_config": config.to_dict()})
+    out = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "hi", "-t", "0"], cwd=ROOT, env=_env(tmp_path),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "hello there"
 
 
 def test_missing_model_is_one_clear_line(tmp_path):
