@@ -1,5 +1,7 @@
 """Post-training end to end on a tiny model and the generated sample tasks:
-mid -> SFT -> RL -> chat_eval, each checkpoint loadable by the engine, report sections written."""
+mid -> SFT -> RL -> chat_eval, each checkpoint loadable by the engine, report sections written;
+SFT resumed after SIGTERM and RL resumed from a checkpoint end on the uninterrupted runs' weights.
+Stages run through main() in this process; only the run a signal stops is a child."""
 
 from __future__ import annotations
 
@@ -42,29 +44,35 @@ def workspace(tmp_path_factory):
     return base, env
 
 
-def run(env, module: str, *args: str) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+def run(capsys, script, *args: str) -> str:
+    """script.main(args) in this process; what it printed."""
+    capsys.readouterr()
+    code = script.main(list(args))
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
+    return printed.out
 
 
-def test_mid_sft_rl_and_chat_eval(workspace):
+def test_mid_sft_rl_and_chat_eval(workspace, in_process, capsys):
+    from scripts import chat_eval, chat_rl, chat_sft, mid_train
+
     base, env = workspace
-    mid = run(env, "scripts.mid_train", "--num-iterations", "3", "--device-batch-size", "2", "--max-seq-len", "128",
+    in_process(env, base)
+    mid = run(capsys, mid_train, "--num-iterations", "3", "--device-batch-size", "2", "--max-seq-len", "128",
               "--total-batch-size", "512", "--eval-steps", "2", "--no-eval")
-    assert "step 000003/000003" in mid.stdout and "(2 accumulation step(s))" in mid.stdout
+    assert "step 000003/000003" in mid and "(2 accumulation step(s))" in mid
     assert (base / "mid_checkpoints" / "d2" / "step_000003" / "meta.json").is_file()
-    sft = run(env, "scripts.chat_sft", "--num-iterations", "3", "--device-batch-size", "2", "--examples-per-step", "4",
+    sft = run(capsys, chat_sft, "--num-iterations", "3", "--device-batch-size", "2", "--examples-per-step", "4",
               "--max-seq-len", "128", "--eval-steps", "2", "--eval-problems", "2")
-    assert "from mid d2 step 3" in sft.stdout and "ChatCORE" in sft.stdout
-    rl = run(env, "scripts.chat_rl", "--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2",
+    assert "from mid d2 step 3" in sft and "ChatCORE" in sft
+    rl = run(capsys, chat_rl, "--num-iterations", "2", "--examples-per-step", "2", "--num-samples", "2",
              "--device-batch-size", "2", "--max-new-tokens", "16", "--eval-every", "0", "--eval-examples", "2", "--no-eval")
-    assert "rollout | mean reward" in rl.stdout and "pass@1" in rl.stdout
-    assert "step 000002/000002" in rl.stdout
+    assert "rollout | mean reward" in rl and "pass@1" in rl
+    assert "step 000002/000002" in rl
     for stage in ("mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         assert list((base / stage / "d2").glob("step_*"))
-    evaluation = run(env, "scripts.chat_eval", "-i", "rl", "-a", "ARC-Easy", "GSM8K", "HumanEval", "--max-problems", "3", "--max-new-tokens", "16")
-    check_chat_eval_figures(evaluation.stdout, json.loads((base / "report" / "chat-eval-rl.json").read_text())["metrics"])
+    evaluation = run(capsys, chat_eval, "-i", "rl", "-a", "ARC-Easy", "GSM8K", "HumanEval", "--max-problems", "3", "--max-new-tokens", "16")
+    check_chat_eval_figures(evaluation, json.loads((base / "report" / "chat-eval-rl.json").read_text())["metrics"])
     for name in ("mid-train", "sft-train", "rl-train", "chat-eval-sft"):
         assert (base / "report" / f"{name}.md").is_file(), name
     check_engine_loads_every_stage(base)
@@ -83,7 +91,6 @@ def check_chat_eval_figures(stdout: str, metrics: dict) -> None:
 
 
 def check_engine_loads_every_stage(base: Path) -> None:
-    os.environ["NANOCHAT_BASE_DIR"] = str(base)  # restored by the autouse base_dir fixture's monkeypatch
     tokenizer = Tokenizer.load(base / "tokenizer")
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Who are you?"}]})
     for source in ("mid", "sft", "rl"):
@@ -94,11 +101,13 @@ def check_engine_loads_every_stage(base: Path) -> None:
     assert resolve_source("auto") == "rl"
 
 
-def test_missing_predecessor_is_one_clear_error(tmp_path):
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)}
-    Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer")
-    out = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--no-eval"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "mid_checkpoints" in out.stdout and "./midtrain.sh" in out.stdout
+def test_missing_predecessor_is_one_clear_error(base_dir, capsys):
+    from scripts import chat_sft
+
+    Tokenizer({bytes([i]): i for i in range(256)}).save(base_dir / "tokenizer")
+    assert chat_sft.main(["--no-eval"]) == 2
+    out = capsys.readouterr().out
+    assert "mid_checkpoints" in out and "./midtrain.sh" in out
 
 
 def test_chat_core_is_the_mean_of_chance_centered_accuracies():
