@@ -15,6 +15,7 @@ import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.requests import ClientDisconnect
 
 from nanochat.sampling import MAX_TOP_LOGPROBS, SEED_RANGE
 
@@ -108,8 +109,10 @@ class ChatRequest(_Sampling):
     def _unsupported(self):
         if self.response_format is not None and self.response_format.get("type") != "text":
             raise not_supported("response_format", f"response_format {json.dumps(self.response_format.get('type'))} is")
-        if self.tools or self.functions:
+        if self.tools:
             raise not_supported("tools", "tools (function calling) are")
+        if self.functions:
+            raise not_supported("functions", "functions (function calling) are")
         if self.tool_choice not in (None, "none", "auto"):
             raise not_supported("tool_choice", "tool_choice is")
         if self.top_logprobs is not None and not self.logprobs:
@@ -161,6 +164,8 @@ async def read_json(request, limit: int, timeout: float) -> dict:
     except RecursionError:
         raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep") from None
     except ValueError as exc:  # bad syntax, bad UTF-8, or an integer too long to convert
+        if "int_max_str_digits" in str(exc) or "Exceeds the limit" in str(exc):
+            raise ApiError(400, "the JSON body holds a number with too many digits") from None
         raise ApiError(400, f"could not parse the JSON body: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the JSON body must be an object")
@@ -186,6 +191,8 @@ async def read_body(request, limit: int, timeout: float) -> bytes:
         await asyncio.wait_for(receive(), timeout)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout:g} s", code="request_timeout") from None
+    except ClientDisconnect:  # nobody will read the answer; say so without logging it as a server fault
+        raise ApiError(400, "the client went away while sending its request", code="client_disconnected") from None
     return b"".join(chunks)
 
 

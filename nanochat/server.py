@@ -131,7 +131,8 @@ class ChatService:
     def sampling(self, body: ChatRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
         s, room = self.settings, self.engine.max_len - prompt_len
         if room < 1:
-            raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {self.engine.max_len}", "messages", "context_length_exceeded")
+            where = "prompt" if isinstance(body, CompletionRequest) else "messages"
+            raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {self.engine.max_len}", where, "context_length_exceeded")
         param, asked = body.token_limit()
         if asked is not None and asked > room:
             raise ApiError(400, f"{param}={asked} does not fit: the prompt uses {prompt_len} of {self.engine.max_len} tokens", param, "context_length_exceeded")
@@ -314,7 +315,7 @@ async def collect(service: ChatService, dialect: Dialect, engine_request: Engine
                 reasons[event.index] = event.finish_reason
     if engine_request.error is not None:
         raise ApiError(engine_request.error.status, engine_request.error.message, kind="server_error")
-    service.served += 1
+    service.served += not engine_request.cancelled  # a client that left was not served
     return JSONResponse(dialect.whole(texts, reasons, logprobs, usage(engine_request)))
 
 
@@ -372,5 +373,24 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def _validation_response(errors: list) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    param = field_path(first.get("loc", ())) or None
     return error_response(400, f"{param or 'request'}: {first.get('msg', 'invalid value')}", param)
+
+
+def field_path(loc: tuple) -> str:
+    """pydantic's error location as the client wrote it: messages[0].content, not messages.0.content.str
+    (a union adds the name of the member it tried, which is no field of the request)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "body" and not path:
+            continue
+        elif not part.isidentifier() or part in UNION_MEMBER_TAGS:
+            break
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "TextPart"}

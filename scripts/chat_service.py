@@ -19,10 +19,11 @@ import uvicorn
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine
+from nanochat.http_guard import guarded_protocol
 from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
-KEEP_ALIVE_SECONDS = 5  # an idle connection is closed after this, so idle clients cannot hold --max-connections
+KEEP_ALIVE_SECONDS = 5  # a connection with no request in progress is closed after this, so idle clients cannot hold --max-connections
 SHUTDOWN_GRACE_SECONDS = 3  # after SIGTERM / Ctrl-C, how long answers in flight get to end before they are cut
 
 
@@ -39,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-message-chars", type=int, default=8000, help="characters per message (default %(default)s)")
     p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queueing included (default %(default)s)")
-    p.add_argument("--max-connections", type=int, default=256, help="open connections before new ones get 503 (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive before 408 (default %(default)s)")
+    p.add_argument("--max-connections", type=int, default=256, help="connections served at once; one more gets 503 (default %(default)s)")
     p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
     return p.parse_args(argv)
 
@@ -84,12 +86,14 @@ def main(argv=None) -> int:
         api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,
         max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
         temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
+        body_timeout=args.body_timeout,
     )
     info = {"source": meta["source"], "model_tag": meta["model_tag"], "step": meta["step"],
             "parameters": model.num_params(), "device": str(device), "context": engine.max_len}
     app = create_app(engine, settings, info)
     print(banner(args, meta, device), flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", limit_concurrency=args.max_connections,
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            http=guarded_protocol(args.max_connections, KEEP_ALIVE_SECONDS),
                             timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
     Server(config, engine).run()
     return 0
