@@ -32,6 +32,7 @@ from nanochat.api_metrics import CountResponses, ServerMetrics, TokenClock
 from nanochat.api_request import ApiError, ChatRequest, CompletionRequest, read_json
 from nanochat.api_response import ChatDialect, Dialect, TextDialect, sse
 from nanochat.engine import Engine, EngineWorker, Request as EngineRequest, visible_to_parts
+from nanochat.error_pacing import ErrorPacer
 from nanochat.sampling import SamplingParams
 
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"
@@ -73,6 +74,7 @@ class ChatService:
     def __init__(self, engine: Engine, settings: ServerSettings, model_info: dict):
         self.engine, self.settings, self.model_info = engine, settings, model_info
         self.metrics = ServerMetrics(engine)
+        self.pacer = ErrorPacer()
         self.started = time.time()
         self.served = 0
         self.in_flight = 0
@@ -348,22 +350,29 @@ def usage(engine_request: EngineRequest) -> dict:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    async def paced(request: Request, response: JSONResponse) -> JSONResponse:
+        """A client's mistake is answered after its error budget allows (nanochat/error_pacing.py)."""
+        await app.state.service.pacer.pace(request.client.host if request.client else "unknown")
+        return response
+
     @app.exception_handler(ApiError)
-    async def api_error(_request, exc: ApiError):
-        return JSONResponse(exc.body(), status_code=exc.status)
+    async def api_error(request, exc: ApiError):
+        response = JSONResponse(exc.body(), status_code=exc.status)
+        return await paced(request, response) if exc.status < 500 else response
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request, exc: RequestValidationError):
-        return _validation_response(exc.errors())
+    async def invalid(request, exc: RequestValidationError):
+        return await paced(request, _validation_response(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request, exc: StarletteHTTPException):
+    async def http_error(request, exc: StarletteHTTPException):
         messages = {404: "no such route", 405: "method not allowed on this route"}
-        return error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), code=None if exc.status_code != 404 else "not_found")
+        response = error_response(exc.status_code, messages.get(exc.status_code, str(exc.detail)), code=None if exc.status_code != 404 else "not_found")
+        return await paced(request, response)
 
     @app.exception_handler(ValidationError)
-    async def schema_error(_request, exc: ValidationError):
-        return _validation_response(exc.errors())
+    async def schema_error(request, exc: ValidationError):
+        return await paced(request, _validation_response(exc.errors()))
 
     @app.exception_handler(Exception)
     async def unexpected(_request, exc: Exception):

@@ -22,7 +22,17 @@ FENCED_ANSWER = "Run this:\n\n```python\nprint('hi')\n```\n\nDone."
 
 
 def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER) -> None:
-    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`."""
+    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`.
+    Trained on one thread: on 2 busy cores, two threads took 90 s where one took 7 s (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _train_served_model(base, sequence_len, answer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_served_model(base: Path, sequence_len: int, answer: str) -> None:
     words = ["hello", "world", "script", "alert", "bold", "code", "and", "the", "answer", "is"]
     texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + " <script> **x** `y`" for i in range(200)]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)

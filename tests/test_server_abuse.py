@@ -27,7 +27,6 @@ from typing import NamedTuple
 
 import httpx
 import pytest
-import torch
 
 from nanochat.api_request import MAX_JSON_DEPTH
 from nanochat.server import ServerSettings
@@ -86,12 +85,7 @@ class AbuseServer:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("abuse")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on 2 busy cores, 2 threads train this in 90 s and 1 thread in 7 s (measured)
-    try:
-        make_served_model(base)
-    finally:
-        torch.set_num_threads(threads)
+    make_served_model(base)
     srv = AbuseServer(base, base / "server.log", "--max-batch", "8", "--max-queue", "128", "--max-connections", str(MAX_CONNECTIONS))
     yield srv
     srv.close()
