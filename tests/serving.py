@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,39 +59,52 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m scripts.chat_service` on a free port, until close()."""
+    """`python -m scripts.chat_service` on a free port, until close(). Its output goes to a file, not a
+    pipe: nobody drains a pipe while the server runs, and a full one would stall it mid-write."""
 
-    def __init__(self, base: Path, *args: str):
+    def __init__(self, base: Path, *args: str, startup_timeout: float = 90):
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url, self.address = f"http://127.0.0.1:{self.port}", ("127.0.0.1", self.port)
+        self.log_path = Path(tempfile.mkstemp(prefix="chat_service_", suffix=".log")[1])
         env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         env.pop("NANOCHAT_API_KEY", None)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(self.port), *args],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self._wait_healthy()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(self.port), *args],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        self._wait_healthy(startup_timeout)
 
-    def _wait_healthy(self, timeout: float = 60) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
+    def _wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError("server exited:\n" + self.proc.stdout.read())
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server did not become healthy")
+        self.close()
+        raise RuntimeError("server did not become healthy:\n" + self.log())
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
+
+    def log(self, start: int = 0) -> str:
+        return self.log_path.read_bytes()[start:].decode(errors="replace")
 
     def close(self) -> str:
+        """Stop the server; everything it printed."""
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
+            self.proc.wait()
+        out = self.log()
+        self.log_path.unlink(missing_ok=True)
         return out
 
 

@@ -15,12 +15,9 @@ The server runs with a short --body-timeout, so the 408 cases are quick.
 from __future__ import annotations
 
 import json
-import os
 import select
 import socket
 import struct
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -31,7 +28,7 @@ import pytest
 from nanochat.api_request import MAX_JSON_DEPTH
 from nanochat.server import ServerSettings
 from scripts.chat_service import KEEP_ALIVE_SECONDS
-from serving import ROOT, SCRIPT_ANSWER, free_port, make_served_model
+from serving import SCRIPT_ANSWER, ServerProcess, make_served_model
 
 BODY_TIMEOUT = 2.0  # seconds; the server's default (30) is too slow to wait for in a test
 MAX_CONNECTIONS = 160  # above the ~110 sockets test_concurrent_abuse holds at once
@@ -41,52 +38,12 @@ CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 HI = [{"role": "user", "content": "hi"}]
 
 
-class AbuseServer:
-    """scripts.chat_service on a free port with BODY_TIMEOUT, writing its output to a file, until close()."""
-
-    def __init__(self, base, log_path, *args: str):
-        self.port = free_port()
-        self.url, self.address, self.log_path = f"http://127.0.0.1:{self.port}", ("127.0.0.1", self.port), log_path
-        env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        env.pop("NANOCHAT_API_KEY", None)
-        with open(log_path, "wb") as log:  # a file, not a pipe: nobody drains a pipe, and a full one stalls the server
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "scripts.chat_service", "--body-timeout", str(BODY_TIMEOUT),
-                 "--host", "127.0.0.1", "--port", str(self.port), *args],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.close()
-        raise RuntimeError("server did not become healthy:\n" + self.log())
-
-    def log_size(self) -> int:
-        return self.log_path.stat().st_size
-
-    def log(self, start: int = 0) -> str:
-        return self.log_path.read_bytes()[start:].decode(errors="replace")
-
-    def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("abuse")
     make_served_model(base)
-    srv = AbuseServer(base, base / "server.log", "--max-batch", "8", "--max-queue", "128", "--max-connections", str(MAX_CONNECTIONS))
+    srv = ServerProcess(base, "--body-timeout", str(BODY_TIMEOUT), "--max-batch", "8", "--max-queue", "128",
+                        "--max-connections", str(MAX_CONNECTIONS))
     yield srv
     srv.close()
 
