@@ -1,4 +1,4 @@
-"""Fixtures shared by the test files: an isolated base dir and parquet shard builders."""
+"""Fixtures shared by the test files: an isolated base dir, one torch thread, and parquet shard builders."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 
 @pytest.fixture(autouse=True)
@@ -26,6 +27,17 @@ def fresh_nanochat_logger():
     logger.handlers.clear()
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test, as in the OMP_NUM_THREADS=1 children: a stage run in-process then
+    computes the same bits as one run as a child, and toy matrices lose nothing (while other work holds a
+    core, a second thread costs several times over)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def write_shard(path: Path, texts: list[str], rows_per_group: int = 1024) -> Path:

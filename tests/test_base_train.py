@@ -4,8 +4,7 @@ one rank only and the run resumes through both ranks' checkpoint files, the memo
 out-of-memory exit codes, base_loss.
 
 Runs that need neither a signal nor a second rank call main() in this process (an interpreter
-start-up saved each) on one torch thread, as the OMP_NUM_THREADS=1 children compute, so the
-two give the same bits."""
+start-up saved each) on one torch thread, so they compute the same bits as the children."""
 
 from __future__ import annotations
 
@@ -46,20 +45,16 @@ def workspace(base_dir):
 
 
 @pytest.fixture
-def here(capsys):
+def here(capsys, one_torch_thread):
     """base_train.main(TINY + args) in this process: (exit code, what it printed)."""
     from scripts import base_train
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def run(*args: str, tiny: list[str] = TINY) -> tuple[int, str]:
         capsys.readouterr()
         code = base_train.main([*tiny, *args])
         return code, capsys.readouterr().out
 
-    yield run
-    torch.set_num_threads(threads)
+    return run
 
 
 def _cmd(*args, nproc=1):

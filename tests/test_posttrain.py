@@ -147,12 +147,9 @@ def copy_workspace(base: Path, to: Path) -> Path:
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """Run stages in this process (no interpreter start-up) on one torch thread, as the
-    OMP_NUM_THREADS=1 children do, so both compute the same bits; returns a function that
-    points NANOCHAT_* at a workspace copy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def in_process(monkeypatch, one_torch_thread):
+    """For stages run in this process (no interpreter start-up): a function that points NANOCHAT_*
+    at a workspace, `home` as the base dir, and returns that environment for a child."""
 
     def use(env: dict, home: Path) -> dict:
         for key, value in env.items():
@@ -161,8 +158,7 @@ def in_process(monkeypatch):
         monkeypatch.setenv("NANOCHAT_BASE_DIR", str(home))
         return {**env, "NANOCHAT_BASE_DIR": str(home)}
 
-    yield use
-    torch.set_num_threads(threads)
+    return use
 
 
 def final_weights(home: Path, stage: str, step: int) -> dict:
