@@ -46,13 +46,22 @@ class CountResponses:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         route = scope["path"] if scope["path"] in ROUTES else "other"
+        started = False
 
         async def send_counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.responses.labels(route, str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, send_counted)
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:
+            # an unexpected error is answered (500) by Starlette's outermost middleware, outside this one
+            if not started:
+                self.metrics.responses.labels(route, "500").inc()
+            raise
 
 
 class TokenClock:

@@ -165,3 +165,27 @@ def test_a_dead_engine_answers_503_and_health_says_so(long_dir):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_an_unexpected_error_is_a_500_object_and_counted(long_dir):
+    tokenizer = Tokenizer.load(long_dir / "tokenizer")
+    app = create_app(Engine(random_model(tokenizer.get_vocab_size()), tokenizer), ServerSettings(), {})
+
+    @app.get("/broken")  # a bug in a route, as no client mistake can cause one
+    async def broken():
+        raise RuntimeError("a bug")
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_for(lambda: server.started)
+        reply = httpx.get(url + "/broken", timeout=10)
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert 'nanochat_http_responses_total{route="other",status="500"} 1.0' in metrics
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
