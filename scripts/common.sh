@@ -48,9 +48,11 @@ post_stage() {
       --gpus) gpus="$2"; shift 2 ;;
       --resume) extra+=(--resume); shift ;;
       --run) extra+=(--run "$2"); shift 2 ;;
+      --no-eval) extra+=(--no-eval); shift ;;
+      --eval-problems) extra+=(--eval-problems "$2"); shift 2 ;;
       -h|--help)
         cat <<USAGE
-Usage: ./$name.sh [--gpus N] [--resume] [--run NAME] [-- extra flags for scripts.$module]
+Usage: ./$name.sh [--gpus N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for scripts.$module]
 
 $what, starting from the newest $from model,
 then runs the chat evaluation and writes the report sections.
@@ -60,6 +62,9 @@ Options:
   --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
   --resume      continue from this stage's newest complete checkpoint
   --run NAME    log to wandb under this run name
+  --no-eval     skip the chat evaluation at the end
+  --eval-problems N
+                evaluate on N problems per task (quick)
   -h, --help    show this help
 Everything after \`--\` goes to scripts.$module (python -m scripts.$module --help).
 USAGE
