@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import tracemalloc
 
 import pytest
 
@@ -59,3 +60,38 @@ def test_bounded_and_usable_off_the_main_thread():
     assert not thread.is_alive()
     assert results["value"][0] is None and len(results["value"][1]) == 10_000 and results["value"][2] == "21"
     assert results["seconds"] < 1.0
+
+
+# the limits at their edges: one step inside is computed, one step outside refused
+@pytest.mark.parametrize("expr,expected", [
+    ("1+1".ljust(500), "2"), ("1+1".ljust(501), None),  # MAX_SOURCE_CHARS
+    ("1" + "+1" * 31 + "+-1", "31"), ("1" + "+1" * 33, None),  # 100 and 101 nodes (MAX_NODES)
+    ("9" * 100, "9" * 100), ("10**100", None),  # the largest integer allowed has 100 digits
+    ("'aaa'.replace('a', 'b', 2)", "bba"),  # string methods take up to 3 arguments
+    ("'ab'.replace('a')", None),  # too few arguments: refused, not an IndexError in the size check
+    # replace's size estimate counts the matches, so a long text with one match may grow; 10,000 is allowed
+    ("('x' * 9000 + 'a').replace('a', 'bb')", "x" * 9000 + "bb"), ("('a' * 100).replace('a', 'b' * 99)", "b" * 9900),
+    ("999999999999999.0", "999999999999999"), ("1e15", "1e+15"),  # floats print as integers below 10^15 only
+])
+def test_limits_at_their_edges(expr, expected):
+    assert evaluate(expr) == expected
+
+
+def test_a_method_on_a_number_is_refused_not_raised():
+    # getattr(5, "count") would raise AttributeError, which evaluate() does not catch
+    assert evaluate("(5).count(5)") is None
+
+
+@pytest.mark.parametrize("expr", [
+    "('a' * 5000).replace('a', 'b' * 5000)", "('a' * 5000).replace('', 'x' * 5000)", "'a' * 10**8", "10**8 * 'a'", "2 ** 10**7", "(10**99) ** 9000",
+])
+def test_huge_results_are_refused_before_they_are_built(expr):
+    # the result would be refused afterwards anyway; what the size checks buy is never allocating it
+    # (25-100 MB for the strings, 0.4-1.2 MB for the powers), so memory is measured, not the answer alone
+    tracemalloc.start()
+    try:
+        assert evaluate(expr) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 200_000

@@ -27,6 +27,15 @@ def test_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*"))  # no temporary folders left
 
 
+def test_meta_and_path_say_which_checkpoint_was_loaded(tmp_path):
+    # the first save of a run goes into a tag folder that does not exist yet
+    tag_dir = tmp_path / "base" / "d4"
+    _save(tag_dir, 7)
+    ckpt = load_checkpoint(tag_dir)
+    # the report and the resume log read the step from meta.json and name the folder from path
+    assert ckpt.meta["step"] == 7 and ckpt.path == tag_dir / step_dir_name(7)
+
+
 def test_newest_wins_and_pruning_keeps_last(tmp_path):
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, keep_last=2)

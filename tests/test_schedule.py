@@ -41,3 +41,35 @@ def test_muon_momentum_warms_up():
     assert muon_momentum(0) == pytest.approx(0.85)
     assert muon_momentum(150) == pytest.approx(0.90)
     assert muon_momentum(300) == muon_momentum(10_000) == pytest.approx(0.95)
+
+
+SMALL = dict(device_batch_size=4, seq_len=8, world_size=2, total_batch_size=128, num_params=1000, flops_per_token=6.0)
+
+
+def test_plan_records_every_number_the_loop_reads():
+    # the training loop and the report read these fields, so each must be the input or its product;
+    # grad_accum_steps an int because the loop passes it to range()
+    plan = derive_plan(**SMALL, num_iterations=1)
+    assert plan.to_dict() == dict(
+        device_batch_size=4, seq_len=8, world_size=2, total_batch_size=128, grad_accum_steps=2, num_iterations=1,
+        total_tokens=128, tokens_per_param=0.128, total_flops=768.0, horizon_source="set by --num-iterations",
+        warmdown_ratio=0.2,
+    )
+    assert type(plan.grad_accum_steps) is int
+
+
+@pytest.mark.parametrize("flags,steps,source", [
+    # 0 and -1 both mean "not set", so the next rule in line decides
+    (dict(num_iterations=0, target_flops=6.0 * 128 * 3), 3, "target-flops"),
+    (dict(target_flops=0), 156, "Chinchilla"),  # round(20 tokens per parameter x 1000 / 128)
+    # horizons shorter than one step still train one step
+    (dict(target_flops=1.0), 1, "target-flops"),
+    (dict(target_param_data_ratio=0.01), 1, "Chinchilla"),
+])
+def test_unset_flags_fall_through_and_a_plan_has_at_least_one_step(flags, steps, source):
+    plan = derive_plan(**SMALL, **flags)
+    assert plan.num_iterations == steps and source in plan.horizon_source
+
+
+def test_lr_reaches_zero_at_the_last_step_even_with_a_one_step_warmdown():
+    assert lr_multiplier(9, 10, 0.1) == 1.0 and lr_multiplier(10, 10, 0.1) == 0.0

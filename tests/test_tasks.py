@@ -24,7 +24,7 @@ from tasks import (
     Task, TaskDataError, TaskMixture, TaskSequence, validate_conversation,
 )
 from tasks import hub, spelling
-from tasks.answers import final_number
+from tasks.answers import final_number, same_final_number, visible_text
 
 
 # ---------------------------------------------------------------- helpers
@@ -297,6 +297,19 @@ def test_gsm8k_scorer_normalises_commas(gsm8k):
     assert gsm8k.evaluate(gsm8k[1], "That makes 1,000.") == 1
     assert gsm8k.evaluate(gsm8k[1], "#### 1,001") == 0
     assert final_number("3,4") == 4 and final_number("-1,234.50") == final_number("-1234.5")
+
+
+def test_reference_with_a_tool_call_reads_as_the_engine_shows_it():
+    # the reference is scored against what the engine prints, so both must spell a tool call alike
+    parts = [{"type": "text", "text": "So "}, {"type": "python", "text": "4+5"},
+             {"type": "python_output", "text": "9"}, {"type": "text", "text": ". #### 9"}]
+    assert visible_text(parts) == "So <<4+5=9>>. #### 9"
+    # the reference is the last message, not the second: a system message comes first here
+    conversation = {"messages": [{"role": "system", "content": "Be brief. 7"}, {"role": "user", "content": "4+5? 3"},
+                                 {"role": "assistant", "content": parts}]}
+    assert same_final_number(conversation, "<<4+5=9>>") == 1 and same_final_number(conversation, "#### 3") == 0
+    with pytest.raises(ValueError, match="holds no number"):
+        same_final_number({"messages": [{"role": "assistant", "content": "none"}]}, "1")
 
 
 def test_gsm8k_answer_without_final_line_is_an_error(tmp_path):
