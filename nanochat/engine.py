@@ -160,7 +160,7 @@ class Request:
             yield event
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is found in the running list by what it is, not by comparing its tokens
 class Sequence:
     """One sample of a request, living in one cache slot."""
 
