@@ -20,6 +20,7 @@ Options:
   --run NAME       log to wandb under this run name (default: no wandb)
   --resume         continue from the newest complete checkpoint
   --eval-tokens N  tokens per validation / base-loss evaluation (default: base_train's and base_loss's)
+  --no-core        skip the CORE evaluation (speedrun.sh runs it as a stage of its own)
   --gpus N         processes/GPUs on this machine (default: all visible GPUs, 1 without GPU)
   --nnodes N       machines in the run (default 1); with --node-rank and --master-addr
   --node-rank R    this machine's index, 0 on the machine given as --master-addr
@@ -30,7 +31,7 @@ Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
 USAGE
 }
 
-DEPTH=20; BATCH=""; RUN=""; RESUME=0; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=20; BATCH=""; RUN=""; RESUME=0; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +40,7 @@ while [ $# -gt 0 ]; do
     --run) RUN="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
     --eval-tokens) EVAL_TOKENS="$2"; shift 2 ;;
+    --no-core) CORE=0; shift ;;
     --gpus) GPUS="$2"; shift 2 ;;
     --nnodes) NNODES="$2"; shift 2 ;;
     --node-rank) NODE_RANK="$2"; shift 2 ;;
@@ -69,11 +71,13 @@ launch scripts.base_train "${TRAIN_ARGS[@]}"
 
 step "base model loss"
 launch scripts.base_loss "${LOSS_ARGS[@]}"
-if [ -d "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}" ]; then
-  step "base model CORE"
-  launch scripts.base_eval
-else
-  echo "skipping CORE: no evaluation bundle (python -m nanochat.eval_bundle, then python -m scripts.base_eval)"
+if [ "$CORE" = 1 ]; then
+  if [ -d "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}" ]; then
+    step "base model CORE"
+    launch scripts.base_eval
+  else
+    echo "skipping CORE: no evaluation bundle (python -m nanochat.eval_bundle, then python -m scripts.base_eval)"
+  fi
 fi
 echo
 echo "base model ready in $NANOCHAT_BASE_DIR/base_checkpoints/"

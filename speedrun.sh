@@ -138,7 +138,8 @@ if [ -z "$(ls "$MARKS"/*.done 2>/dev/null)" ]; then
   python -m nanochat.report reset  # a fresh run starts a fresh report card; old sections are archived
 fi
 run_stage prepare prepare
-run_stage pretrain ./pretrain.sh "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
+# --no-core: CORE is the base-eval stage below, once, with the --tiny limit
+run_stage pretrain ./pretrain.sh --no-core "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag base_checkpoints) "${PRE_ARGS[@]}"
 run_stage base-eval base_eval
 run_stage mid ./midtrain.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag mid_checkpoints) -- "${MID_ARGS[@]}"
 run_stage sft ./sft.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag chatsft_checkpoints) -- "${SFT_ARGS[@]}"

@@ -1,5 +1,6 @@
-"""speedrun.sh --tiny --smoke end to end on a generated corpus (no network), then a rerun with
---force of one stage, which skips every other finished stage (in the slow set); its flags."""
+"""speedrun.sh --tiny --smoke end to end on a generated corpus and a toy CORE bundle (no network), CORE
+run once with the tiny limit, then a rerun with --force of one stage, which skips every other finished
+stage (in the slow set); its flags."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_core_eval import write_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,12 +25,14 @@ def run_dir(tmp_path_factory):
     words = ["".join(rnd.choice("etaoinshrdlucmfwypvbgk") for _ in range(rnd.randint(2, 9))) for _ in range(3000)]
     for i in range(120):
         (corpus / f"doc{i}.txt").write_text(" ".join(rnd.choice(words) for _ in range(800)), encoding="utf-8")
+    write_bundle(base / "bundle")
     return base
 
 
 def speedrun(base: Path, *args: str) -> subprocess.CompletedProcess:
     # one thread: at these sizes a second one gains little, and while other work holds a core it costs several times over
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base / "home"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base / "home"), "OMP_NUM_THREADS": "1",
+           "NANOCHAT_EVAL_BUNDLE": str(base / "bundle")}
     return subprocess.run(["bash", "speedrun.sh", "--tiny", "--smoke", "--data", str(base / "corpus"), *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
@@ -45,6 +49,8 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(run_dir):
     report = (home / "report" / "report.md").read_text()
     assert "| ChatCORE |" in report or "ChatCORE" in report
     assert "speedrun finished" in first.stdout and "./chat_cli.sh" in first.stdout
+    # CORE once (its own stage, not pretrain.sh's too), on the --smoke subset rather than every example
+    assert first.stdout.count("CORE of ") == 1 and "(at most 2 examples per task," in first.stdout
     table = re.findall(r"^\| (\S+) \| (\d+)m(\d\d)s \|$", first.stdout, re.MULTILINE)
     assert [stage for stage, _, _ in table] == ["prepare", "pretrain", "base-eval", "mid", "sft", "rl", "chat-eval"]
     assert "## Wall time by stage" in report and "| pretrain |" in report
