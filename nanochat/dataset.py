@@ -13,6 +13,8 @@ which a checkpoint stores to resume exactly there.
 
 CLI:  python -m nanochat.dataset -n 8           (download)
       python -m nanochat.dataset --from ~/texts  (import your own corpus)
+Exit codes: 0 done, 1 some shards failed (run again: finished ones are kept),
+2 a corpus that cannot be imported, 3 the server cannot be reached (offline).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from nanochat.common import get_base_dir, setup_logging
-from nanochat.download import DownloadError, download_file
+from nanochat.download import DownloadError, Unreachable, check_reachable, download_file
 
 log = logging.getLogger("nanochat.dataset")
 
@@ -39,6 +41,8 @@ DEFAULT_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle
 LAST_SHARD = 1822
 SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
 SPLITS = ("train", "val")
+OFFLINE_HINT = ("No network? Pretrain on your own text files instead (.txt/.jsonl/.parquet, a file or a folder):\n"
+                "  ./speedrun.sh --tiny --data PATH    (or: ./prepare.sh --from PATH)")
 
 
 def shard_name(index: int) -> str:
@@ -185,10 +189,15 @@ def shards_to_fetch(num_train: int, last_shard: int) -> list[int]:
 def download_shards(
     indices: list[int], *, base_url: str, directory: Path, workers: int = 4, retries: int = 5, backoff: float = 2.0
 ) -> list[int]:
-    """Fetch shards in parallel, skipping those present; return the indices that failed."""
+    """Fetch shards in parallel, skipping those present; return the indices that failed.
+
+    Raises Unreachable, before fetching anything, when the server cannot be reached at all.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     present = list_shards(directory)
     todo = [i for i in indices if i not in present]
+    if todo:
+        check_reachable(base_url)  # offline: say so now, not after every shard's retries
     log.info("%d shard(s) wanted, %d already present, fetching %d into %s", len(indices), len(indices) - len(todo), len(todo), directory)
     failed = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), unit="shard", desc="download") as bar:
@@ -251,10 +260,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     last = args.last_shard
     count = last if args.num_shards == -1 else args.num_shards
-    failed = download_shards(
-        shards_to_fetch(count, last), base_url=args.url, directory=directory,
-        workers=args.workers, retries=args.retries, backoff=args.backoff,
-    )
+    try:
+        failed = download_shards(
+            shards_to_fetch(count, last), base_url=args.url, directory=directory,
+            workers=args.workers, retries=args.retries, backoff=args.backoff,
+        )
+    except Unreachable as exc:
+        print(f"error: {exc} (shards from {args.url})\n{OFFLINE_HINT}", file=sys.stderr)
+        return 3
     if failed:
         print(f"error: {len(failed)} shard(s) failed: {', '.join(shard_name(i) for i in failed)}; run again to retry (finished shards are kept)", file=sys.stderr)
         return 1

@@ -4,6 +4,11 @@ A file appears under its final name only once it is complete (and, when the
 caller asks, verified); until then it lives as `<name>.part`, which a later
 attempt resumes with an HTTP Range request. `file://` URLs are copied the same
 way, which is what offline setups and tests use.
+
+Retrying is for errors in the middle of a transfer (a dropped connection, a 503).
+A server that cannot be reached at all (no network, a name that does not resolve,
+a refused connection) is another matter: `check_reachable` says so in seconds,
+so callers probe first and fail with one clear message instead of retrying.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +35,10 @@ RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 class DownloadError(RuntimeError):
     """A download that failed for good (after retries, or on a permanent error)."""
+
+
+class Unreachable(DownloadError):
+    """No connection to the server could be opened: offline, unresolvable name, refused port."""
 
 
 class _Permanent(DownloadError):
@@ -80,6 +90,26 @@ def download_file(
                 time.sleep(wait)
     raise DownloadError(f"{url}: gave up after {retries} attempts: {last_error}")
 
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise Unreachable unless a TCP connection to the server of `url` opens within `timeout` seconds.
+
+    Through the proxy when the environment sets one for this URL (then the proxy is what must answer).
+    Only http(s) URLs are probed. Name resolution has no timeout of its own: it is the system resolver's.
+    """
+    parts = urlparse(url)
+    if parts.scheme not in ("http", "https"):
+        return
+    proxy = requests.utils.get_environ_proxies(url).get(parts.scheme)
+    target = urlparse(proxy) if proxy else parts
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except OSError as exc:  # gaierror (name), ConnectionRefusedError, TimeoutError, unreachable network
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        via = " (the proxy for it)" if proxy else ""
+        raise Unreachable(f"{target.hostname}:{port}{via} is unreachable: {reason}") from exc
 
 
 def _check(part: Path, sha256: str | None, validate: Callable[[Path], None] | None) -> None:

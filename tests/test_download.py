@@ -1,10 +1,15 @@
-"""Shard downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose."""
+"""Shard downloads against a real HTTP server on 127.0.0.1 that misbehaves on purpose (retried), and
+against no server at all (a closed port, a name that does not resolve: one message in seconds)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import socket
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -12,7 +17,9 @@ import pytest
 
 from conftest import make_shards, write_shard
 from nanochat import dataset
-from nanochat.download import DownloadError, download_file
+from nanochat.download import DownloadError, Unreachable, check_reachable, download_file
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # each test takes about a second against a local server; retries that never end fail in a minute, not five
 pytestmark = pytest.mark.timeout(60)
@@ -172,3 +179,50 @@ def test_cli_exit_codes(server, tmp_path):
     assert dataset.main(ok) == 0
     server.faults["shard_00002.parquet"] = ["503"] * 10
     assert dataset.main(["-n", "3", "--url", server.url, "--last-shard", "4", "--data-dir", str(dest), "--retries", "2", "--backoff", "0.01"]) == 1
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:  # bound, then closed: nothing listens there, so connecting is refused
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+# .invalid never resolves (RFC 2606); the closed port is refused at once
+@pytest.mark.parametrize("url", [closed_port_url(), "http://nanochat-shards.invalid/fineweb"])
+def test_unreachable_server_fails_in_seconds_with_the_offline_command(url, tmp_path, capsys):
+    started = time.monotonic()
+    # default retries and backoff: retried, these would take half a minute
+    rc = dataset.main(["-n", "2", "--url", url, "--last-shard", "4", "--data-dir", str(tmp_path / "data")])
+    assert time.monotonic() - started < 5
+    err = capsys.readouterr().err
+    assert rc == 3 and "unreachable" in err and url in err
+    assert "./speedrun.sh --tiny --data PATH" in err and "./prepare.sh --from PATH" in err
+    assert not list((tmp_path / "data").iterdir())
+
+
+def test_unreachable_only_before_the_transfer_a_cut_mid_transfer_is_retried(server, tmp_path):
+    server.faults["shard_00000.parquet"] = ["cut", "503"]
+    dest = tmp_path / "data"
+    assert dataset.main(["-n", "1", "--url", server.url, "--last-shard", "4", "--data-dir", str(dest), "--backoff", "0.01"]) == 0
+    assert len(server.requests_for("shard_00000.parquet")) == 3
+
+
+def test_reachability_probe_goes_through_the_configured_proxy(server, monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", closed_port_url())
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(Unreachable, match="proxy"):
+        check_reachable("http://example.org/data")  # the proxy is what must answer, not example.org
+    monkeypatch.setenv("HTTP_PROXY", server.url)
+    check_reachable("http://nanochat-shards.invalid/data")
+
+
+def test_prepare_sh_offline_says_so_within_seconds(base_dir):
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir), "NANOCHAT_DATA_URL": closed_port_url()}
+    started = time.monotonic()
+    done = subprocess.run(["bash", "prepare.sh", "--shards", "1", "--no-wandb"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    # a Python start (a few seconds on a busy machine) and one refused connection, no retries
+    assert time.monotonic() - started < 15
+    assert done.returncode != 0 and "unreachable" in done.stderr and "./speedrun.sh --tiny --data PATH" in done.stderr
+    assert "run again to retry" not in done.stderr
