@@ -1,8 +1,10 @@
 """Datasets for midtraining, SFT, RL and evaluation, all behind one interface (tasks.base.Task).
 
-Every loader takes path= (a local parquet / jsonl / json file or folder with the
-Hub's columns) and reads an environment variable that does the same, so nothing
-needs the network once the data is on disk:
+The Hub's datasets load through `datasets.load_dataset` (tasks.hub: its cache,
+offline mode, token). Every loader takes path= (a local parquet / jsonl / json
+file, or a folder of one of those, with the Hub's columns; loaded by the same
+call) and reads an environment variable that does the same, so nothing needs
+the network once the data is on disk:
 
     SmolTalk(split)              NANOCHAT_SMOLTALK_PATH    chat conversations
     MMLU(subset, split)          NANOCHAT_MMLU_PATH        multiple choice, categorical

@@ -1,34 +1,41 @@
-"""Where a dataset split's rows come from: a local path, or the Hugging Face Hub.
+"""Where a dataset split's rows come from: a local path, or the Hugging Face Hub, both through
+`datasets.load_dataset`.
 
 In order: the `path=` a task was given, then the dataset family's environment
 variable (e.g. NANOCHAT_GSM8K_PATH; "{subset}" and "{split}" in its value are
-filled in, so one variable can serve every split), then the Hub. From the Hub
-we take the parquet files the dataset viewer converted the split into (their
-list comes from its /parquet API), cached under
-$NANOCHAT_BASE_DIR/datasets/<owner>__<name>/<subset>/<split>/; once there,
-no network is needed.
+filled in, so one variable can serve every split), then the Hub.
+
+- A local path is one file or a folder of files in one format: .parquet, or
+  .jsonl / .json (JSON lines, or one array of objects), read in name order by
+  load_dataset("parquet" | "json", data_files=...).
+- The Hub: load_dataset(repo, subset, split=split), with the usual HF token for
+  gated datasets (`hf auth login`, or HF_TOKEN).
+
+Both are cached by `datasets` under $NANOCHAT_BASE_DIR/datasets; once a split is
+there, no network is needed. Offline mode (HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1)
+reads only that cache; a Hub that cannot be reached (probed in seconds, where the
+library would retry for half a minute) is treated the same way, so a cached split
+still loads and a missing one fails with a message saying how to use local files.
+
+`datasets` is imported when a split is loaded: it takes seconds, which entry points
+that never load a dataset should not pay.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from nanochat.common import get_base_dir
-from nanochat.download import DownloadError, download_file
+from nanochat.download import Unreachable, check_reachable
 from tasks.base import Task, TaskDataError
-from tasks.records import Records, data_files, read_records
 
-PARQUET_LIST_API = "https://datasets-server.huggingface.co/parquet"
-LISTING_FILE = "parquet_files.json"
-# Offline should fail in seconds, not minutes: the files themselves are small.
-RETRIES = 3
-BACKOFF_S = 1.0
+JSON_SUFFIXES = (".jsonl", ".json")
+SUFFIXES = (".parquet", *JSON_SUFFIXES)
 
 
 class HubUnavailable(RuntimeError):
@@ -48,56 +55,113 @@ class HubDataset:
         return f"{self.repo} (subset {self.subset!r}, split {self.split!r})"
 
 
-def open_records(dataset: HubDataset, path: str | Path | None = None) -> Records:
+class Rows:
+    """The rows of one split as dicts, and where each came from, for error messages."""
+
+    def __init__(self, table, source: str):
+        self.table, self.source = table, source  # a datasets.Dataset, and the file, folder or Hub split
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range ({len(self)} rows)")
+        return self.table[index]
+
+    def where(self, index: int) -> str:
+        return f"{self.source} row {index} (counting from 0)"
+
+
+def open_rows(dataset: HubDataset, path: str | Path | None = None) -> Rows:
     """The split's rows: from `path`, else from $<env_var>, else from the Hub (cached)."""
     if path is not None:
-        return read_records(data_files(Path(path)))
+        return load_local(Path(path))
     override = os.environ.get(dataset.env_var)
     if override:
         local = Path(override.replace("{subset}", dataset.subset).replace("{split}", dataset.split))
         if not local.expanduser().exists():
             raise TaskDataError(f"{local} (from ${dataset.env_var}, for {dataset.describe()}) does not exist")
-        return read_records(data_files(local))
-    return read_records(fetch_parquet_files(dataset))
+        return load_local(local)
+    return load_from_hub(dataset)
 
 
-def cache_dir(dataset: HubDataset) -> Path:
-    return get_base_dir() / "datasets" / dataset.repo.replace("/", "__") / dataset.subset / dataset.split
+def cache_dir() -> Path:
+    return get_base_dir() / "datasets"
 
 
-def fetch_parquet_files(dataset: HubDataset) -> list[Path]:
-    """The split's parquet files, downloaded on first use; HubUnavailable if that fails."""
-    folder = cache_dir(dataset)
-    query = urlencode({"dataset": dataset.repo, "config": dataset.subset, "split": dataset.split})
-    try:
-        listing = download_file(f"{PARQUET_LIST_API}?{query}", folder / LISTING_FILE,
-                                retries=RETRIES, backoff=BACKOFF_S, validate=_read_listing)
-        return [
-            download_file(url, folder / name, retries=RETRIES, backoff=BACKOFF_S, validate=pq.read_metadata)
-            for name, url in _read_listing(listing)
-        ]
-    except DownloadError as exc:
-        raise HubUnavailable(
-            f"could not fetch {dataset.describe()} from the Hugging Face Hub: {exc}. "
-            f"Without network access, copy the split here as parquet, jsonl or json with the same "
-            f"columns and pass path=<file or folder> or set {dataset.env_var}=<file or folder>"
-        ) from exc
-
-
-def _read_listing(path: Path) -> list[tuple[str, str]]:
-    """(file name, url) of each parquet file in a /parquet API answer; ValueError if it lists none."""
-    answer = json.loads(Path(path).read_text(encoding="utf-8"))
-    entries = answer.get("parquet_files") if isinstance(answer, dict) else None
-    if not entries:
-        raise ValueError(f"the Hub lists no parquet files for this split: {str(answer)[:200]}")
-    files = []
-    for entry in entries:
-        name, url = entry.get("filename"), entry.get("url")
-        # the name becomes a path on disk, so it must be a plain file name
-        if not (isinstance(name, str) and isinstance(url, str) and name.endswith(".parquet") and Path(name).name == name):
-            raise ValueError(f"unexpected entry in the parquet file list: {entry!r}")
-        files.append((name, url))
+def data_files(path: Path) -> list[Path]:
+    """`path` itself if it is a data file, else the data files directly inside the folder, all of one format."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        if path.suffix not in SUFFIXES:
+            raise TaskDataError(f"{path}: unsupported file type (expected {', '.join(SUFFIXES)})")
+        return [path]
+    if not path.is_dir():
+        raise TaskDataError(f"{path}: no such file or folder")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in SUFFIXES)
+    if not files:
+        raise TaskDataError(f"{path}: folder holds no {', '.join(SUFFIXES)} files")
+    if len({f.suffix == ".parquet" for f in files}) > 1:
+        raise TaskDataError(f"{path}: folder mixes parquet and JSON files; keep one format per folder")
     return files
+
+
+def load_local(path: Path) -> Rows:
+    """A local file or folder, through load_dataset's parquet or json builder; TaskDataError if unreadable."""
+    import datasets
+
+    files = data_files(path)
+    parquet = files[0].suffix == ".parquet"
+    empty = [f for f in files if f.stat().st_size == 0]
+    if empty:  # the json builder fails on these with a bare StopIteration
+        raise TaskDataError(f"{empty[0]}: the file is empty")
+    try:
+        table = datasets.load_dataset("parquet" if parquet else "json", data_files=[str(f) for f in files],
+                                      split="train", cache_dir=str(cache_dir()))
+    except (datasets.exceptions.DatasetGenerationError, pa.ArrowException, OSError, ValueError) as exc:
+        cause = exc.__cause__ or exc  # DatasetGenerationError wraps the reader's own complaint
+        kind = "parquet" if parquet else "JSON lines or a JSON array of objects"
+        raise TaskDataError(f"{path}: not readable as {kind} ({cause})") from None
+    return Rows(table, str(path))
+
+
+def load_from_hub(dataset: HubDataset) -> Rows:
+    """The split from the Hub, cached; from the cache only when offline or the Hub is unreachable."""
+    import datasets
+
+    offline = "offline mode is on (HF_HUB_OFFLINE)" if datasets.config.HF_HUB_OFFLINE else None
+    if offline is None:
+        try:
+            check_reachable(datasets.config.HF_ENDPOINT)
+        except Unreachable as exc:
+            offline = str(exc)
+    try:
+        with _cache_only(offline is not None):
+            table = datasets.load_dataset(dataset.repo, dataset.subset, split=dataset.split, cache_dir=str(cache_dir()))
+    except OSError as exc:  # ConnectionError, not cached, DatasetNotFoundError (gated, or no such split)
+        where = f"{offline} and it is not in the cache ({cache_dir()})" if offline else exc
+        raise HubUnavailable(
+            f"could not load {dataset.describe()} from the Hugging Face Hub: {where}. "
+            f"Gated datasets need a token (hf auth login, or HF_TOKEN). Without network access, save the split "
+            f"as parquet, jsonl or json files with the same columns and pass path=<file or folder> or set "
+            f"{dataset.env_var}=<file or folder> (python -m tasks.sample_data DIR writes generated ones)"
+        ) from exc
+    return Rows(table, f"{dataset.repo} {dataset.subset}/{dataset.split}")
+
+
+@contextlib.contextmanager
+def _cache_only(on: bool):
+    """datasets' offline mode for one call. The library reads it from datasets.config at call time
+    (HF_HUB_OFFLINE is read once, at import), so setting it there is how a running process goes offline."""
+    import datasets
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = before or on
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 class HubTask(Task):
@@ -112,8 +176,7 @@ class HubTask(Task):
         if split not in self.splits.get(subset, ()):
             available = "; ".join(f"subset {s!r}: {', '.join(splits)}" for s, splits in self.splits.items())
             raise ValueError(f"{type(self).__name__} has no subset {subset!r} split {split!r} (available: {available})")
-        self.records = open_records(HubDataset(self.repo, subset, split, self.env_var), path)
+        self.records = open_rows(HubDataset(self.repo, subset, split, self.env_var), path)
 
     def num_examples(self) -> int:
         return len(self.records)
-

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nanochat.common import get_base_dir
 from tasks.base import Task, TaskDataError, validate_conversation
-from tasks.records import data_files, field, read_records
+from tasks.records import field, read_json_lines
 
 ENV_VAR = "NANOCHAT_IDENTITY_PATH"
 DEFAULT_FILE = "identity_conversations.jsonl"
@@ -34,8 +34,9 @@ class CustomJSON(Task):
         if not path.exists():
             raise TaskDataError(f"{path}: no such file; write one {{\"messages\": [...]}} object per line "
                                 f"there, or pass path= (or set {ENV_VAR}) to use another file")
-        records = read_records(data_files(path))
-        self.conversations = [_checked_conversation(records, i) for i in range(len(records))]
+        if not path.is_file():
+            raise TaskDataError(f"{path}: not a file; the conversations are one JSON lines file")
+        self.conversations = [_checked_conversation(where, row) for where, row in read_json_lines(path)]
 
     def num_examples(self) -> int:
         return len(self.conversations)
@@ -44,9 +45,8 @@ class CustomJSON(Task):
         return self.conversations[index]
 
 
-def _checked_conversation(records, index: int) -> dict:
-    where = records.where(index)
-    messages = field(records[index], "messages", list, where)
+def _checked_conversation(where: str, row: dict) -> dict:
+    messages = field(row, "messages", list, where)
     problem = validate_conversation(messages)
     if problem:
         raise TaskDataError(f"{where}: {problem}")

@@ -1,7 +1,7 @@
 """tasks/: slicing and mixtures, every loader on small files in the Hub's schema, rendering, scorers,
-the Hub cache and its offline error, identity-file errors, and the spelling generators.
+local files through `datasets`, the Hub's offline errors, identity-file errors, and the spelling generators.
 
-No network: Hub fetches are served by a fake `requests.get` or refused at the socket.
+No network: local files go through the real `datasets.load_dataset`; the Hub is a closed local port or offline mode.
 """
 
 from __future__ import annotations
@@ -10,20 +10,20 @@ import itertools
 import json
 import socket
 import sys
+import time
 import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import datasets
 import pytest
-import requests
 
-from nanochat import download as download_module
 from nanochat.tokenizer import Tokenizer
 from tasks import (
     ARC, GSM8K, MMLU, CustomJSON, HubUnavailable, HumanEval, SimpleSpelling, SmolTalk, SpellingBee,
     Task, TaskDataError, TaskMixture, TaskSequence, validate_conversation,
 )
-from tasks import hub, spelling
+from tasks import spelling
 from tasks.answers import final_number, same_final_number, visible_text
 
 
@@ -139,7 +139,7 @@ def test_smoltalk_malformed_row_names_file_and_row(tmp_path):
     bad = [{"role": "assistant", "content": "I speak first"}, {"role": "user", "content": "hm"}]
     path = write_parquet(tmp_path / "train.parquet", [{"messages": chat("a", "b")}, {"messages": bad}])
     task = SmolTalk("train", path=path)
-    with pytest.raises(TaskDataError, match=r"train\.parquet row 1 .*role 'assistant'"):
+    with pytest.raises(TaskDataError, match=r"train\.parquet row 1 \(counting from 0\): .*role 'assistant'"):
         task[1]
 
 
@@ -154,21 +154,38 @@ def test_env_var_fills_in_the_split(tmp_path, monkeypatch):
         SmolTalk("test")
 
 
-def test_folder_of_files_is_read_in_name_order(tmp_path):
-    write_jsonl(tmp_path / "d" / "b.jsonl", [{"messages": chat("second", "x")}])
-    write_parquet(tmp_path / "d" / "a.parquet", [{"messages": chat("first", "x")}])
+def test_folder_of_files_is_read_in_name_order_one_format_only(tmp_path):
+    write_jsonl(tmp_path / "d" / "b.jsonl", [{"messages": chat("third", "x")}])
+    write_jsonl(tmp_path / "d" / "a.json", [{"messages": chat("first", "x")}, {"messages": chat("second", "x")}])
     (tmp_path / "d" / "notes.txt").write_text("ignored")
-    assert ids_of(SmolTalk("train", path=tmp_path / "d")) == ["first", "second"]
+    assert ids_of(SmolTalk("train", path=tmp_path / "d")) == ["first", "second", "third"]
+    write_parquet(tmp_path / "d" / "c.parquet", [{"messages": chat("fourth", "x")}])
+    with pytest.raises(TaskDataError, match="mixes parquet and JSON"):
+        SmolTalk("train", path=tmp_path / "d")
 
 
-def test_json_array_and_bad_jsonl_line(tmp_path):
+def test_json_array_and_unreadable_files(tmp_path):
     array = tmp_path / "rows.json"
     array.write_text(json.dumps([{"messages": chat("q", "a")}]))
     assert len(SmolTalk("train", path=array)) == 1
     broken = tmp_path / "rows.jsonl"
     broken.write_text(json.dumps({"messages": chat("q", "a")}) + "\n\n{not json\n")
-    with pytest.raises(TaskDataError, match=r"rows\.jsonl line 3: not valid JSON"):
+    with pytest.raises(TaskDataError, match=r"rows\.jsonl: not readable as JSON lines .*JSON parse error"):
         SmolTalk("train", path=broken)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(TaskDataError, match=r"fake\.parquet: not readable as parquet"):
+        SmolTalk("train", path=tmp_path / "fake.parquet")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(TaskDataError, match=r"empty\.jsonl: the file is empty"):
+        SmolTalk("train", path=tmp_path / "empty.jsonl")
+
+
+def test_local_files_go_through_the_datasets_cache_and_a_changed_file_is_read_again(tmp_path, base_dir):
+    path = write_jsonl(tmp_path / "smol.jsonl", [{"messages": chat("old", "x")}])
+    assert ids_of(SmolTalk("train", path=path)) == ["old"]
+    assert list((base_dir / "datasets").glob("json/*")), "load_dataset's Arrow cache under $NANOCHAT_BASE_DIR/datasets"
+    write_jsonl(path, [{"messages": chat("new", "x")}, {"messages": chat("newer", "x")}])
+    assert ids_of(SmolTalk("train", path=path)) == ["new", "newer"]
 
 
 # ---------------------------------------------------------------- MMLU and ARC
@@ -213,13 +230,13 @@ def test_arc_normalises_numeric_and_letter_labels(tmp_path):
     assert "\nC. steam\n" in first["messages"][0]["content"] and first["messages"][1]["content"] == "C"
     assert second["letters"] == ["A", "B", "C", "D", "E"] and second["messages"][1]["content"] == "E"
     assert task.evaluate(first, "C") == 1 and task.evaluate(first, "3") == 0
-    with pytest.raises(TaskDataError, match=r"arc\.jsonl line 3: answerKey 'F'"):
+    with pytest.raises(TaskDataError, match=r"arc\.jsonl row 2 \(counting from 0\): answerKey 'F'"):
         task[2]
 
 
 def test_missing_field_names_row_and_field(tmp_path):
     task = MMLU(path=write_jsonl(tmp_path / "m.jsonl", [{"question": "q", "choices": ["a", "b"]}]))
-    with pytest.raises(TaskDataError, match=r"m\.jsonl line 1: missing field 'answer'"):
+    with pytest.raises(TaskDataError, match=r"m\.jsonl row 0 \(counting from 0\): missing field 'answer'"):
         task[0]
 
 
@@ -314,7 +331,7 @@ def test_reference_with_a_tool_call_reads_as_the_engine_shows_it():
 
 def test_gsm8k_answer_without_final_line_is_an_error(tmp_path):
     task = GSM8K("test", path=write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "no final line"}]))
-    with pytest.raises(TaskDataError, match=r"g\.jsonl line 1: .*####"):
+    with pytest.raises(TaskDataError, match=r"g\.jsonl row 0 .*####"):
         task[0]
 
 
@@ -477,50 +494,28 @@ def test_word_list_default_is_downloaded_once(words, base_dir, monkeypatch):
 # ---------------------------------------------------------------- the Hub
 
 
-class FakeResponse:
-    def __init__(self, body: bytes, status: int = 200):
-        self.status_code, self.body, self.headers = status, body, {"Content-Length": str(len(body))}
-
-    def iter_content(self, size):
-        yield self.body
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def closed_port_url() -> str:
+    with socket.socket() as s:  # bound, then closed: connecting there is refused
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
-def test_hub_fetch_downloads_listed_parquet_once_then_works_offline(tmp_path, base_dir, monkeypatch):
-    shard = write_parquet(tmp_path / "shard.parquet", [GSM_ROW]).read_bytes()
-    requested = []
-
-    def fake_get(url, **kwargs):
-        requested.append(url)
-        if url.startswith(hub.PARQUET_LIST_API):
-            listing = {"parquet_files": [{"dataset": "openai/gsm8k", "config": "main", "split": "test",
-                                          "url": "https://hub.example/0000.parquet", "filename": "0000.parquet"}]}
-            return FakeResponse(json.dumps(listing).encode())
-        return FakeResponse(shard)
-
-    monkeypatch.setattr(requests, "get", fake_get)
-    assert GSM8K("test")[0]["messages"][0]["content"] == GSM_ROW["question"]
-    assert requested == [f"{hub.PARQUET_LIST_API}?dataset=openai%2Fgsm8k&config=main&split=test",
-                         "https://hub.example/0000.parquet"]
-    assert (base_dir / "datasets" / "openai__gsm8k" / "main" / "test" / "0000.parquet").is_file()
-    requested.clear()
-    assert len(GSM8K("test")) == 1 and requested == []  # cached: no network
-
-
-def test_hub_offline_error_names_dataset_and_local_file_options(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network is unreachable")
-
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(download_module.time, "sleep", lambda s: None)
+def test_unreachable_hub_fails_in_seconds_naming_dataset_and_local_file_options(monkeypatch):
+    # datasets itself retries an unreachable Hub for half a minute; the probe makes that a cache-only load
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", closed_port_url())
+    started = time.monotonic()
     with pytest.raises(HubUnavailable) as err:
         MMLU("all", "test")
+    assert time.monotonic() - started < 5
     message = str(err.value)
-    assert "cais/mmlu" in message and "'all'" in message and "'test'" in message
-    assert "path=" in message and "NANOCHAT_MMLU_PATH" in message
+    assert "cais/mmlu" in message and "'all'" in message and "'test'" in message and "is unreachable" in message
+    assert "not in the cache" in message and "path=" in message and "NANOCHAT_MMLU_PATH" in message
+    assert datasets.config.HF_HUB_OFFLINE is False  # cache-only for that one load, not for the process
+
+
+def test_offline_mode_reads_only_the_cache(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when datasets is imported
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://nanochat-hub.invalid")  # never asked
+    with pytest.raises(HubUnavailable, match=r"openai/gsm8k .*offline mode is on .*NANOCHAT_GSM8K_PATH"):
+        GSM8K("test")
+    assert datasets.config.HF_HUB_OFFLINE is True
