@@ -29,6 +29,7 @@ USAGE
 }
 
 SHARDS=8; TOTAL_SHARDS=240; SOURCE=""; VOCAB=65536; MAX_CHARS=2000000000; RETRAIN=0; WANDB=1; OFFLINE=0
+canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --shards) SHARDS="$2"; shift 2 ;;

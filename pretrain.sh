@@ -14,8 +14,9 @@ the train and validation splits (scripts.base_loss) and the CORE score
 it saves a checkpoint first; `./pretrain.sh --resume` continues.
 
 Options:
-  --depth N        transformer layers; width and steps follow (default 20)
-  --batch-size N   rows per forward pass per GPU (default: 32, or the largest power of
+  -d, --depth N    transformer layers; width and steps follow (default 20)
+  -b, --batch-size N
+                   rows per forward pass per GPU (default: 32, or the largest power of
                    two below it whose measured training step fits in memory)
   --run NAME       log to wandb under this run name (default: no wandb)
   --resume         continue from the newest complete checkpoint
@@ -33,10 +34,11 @@ USAGE
 
 DEPTH=20; BATCH=""; RUN=""; RESUME=0; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
+canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --depth) DEPTH="$2"; shift 2 ;;
-    --batch-size) BATCH="$2"; shift 2 ;;
+    -d|--depth) DEPTH="$2"; shift 2 ;;
+    -b|--batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --resume) RESUME=1; shift ;;
     --eval-tokens) EVAL_TOKENS="$2"; shift 2 ;;

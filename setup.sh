@@ -29,7 +29,9 @@ EOF
 
 FORCE_CPU=0
 CHECK_ONLY=0
-for arg in "$@"; do
+source scripts/flags.sh
+canonical_flags "$@"
+for arg in "${FLAGS[@]}"; do
   case "$arg" in
     --cpu) FORCE_CPU=1 ;;
     --check) CHECK_ONLY=1 ;;

@@ -3,6 +3,7 @@
 # -> chat eval -> report card. Finished stages are skipped, so running it again after a crash continues.
 set -euo pipefail
 cd "$(dirname "$0")"
+source scripts/flags.sh
 
 usage() {
   cat <<'USAGE'
@@ -13,8 +14,9 @@ $NANOCHAT_BASE_DIR/speedrun/), and an interrupted training stage resumes from it
 newest checkpoint. On a DGX Spark the default depth-20 run takes days: use tmux.
 
 Options:
-  --depth N        model depth (default 20; 4 with --tiny)
-  --batch-size N   rows per forward pass per GPU (default: measured to fit, at most 32; 16 with --tiny)
+  -d, --depth N    model depth (default 20; 4 with --tiny)
+  -b, --batch-size N
+                   rows per forward pass per GPU (default: measured to fit, at most 32; 16 with --tiny)
   --run NAME       log the training stages to wandb under this name
   --skip-rl        stop after SFT (no RL stage)
   --force STAGE    redo STAGE (prepare, pretrain, base-eval, mid, sft, rl, chat-eval);
@@ -29,10 +31,11 @@ USAGE
 }
 
 DEPTH=""; BATCH=""; RUN=""; SKIP_RL=0; FORCE=""; TINY=0; DATA=""; SMOKE=0
+canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
-    --depth) DEPTH="$2"; shift 2 ;;
-    --batch-size) BATCH="$2"; shift 2 ;;
+    -d|--depth) DEPTH="$2"; shift 2 ;;
+    -b|--batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --skip-rl) SKIP_RL=1; shift ;;
     --force) FORCE="$2"; shift 2 ;;

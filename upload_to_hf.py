@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanochat.flags import FlagParser
 from scripts.hf_prepare import EXIT_FAILED, EXIT_NOTHING, PIPELINE, default_out_dir, parse_stages, read_share_info
 
 TOKEN_HINT = "run `hf auth login` (`huggingface-cli login` in older huggingface_hub releases) or set HF_TOKEN to a token with write access"
@@ -122,7 +123,7 @@ def upload(prepared: list[Prepared], private: bool, token: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python upload_to_hf.py",
         description="Upload the folders ./hf_prepare.sh prepared to the HuggingFace Hub (one model repo per stage).",
         epilog=f"Authentication: {TOKEN_HINT}. Exit status: 0 done; 1 upload failed; 2 nothing to upload, no token, "

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 
 from nanochat.fileio import atomic_write
+from nanochat.flags import FlagParser
 from tasks.identity import default_identity_path, validate_conversation
 
 PREVIEW_CHARS = 60
@@ -282,14 +283,14 @@ def cmd_count(args) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="view_identity_data.py",
         description="Browse, check and edit the identity conversations (JSONL, one conversation per line).",
     )
     file_help = "conversations file (default: $NANOCHAT_IDENTITY_PATH, else $NANOCHAT_BASE_DIR/identity_conversations.jsonl)"
     parser.add_argument("--file", type=Path, default=None, help=file_help)
     # --file is also accepted after the command; SUPPRESS keeps a subcommand from resetting it to None
-    file_option = argparse.ArgumentParser(add_help=False)
+    file_option = FlagParser(add_help=False)
     file_option.add_argument("--file", type=Path, default=argparse.SUPPRESS, help=file_help)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

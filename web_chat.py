@@ -17,9 +17,11 @@ import argparse
 import os
 import sys
 
+from nanochat.flags import FlagParser
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Gradio chat page for a running nanochat service.")
+    p = FlagParser(description="Gradio chat page for a running nanochat service.")
     p.add_argument("--url", default="http://localhost:8000/v1", help="the service's OpenAI base URL (default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", "none"), help="bearer key if the service wants one (env NANOCHAT_API_KEY)")
     p.add_argument("--port", type=int, default=7860, help="port of this page (default %(default)s)")

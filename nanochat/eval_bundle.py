@@ -27,6 +27,7 @@ import yaml
 
 from nanochat.common import get_base_dir
 from nanochat.download import DownloadError, download_file
+from nanochat.flags import FlagParser
 
 DEFAULT_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE"
@@ -185,7 +186,7 @@ def load_task_data(bundle: Path, spec: TaskSpec) -> list[dict]:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanochat.eval_bundle", description="Fetch the CORE evaluation bundle into $NANOCHAT_BASE_DIR/eval_bundle (skipped when present).")
+    p = FlagParser(prog="python -m nanochat.eval_bundle", description="Fetch the CORE evaluation bundle into $NANOCHAT_BASE_DIR/eval_bundle (skipped when present).")
     p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=f"where to download eval_bundle.zip (env {URL_ENV}; http(s):// or file://)")
     p.add_argument("--retries", type=int, default=5, help="download attempts before giving up (default %(default)s)")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling each time (default %(default)s)")

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 
 from nanochat.checkpoint import STAGES
+from nanochat.flags import FlagParser
 from nanochat.gpt import GPTConfig, config_for_depth
 
 GIB = 2**30
@@ -320,7 +321,7 @@ def choose_device_batch(config: GPTConfig, requested_batch: int, seq_len: int, d
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         prog="python -m nanochat.memory",
         description="Measure the peak memory of a training step on fake tensors: nothing is allocated, no GPU needed.",
     )

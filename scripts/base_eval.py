@@ -17,13 +17,14 @@ from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.eval_bundle import BUNDLE_ENV, BundleError, resolve_bundle_dir
+from nanochat.flags import FlagParser
 from nanochat.report import write_section
 from nanochat.runtime import add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.base_eval", description="CORE metric (DCLM) of a base model.")
+    p = FlagParser(prog="python -m scripts.base_eval", description="CORE metric (DCLM) of a base model.")
     p.add_argument("--model-tag", default=None, help="checkpoint folder in base_checkpoints (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--max-per-task", type=int, default=None, help="evaluate only this many examples per task, the same ones every run (default: all)")

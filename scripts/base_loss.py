@@ -14,6 +14,7 @@ import sys
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
+from nanochat.flags import FlagParser
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import write_section
@@ -22,7 +23,7 @@ from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.base_loss", description="Bits per byte of a base model on train and validation data.")
+    p = FlagParser(prog="python -m scripts.base_loss", description="Bits per byte of a base model on train and validation data.")
     p.add_argument("--model-tag", default=None, help="checkpoint folder in base_checkpoints (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")

@@ -20,6 +20,7 @@ import torch
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
+from nanochat.flags import FlagParser
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.gpt import GPT, build_model, config_for_depth
 from nanochat.hardware import peak_flops
@@ -40,7 +41,7 @@ DEFAULT_DEVICE_BATCH = 32
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.base_train", description="Pretrain the base model.")
+    p = FlagParser(prog="python -m scripts.base_train", description="Pretrain the base model.")
     m = p.add_argument_group("model")
     m.add_argument("--depth", type=int, default=20, help="number of transformer layers; the width follows (default %(default)s)")
     m.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x this, rounded up to a multiple of the head dim (default %(default)s)")

@@ -15,12 +15,13 @@ import sys
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine, visible_to_parts
+from nanochat.flags import FlagParser
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description="Chat with a model in the terminal.")
+    p = FlagParser(prog="python -m scripts.chat_cli", description="Chat with a model in the terminal.")
     add_model_args(p, temperature=0.6)
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     return p.parse_args(argv)

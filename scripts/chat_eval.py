@@ -22,6 +22,7 @@ import torch.distributed as dist
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine, collect
+from nanochat.flags import FlagParser
 from nanochat.report import write_section
 from nanochat.runtime import add_dtype_arg, set_compute_dtype
 from nanochat.sampling import SamplingParams
@@ -44,7 +45,7 @@ def task_table() -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_eval", description="Evaluate a chat model on its tasks.")
+    p = FlagParser(prog="python -m scripts.chat_eval", description="Evaluate a chat model on its tasks.")
     p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which stage's model")
     p.add_argument("-a", "--tasks", nargs="+", default=None, help="tasks to run (default: all of ARC-Easy ARC-Challenge MMLU GSM8K HumanEval SpellingBee)")
     p.add_argument("--model-tag", default=None, help="model tag (default: the newest)")

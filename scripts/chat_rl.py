@@ -22,6 +22,7 @@ import torch
 from nanochat.checkpoint import CheckpointError, load_model, stage_dir
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.engine import Engine
+from nanochat.flags import FlagParser
 from nanochat.optim import build_optimizers
 from nanochat.posttrain import add_run_args
 from nanochat.report import write_section
@@ -37,7 +38,7 @@ DEFAULT_DEVICE_BATCH = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K.")
+    p = FlagParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K.")
     p.add_argument("--source", default="sft", help="stage to start from (default %(default)s)")
     p.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")

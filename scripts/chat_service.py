@@ -19,6 +19,7 @@ import uvicorn
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.cli_args import add_model_args, device_and_dtype
 from nanochat.engine import Engine
+from nanochat.flags import FlagParser
 from nanochat.http_guard import guarded_protocol
 from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
@@ -28,7 +29,7 @@ SHUTDOWN_GRACE_SECONDS = 3  # after SIGTERM / Ctrl-C, how long answers in flight
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
+    p = FlagParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
     add_model_args(p, temperature=0.8, max_tokens=None)  # sampling flags are defaults here; requests override them
     p.add_argument("-p", "--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default %(default)s: all)")

@@ -15,11 +15,12 @@ import sys
 
 from nanochat.chat_data import PaddedConversations
 from scripts.chat_eval import final_chat_eval
+from nanochat.flags import FlagParser
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main, steps_for_epochs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_sft", description="Supervised finetuning on conversations.")
+    p = FlagParser(prog="python -m scripts.chat_sft", description="Supervised finetuning on conversations.")
     add_stage_args(p, device_batch=4, init_lr_frac=0.02)
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step across all ranks (default %(default)s)")
     return p.parse_args(argv)

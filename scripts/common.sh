@@ -16,6 +16,9 @@ export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
 mkdir -p "$NANOCHAT_BASE_DIR/logs"
 cd "$NANOCHAT_ROOT" || exit 1
 
+# shellcheck source=scripts/flags.sh
+source "$NANOCHAT_ROOT/scripts/flags.sh"
+
 die() { echo "error: $*" >&2; exit 1; }
 step() { echo; echo "== $* ($(date '+%H:%M:%S'))"; }
 
@@ -43,16 +46,19 @@ post_stage() {
   name=$(basename "$0" .sh)
   shift 3
   local gpus="" extra=()
+  canonical_flags "$@"; set -- "${FLAGS[@]}"
   while [ $# -gt 0 ]; do
     case "$1" in
       --gpus) gpus="$2"; shift 2 ;;
+      -b|--batch-size) extra+=(--device-batch-size "$2"); shift 2 ;;
+      -d|--depth) extra+=(--model-tag "d$2"); shift 2 ;;
       --resume) extra+=(--resume); shift ;;
       --run) extra+=(--run "$2"); shift 2 ;;
       --no-eval) extra+=(--no-eval); shift ;;
       --eval-problems) extra+=(--eval-problems "$2"); shift 2 ;;
       -h|--help)
         cat <<USAGE
-Usage: ./$name.sh [--gpus N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for scripts.$module]
+Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for scripts.$module]
 
 $what, starting from the newest $from model,
 then runs the chat evaluation and writes the report sections.
@@ -60,6 +66,9 @@ Safe to stop with Ctrl-C (a checkpoint is saved); --resume continues.
 
 Options:
   --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
+  -b, --batch-size N
+                rows per forward pass per GPU (default: measured to fit)
+  -d, --depth N the model of that depth (model tag dN; default: the newest)
   --resume      continue from this stage's newest complete checkpoint
   --run NAME    log to wandb under this run name
   --no-eval     skip the chat evaluation at the end

@@ -43,6 +43,7 @@ from nanochat.checkpoint import (
 )
 from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_write
+from nanochat.flags import FlagParser
 from nanochat.gpt import GPTConfig
 from nanochat.hf_export import CHAT_TEMPLATE, export_hf
 from nanochat.progress import format_duration
@@ -573,7 +574,7 @@ def chat_command(stage: str, model_tag: str, step: int) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = FlagParser(
         prog="python -m scripts.hf_prepare",
         description="Prepare HuggingFace Hub folders of your trained models (--author), or install a shared one (--download).",
         epilog="Exit status: 0 done; 1 failed (download error, refused to overwrite); 2 nothing to work with "

@@ -18,11 +18,12 @@ import sys
 
 from nanochat.chat_data import PackedConversations
 from scripts.chat_eval import final_chat_eval
+from nanochat.flags import FlagParser
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scripts.mid_train", description="Midtrain the base model on conversations.")
+    p = FlagParser(prog="python -m scripts.mid_train", description="Midtrain the base model on conversations.")
     add_stage_args(p, device_batch=32, init_lr_frac=1.0)
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step across all ranks (default %(default)s)")
     return p.parse_args(argv)

@@ -19,6 +19,7 @@ from pathlib import Path
 import tiktoken
 
 from nanochat.dataset import iter_documents
+from nanochat.flags import FlagParser
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 BASELINES = {"gpt2": "GPT-2", "cl100k_base": "GPT-4"}
@@ -34,7 +35,7 @@ class Compression:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Report tokenizer compression (bytes/token) on the validation split.")
+    parser = FlagParser(description="Report tokenizer compression (bytes/token) on the validation split.")
     parser.add_argument(
         "--max-docs", type=int, default=2000, help="evaluate on at most this many validation documents (default: 2000)"
     )

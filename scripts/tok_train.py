@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanochat.dataset import iter_documents
+from nanochat.flags import FlagParser
 from nanochat.tokenizer import Tokenizer, default_tokenizer_dir
 
 
@@ -29,7 +30,7 @@ def count(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the byte-level BPE tokenizer on the train split.")
+    parser = FlagParser(description="Train the byte-level BPE tokenizer on the train split.")
     parser.add_argument(
         "--vocab-size",
         type=count,
