@@ -7,6 +7,10 @@ can never break the summary table.
 
     python -m nanochat.report reset      # start a new report (old sections are archived)
     python -m nanochat.report generate   # assemble report/report.md and copy it here
+
+The training stages draw their curves into the same folder (curves-<stage>.png, see
+nanochat.curves); the card links them as images, relative to the folder, and its copy
+links them relative to where the copy goes.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ import datetime
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from nanochat.fileio import atomic_write
+from nanochat.checkpoint import STAGES
 from nanochat.common import environment_report, get_base_dir
+from nanochat.curves import curve_name, list_curves
 from nanochat.progress import format_duration
 
 # Stages in the order the pipeline runs them; sections with other slugs follow, by name.
@@ -235,6 +242,22 @@ def header_text(now: datetime.datetime) -> str:
     return "\n".join(lines)
 
 
+def curves_section(directory: Path) -> str | None:
+    """Markdown embedding the folder's curve PNGs, pipeline stages first; None when there are none."""
+    present = list_curves(directory)
+    ordered = [curve_name(stage) for stage in STAGES if curve_name(stage) in present]
+    ordered += sorted(set(present) - set(ordered))
+    if not ordered:
+        return None
+    images = [f"![{name[len('curves-'):-len('.png')]}]({name})" for name in ordered]
+    return "## Training curves\n\n" + "\n\n".join(images)
+
+
+def relink_curves(text: str, prefix: str) -> str:
+    """The card's image links with `prefix` (a path to the report folder) in front, for a copy elsewhere."""
+    return re.sub(r"\]\((curves-[a-z0-9_-]+\.png)\)", lambda m: f"]({prefix}/{m.group(1)})", text)
+
+
 def assemble(directory: Path, now: datetime.datetime) -> tuple[str, list[str]]:
     """The whole report card as markdown, plus a message per sidecar that could not be read."""
     slugs = section_slugs(directory)
@@ -244,6 +267,9 @@ def assemble(directory: Path, now: datetime.datetime) -> tuple[str, list[str]]:
     if not [slug for slug in slugs if slug != "header"]:
         parts.append(f"The report is empty: no stage has written a section to {directory} yet.")
         return "\n\n".join(parts) + "\n", problems
+    curves = curves_section(directory)
+    if curves:
+        parts.append(curves)
     parts.append("## Summary\n\n" + summary_table(metrics))
     total = total_wall_time(metrics)
     parts.append(f"Total wall-clock time: {format_duration(total) if total is not None else 'unknown (no stage recorded it)'}")
@@ -260,7 +286,7 @@ def generate() -> tuple[Path, list[str]]:
     atomic_write(path, text)
     copy = Path.cwd() / REPORT_NAME
     if copy.resolve() != path.resolve():
-        atomic_write(copy, text)
+        atomic_write(copy, relink_curves(text, Path(os.path.relpath(directory, copy.parent)).as_posix()))
     return copy, problems
 
 

@@ -31,8 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanochat.api_metrics import CountResponses, ServerMetrics, TokenClock
 from nanochat.api_request import ApiError, ChatRequest, CompletionRequest, read_json
 from nanochat.api_response import ChatDialect, Dialect, TextDialect, sse
+from nanochat.curves import curve_file, list_curves
 from nanochat.engine import Engine, EngineWorker, Request as EngineRequest, visible_to_parts
 from nanochat.error_pacing import ErrorPacer
+from nanochat.report import report_dir
 from nanochat.sampling import SamplingParams
 
 UI_PAGE = Path(__file__).parent / "ui" / "index.html"
@@ -250,6 +252,20 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await answer(service, request, CompletionRequest, TextDialect)
+
+    @app.get("/report/curves")
+    async def curves(request: Request):
+        """The training curves the report folder holds (PNG names, newest first), for the page's model info."""
+        service.check_auth(request)
+        return {"curves": list_curves(report_dir())}
+
+    @app.get("/report/curves/{name}")
+    async def curve(request: Request, name: str):
+        service.check_auth(request)
+        path = curve_file(report_dir(), name)  # only curves-<stage>.png files directly in the folder
+        if path is None:
+            raise ApiError(404, f"no training curve {name!r} (GET /report/curves lists them)", param="name")
+        return FileResponse(path, media_type="image/png")
 
     @app.get("/")
     async def page():

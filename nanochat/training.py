@@ -5,7 +5,9 @@ A stage supplies a model, its optimizers, a batch source (an iterator of
 for evaluation and samples; this loop does gradient accumulation, the LR and
 momentum schedules, one progress line per step with ETA, checkpoints (every
 `save_every` steps, on SIGINT/SIGTERM, and at the end before the final
-evaluation) and resuming.
+evaluation) and resuming. On the master rank it appends every step and evaluation to the run's
+metrics.jsonl and redraws the stage's curves in the report folder at each checkpoint and at the
+end (nanochat.curves).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from nanochat.common import DistInfo, print0
+from nanochat.curves import METRICS_FILE, MetricsLog, curve_name, draw, stage_of
 from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy
 from nanochat.memory import current_usage
 from nanochat.progress import StepTimer, format_duration
+from nanochat.report import report_dir
 from nanochat.runtime import release_cached_memory
 from nanochat.schedule import lr_multiplier, muon_momentum
 from nanochat.signals import StopRequest
@@ -44,6 +48,7 @@ class LoopSettings:
 class Hooks:
     evaluate: Callable[[int], dict] | None = None  # step -> metrics to log and store
     sample: Callable[[], None] | None = None
+    step_metrics: Callable[[], dict] | None = None  # more numbers for each step's record (RL: its mean reward)
 
 
 @dataclass
@@ -91,6 +96,7 @@ class TrainLoop:
         # One meter per node (local rank 0) reads every GPU of that node; energy carries over resumes.
         earlier = resumed.meta.get("energy_kwh", 0.0) if resumed.step else 0.0
         self.power = PowerMeter.autodetect(kwh_before=earlier) if info.local_rank == 0 else None
+        self.history = MetricsLog(self.tag_dir / METRICS_FILE, keep_through=self.start_step) if info.is_master else None
 
     def energy_items(self) -> dict:
         """Energy, cost and depreciation of the training so far, for report sections ("n/a" without a sensor)."""
@@ -131,6 +137,7 @@ class TrainLoop:
         self.evaluate(last)
         if self.hooks.sample:
             self.hooks.sample()
+        self.draw_curves(last)
         print0(f"training done: {last:,} steps in {format_duration(self.timer.elapsed)}; checkpoint in {self.tag_dir}")
         return 0
 
@@ -174,8 +181,14 @@ class TrainLoop:
             f"step {done:06d}/{total:06d} ({100 * done / total:5.1f}%) | loss {debiased:.4f} | lrm {lrm:.3f} | "
             f"dt {dt * 1000:.0f}ms | tok/s {tok_per_s:,.0f} | mfu {mfu} | elapsed {format_duration(self.timer.elapsed)} | eta {self.timer.eta()}"
         )
+        extra = self.hooks.step_metrics() if self.hooks.step_metrics else {}
+        if self.history:
+            used, _ = current_usage(self.info.device)
+            self.history.append({"step": done, "loss": debiased, "lrm": lrm, "tok_per_s": tok_per_s, "dt_s": dt,
+                                 "memory_gib": None if used is None else used / 2**30, **extra})
         if self.tracker:
-            self.tracker.log({"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/dt": dt}, step=done)
+            self.tracker.log({"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/dt": dt,
+                              **{f"train/{key}": value for key, value in extra.items()}}, step=done)
 
     def evaluate(self, step: int) -> None:
         if not self.hooks.evaluate:
@@ -187,6 +200,8 @@ class TrainLoop:
         finally:
             self.model.train()
         self.metrics.update(metrics)
+        if self.history:
+            self.history.append({"step": step, "eval": metrics})
         used, source = current_usage(self.info.device)
         if used is not None:
             print0(f"step {step:06d} | memory in use: {used / 2**30:.1f} GiB ({source})")
@@ -208,6 +223,16 @@ class TrainLoop:
             world_size=self.info.world_size, keep_last=self.settings.keep_last,
         )
         print0(f"step {step:06d} | checkpoint saved to {path} in {time.perf_counter() - t0:.1f}s")
+        self.draw_curves(step)
+
+    def draw_curves(self, step: int) -> None:
+        """The stage's curves so far, as report/curves-<stage>.png (master rank only)."""
+        if not self.history:
+            return
+        stage = stage_of(self.tag_dir)
+        path = draw(self.history.path, f"{stage} {self.tag_dir.name}, step {step:,}", report_dir() / curve_name(stage))
+        if path:
+            print0(f"step {step:06d} | curves drawn to {path}")
 
 
 def _due(every: int, step: int) -> bool:

@@ -201,7 +201,8 @@ def train(args, info) -> int:
     engine = Engine(model, tokenizer, max_batch=args.num_samples)
     rollouts = Rollouts(engine, train_task, args, info, resumed.data_state)
     eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
-    hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices))
+    hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices),
+                  step_metrics=lambda: {"reward": rollouts.last_reward})  # this rank's mean, as its rollout line says
     micro = args.examples_per_step // info.world_size * args.num_samples // args.device_batch_size
     settings = LoopSettings(num_iterations=steps, grad_accum_steps=micro, warmdown_ratio=1.0, eval_every=args.eval_every,
                             save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,

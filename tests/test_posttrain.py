@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from child import Child
 from nanochat.checkpoint import load_model, resolve_source, save_checkpoint
+from nanochat.curves import read_records
 from nanochat.engine import Engine
 from nanochat.sampling import SamplingParams
 from nanochat.gpt import GPTConfig, build_model
@@ -69,6 +70,10 @@ def test_mid_sft_rl_and_chat_eval(workspace, in_process, capsys):
              "--device-batch-size", "2", "--max-new-tokens", "16", "--eval-every", "0", "--eval-examples", "2", "--no-eval")
     assert "rollout | mean reward" in rl and "pass@1" in rl
     assert "step 000002/000002" in rl
+    rewards, passes = read_records(base / "chatrl_checkpoints" / "d2" / "metrics.jsonl")  # RL's curves: reward and pass@k
+    assert [r["step"] for r in rewards] == [1, 2] and all(0 <= r["reward"] <= 1 for r in rewards)
+    assert [r["step"] for r in passes] == [2] and {"pass@1", "pass@2"} == set(passes[0]["eval"])
+    assert all((base / "report" / f"curves-{stage}.png").read_bytes()[:4] == b"\x89PNG" for stage in ("mid", "sft", "rl"))
     for stage in ("mid_checkpoints", "chatsft_checkpoints", "chatrl_checkpoints"):
         assert list((base / stage / "d2").glob("step_*"))
     evaluation = run(capsys, chat_eval, "-i", "rl", "-a", "ARC-Easy", "GSM8K", "HumanEval", "--max-problems", "3", "--max-new-tokens", "16")

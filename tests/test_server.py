@@ -167,6 +167,7 @@ def test_api_key_required_when_configured(model_dir):
         assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(srv.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert httpx.get(srv.url + "/health").status_code == 200
+        assert httpx.get(srv.url + "/report/curves").status_code == 401  # the curves are behind the key too
         ok = OpenAI(base_url=srv.url + "/v1", api_key="s3cret", max_retries=0).chat.completions.create(model="nanochat", messages=HI, temperature=0, max_tokens=60)
         assert ok.choices[0].message.content == SCRIPT_ANSWER
         preflight = httpx.options(srv.url + "/v1/chat/completions", headers={
@@ -265,3 +266,29 @@ def test_prometheus_metrics(server, client):
     assert samples[("nanochat_time_per_output_token_seconds_count", ())] >= 4
     assert samples[("nanochat_slots", ())] == 8 and samples[("nanochat_slots_in_use", ())] == 0
     assert samples[("nanochat_queue_depth", ())] == 0
+
+
+# ---------------------------------------------------------------- the report's training curves
+
+
+def test_training_curves_are_listed_and_served_and_nothing_else_is(server, model_dir, tmp_path):
+    from nanochat.curves import MetricsLog, draw
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_through=0)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 3.0 / step, "lrm": 1.0})
+    report = model_dir / "report"
+    png = draw(log.path, "base d2", report / "curves-base.png").read_bytes()
+    (report / "report.md").write_text("# the card")
+    (tmp_path / "secret.png").write_bytes(b"\x89PNG secret")
+    (report / "curves-evil.png").symlink_to(tmp_path / "secret.png")  # a link out of the folder is not served
+    try:
+        assert httpx.get(server.url + "/report/curves").json() == {"curves": ["curves-base.png"]}
+        got = httpx.get(server.url + "/report/curves/curves-base.png")
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png" and got.content == png
+        for name in ("curves-evil.png", "report.md", "..%2Freport%2Freport.md", "..%2F..%2Fsecret.png", "%2e%2e",
+                     "curves-base.png%00.md", "%2Fetc%2Fpasswd", "curves-..%2Fcurves-base.png"):
+            refused = httpx.get(f"{server.url}/report/curves/{name}")
+            assert refused.status_code == 404 and "secret" not in refused.text and "error" in refused.json(), name
+    finally:
+        (report / "curves-evil.png").unlink()

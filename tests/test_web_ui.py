@@ -280,3 +280,23 @@ def test_errors_are_shown_and_the_chat_goes_on(browser, small_server):
     wait_idle(page)
     assert error_shown(page) == "" and page.evaluate("conversation[1].content") == FENCED_ANSWER
     page.close()
+
+
+def test_training_curves_in_the_model_info(browser, small_server, small_model_dir, tmp_path):
+    from nanochat.curves import MetricsLog, draw
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", keep_through=0)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 3.0 / step, "tok_per_s": 1000.0 * step})
+    png = draw(log.path, "sft d2", small_model_dir / "report" / "curves-sft.png")
+    page = browser.new_page()
+    try:
+        page.goto(small_server.url)
+        page.wait_for_selector("#curves summary", state="visible", timeout=15000)  # hidden while there are none
+        page.click("#curves summary")
+        page.wait_for_function("document.querySelectorAll('#curve-images img').length === 1 && "
+                               "document.querySelector('#curve-images img').naturalWidth > 100", timeout=15000)
+        assert page.get_attribute("#curve-images img", "alt") == "curves-sft.png"
+    finally:
+        page.close()
+        png.unlink()
