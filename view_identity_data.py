@@ -23,13 +23,12 @@ import json
 import sys
 from pathlib import Path
 
+from nanochat.conversation import shown_text
 from nanochat.fileio import atomic_write
 from nanochat.flags import FlagParser
 from tasks.identity import default_identity_path, validate_conversation
 
 PREVIEW_CHARS = 60
-# how calculator parts read in text, as the chat surfaces show them: <<2+3=5>>
-PART_MARKERS = {"text": ("", ""), "python": ("<<", ""), "python_output": ("=", ">>")}
 
 
 class ToolError(Exception):
@@ -130,13 +129,6 @@ def preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
-def content_text(content) -> str:
-    """A message's content as text; an assistant's list of parts is joined with calculator markers."""
-    if isinstance(content, str):
-        return content
-    return "".join(PART_MARKERS[part["type"]][0] + part["text"] + PART_MARKERS[part["type"]][1] for part in content)
-
-
 def first_user_message(conversation: dict) -> str:
     return next((m["content"] for m in conversation["messages"] if m["role"] == "user"), "")
 
@@ -162,7 +154,7 @@ def cmd_show(args) -> int:
         raise ToolError(f"{args.file}:{args.line}: {problem}")
     print(f"line {args.line}, {count_turns(conversation)} turns")
     for message in conversation["messages"]:
-        print(f"\n[{message['role']}]\n{content_text(message['content'])}")
+        print(f"\n[{message['role']}]\n{shown_text(message['content'])}")
     return 0
 
 
@@ -173,7 +165,7 @@ def cmd_search(args) -> int:
         if conversation is None:
             continue
         for message in conversation["messages"]:
-            text = content_text(message["content"])
+            text = shown_text(message["content"])
             at = text.casefold().find(needle)
             if at < 0:
                 continue

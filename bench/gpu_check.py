@@ -68,13 +68,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat import ops  # noqa: E402
+from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth  # noqa: E402
 from nanochat.hardware import device_name, peak_flops  # noqa: E402
 from nanochat.hf_export import export_hf  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
 
 GIB = 2**30
 DEFAULT_OUT = Path(__file__).with_name("gpu_check.json")

@@ -49,10 +49,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.rivals import machine_line, synthetic_tokenizer, transformers_model  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
 
 BATCHES = (1, 8)
 CACHES = {"static": ("static",), "dynamic": ("dynamic",), "both": ("static", "dynamic")}

@@ -10,9 +10,10 @@ import subprocess
 
 import torch
 
+from nanochat.conversation import SPECIAL_TOKENS
 from nanochat.gpt import GPT
 from nanochat.hf_export import architecture_fields, to_hf_state_dict
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import Tokenizer
 
 
 def transformers_model(model: GPT, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):

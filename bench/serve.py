@@ -61,11 +61,12 @@ sys.path.insert(0, str(ROOT))
 from bench.rivals import machine_line, synthetic_tokenizer  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
 from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
 from nanochat.hf_export import CHAT_TEMPLATE, export_hf  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
 
 RANDOM_TAG = "bench"  # model tag of the fresh model in the temp checkpoint folder
 HF_PAGE_TOKENS = 256  # transformers' default continuous-batching page size (ContinuousBatchingConfig.page_size)

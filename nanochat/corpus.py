@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.dataset import list_shards, shard_name
+from nanochat.shards import list_shards, shard_name
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 ROWS_PER_GROUP = 1024

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -32,54 +31,17 @@ from typing import Iterator
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from nanochat.common import get_base_dir, setup_logging
+from nanochat.common import setup_logging
+from nanochat.corpus import CorpusError, import_corpus
 from nanochat.download import DownloadError, Unreachable, check_reachable, download_file
+from nanochat.shards import data_dir, list_shards, shard_name, split_shards  # noqa: F401 (the readers' layout, re-exported)
 
 log = logging.getLogger("nanochat.dataset")
 
 DEFAULT_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 LAST_SHARD = 1822
-SHARD_RE = re.compile(r"^shard_(\d{5})\.parquet$")
-SPLITS = ("train", "val")
 OFFLINE_HINT = ("No network? Pretrain on your own text files instead (.txt/.jsonl/.parquet, a file or a folder):\n"
                 "  ./speedrun.sh --tiny --data PATH    (or: ./prepare.sh --from PATH)")
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.parquet"
-
-
-def data_dir() -> Path:
-    return get_base_dir() / "base_data"
-
-
-def list_shards(directory: Path | None = None) -> dict[int, Path]:
-    """Complete shards in `directory` by number (`.part` files are ignored)."""
-    directory = Path(directory) if directory else data_dir()
-    if not directory.is_dir():
-        return {}
-    found = {}
-    for entry in directory.iterdir():
-        m = SHARD_RE.match(entry.name)
-        if m:
-            found[int(m.group(1))] = entry
-    return dict(sorted(found.items()))
-
-
-def split_shards(split: str, directory: Path | None = None) -> dict[int, Path]:
-    """Shards of one split: the last shard is `val`, the rest `train`."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    shards = list_shards(directory)
-    where = Path(directory) if directory else data_dir()
-    if len(shards) < 2:
-        raise FileNotFoundError(
-            f"{where} holds {len(shards)} shard(s); at least 2 are needed (the last one is the "
-            "validation split). Run `python -m nanochat.dataset -n 8` or `--from PATH`, or ./prepare.sh."
-        )
-    numbers = list(shards)
-    chosen = numbers[-1:] if split == "val" else numbers[:-1]
-    return {n: shards[n] for n in chosen}
 
 
 @dataclass(frozen=True)
@@ -246,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     directory = args.data_dir or data_dir()
     if args.source is not None:
-        from nanochat.corpus import CorpusError, import_corpus
-
         try:
             stats = import_corpus(
                 args.source, directory, shard_chars=args.shard_chars, max_doc_chars=args.max_doc_chars,

@@ -28,7 +28,6 @@ import asyncio
 import itertools
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -37,33 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.calculator import evaluate
+from nanochat.conversation import PART_TOKENS, SPECIAL_TOKENS, TOOL_CALL_TOKENS, shown_markers
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams, make_generator, sample_tokens
-from nanochat.tokenizer import SPECIAL_TOKENS
 
 log = logging.getLogger("nanochat.engine")
-
-# How tool-use markers read in the visible text: <<expr=result>>, as in GSM8K.
-TOOL_MARKERS = {"<|python_start|>": "<<", "<|python_end|>": "=", "<|output_start|>": "", "<|output_end|>": ">>"}
-TOOL_CALL_RE = re.compile(r"<<([^<>=]+)=([^<>]*)>>")
-
-
-def visible_to_parts(text: str) -> str | list[dict]:
-    """Turn an answer as shown (tool calls as <<expr=result>>) back into the parts
-    render_conversation expects, so multi-turn chats re-render what the model produced."""
-    parts, last = [], 0
-    for m in TOOL_CALL_RE.finditer(text):
-        if m.start() > last:
-            parts.append({"type": "text", "text": text[last : m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        parts.append({"type": "python_output", "text": m.group(2)})
-        last = m.end()
-    if not parts:
-        return text
-    if last < len(text):
-        parts.append({"type": "text", "text": text[last:]})
-    return parts
-
 
 @dataclass
 class TokenLogprob:
@@ -192,13 +169,13 @@ class Engine:
         self.wakeup = threading.Condition(self.lock)
         self.closed: RequestError | None = None  # set by close(): new requests are refused with it
         special = tokenizer.encode_special
-        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
-        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.python_start, self.python_end = (special(name) for name in PART_TOKENS["python"][:2])
+        self.output_start, self.output_end = (special(name) for name in PART_TOKENS["python_output"][:2])
         # A token that cannot belong to an answer ends it: <|assistant_end|>, but also <|bos|> or
         # <|user_start|> from a model that runs on into the next turn. Only the call markers may be
         # chosen by the model; the output markers come from the tool (forced), never from the model.
-        self.stop_tokens = {special(name) for name in SPECIAL_TOKENS} - {self.python_start, self.python_end}
-        self.markers = {special(name): text for name, text in TOOL_MARKERS.items()}
+        self.stop_tokens = {special(name) for name in SPECIAL_TOKENS if name not in TOOL_CALL_TOKENS}
+        self.markers = {special(name): text for name, text in shown_markers().items()}
         self.tokens_generated = 0
         self.rate_samples: deque = deque(maxlen=4096)  # (time, tokens_generated) after each step
 

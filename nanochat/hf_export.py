@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from nanochat.conversation import BOS, END_OF_ANSWER, chat_template
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -54,57 +55,8 @@ CONFIG_FIELDS = (
     ("logit_softcap", "final_logit_softcapping"),
 )
 
-BOS_TOKEN = "<|bos|>"
-# A chat turn ends with <|assistant_end|>, so generation stops there.
-EOS_TOKEN = "<|assistant_end|>"
-
-# Renders a conversation to the same ids as Tokenizer.render_conversation, and with
-# add_generation_prompt to those of render_for_completion: a system message joins
-# the first user turn, roles must alternate, and assistant content may be a string
-# or our parts (text / python / python_output). The {% generation %} blocks cover
-# exactly the tokens our SFT trains on, so return_assistant_tokens_mask matches our
-# loss mask. Every tag trims the whitespace around it: only the quoted strings and
-# message contents reach the output.
-CHAT_TEMPLATE = r"""
-{%- if messages and messages[0]['role'] == 'system' -%}
-    {%- if messages | length < 2 or messages[1]['role'] != 'user' -%}
-        {{- raise_exception('a system message must be followed by a user message') -}}
-    {%- endif -%}
-    {%- set system_prefix = messages[0]['content'] + '\n\n' -%}
-    {%- set turns = messages[1:] -%}
-{%- else -%}
-    {%- set system_prefix = '' -%}
-    {%- set turns = messages -%}
-{%- endif -%}
-{{- '<|bos|>' -}}
-{%- for message in turns -%}
-    {%- if message['role'] != ('user' if loop.index0 % 2 == 0 else 'assistant') -%}
-        {{- raise_exception('roles must alternate user, assistant, user, ... starting with user (a system message may only come first)') -}}
-    {%- endif -%}
-    {%- if message['role'] == 'user' -%}
-        {{- '<|user_start|>' + (system_prefix if loop.first else '') + message['content'] + '<|user_end|>' -}}
-    {%- else -%}
-        {{- '<|assistant_start|>' -}}
-        {%- if message['content'] is string -%}
-            {%- generation -%}{{- message['content'] -}}{%- endgeneration -%}
-        {%- else -%}
-            {%- for part in message['content'] -%}
-                {%- if part['type'] == 'python' -%}
-                    {%- generation -%}{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}{%- endgeneration -%}
-                {%- elif part['type'] == 'python_output' -%}
-                    {{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
-                {%- else -%}
-                    {%- generation -%}{{- part['text'] -}}{%- endgeneration -%}
-                {%- endif -%}
-            {%- endfor -%}
-        {%- endif -%}
-        {%- generation -%}{{- '<|assistant_end|>' -}}{%- endgeneration -%}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<|assistant_start|>' -}}
-{%- endif -%}
-"""
+# The chat template for transformers, from nanochat.conversation's definitions.
+CHAT_TEMPLATE = chat_template()
 
 
 # ---------------------------------------------------------------- export
@@ -178,13 +130,13 @@ def _rename(state_dict: Mapping[str, torch.Tensor], names: dict[str, str]) -> di
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str = "float32") -> dict:
     """config.json contents for transformers' NanoChatConfig."""
-    bos_id = tokenizer.encode_special(BOS_TOKEN)
+    bos_id = tokenizer.encode_special(BOS)
     return {
         "model_type": "nanochat",
         "architectures": ["NanoChatForCausalLM"],
         **architecture_fields(config),
         "bos_token_id": bos_id,
-        "eos_token_id": tokenizer.encode_special(EOS_TOKEN),
+        "eos_token_id": tokenizer.encode_special(END_OF_ANSWER),
         "pad_token_id": bos_id,  # padded positions are masked out, so reusing bos costs nothing
         "torch_dtype": dtype,
     }
@@ -230,10 +182,10 @@ def export_tokenizer(
     hf_tokenizer(tokenizer).save(str(out_dir / "tokenizer.json"))
     special_names = list(tokenizer.get_special_tokens())
     special_map = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": BOS_TOKEN,
-        "additional_special_tokens": [name for name in special_names if name not in (BOS_TOKEN, EOS_TOKEN)],
+        "bos_token": BOS,
+        "eos_token": END_OF_ANSWER,
+        "pad_token": BOS,
+        "additional_special_tokens": [name for name in special_names if name not in (BOS, END_OF_ANSWER)],
     }
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

@@ -31,8 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from nanochat.api_metrics import CountResponses, ServerMetrics, TokenClock
 from nanochat.api_request import ApiError, ChatRequest, CompletionRequest, read_json
 from nanochat.api_response import ChatDialect, Dialect, TextDialect, sse
+from nanochat.conversation import parts_from_shown
 from nanochat.curves import curve_file, list_curves
-from nanochat.engine import Engine, EngineWorker, Request as EngineRequest, visible_to_parts
+from nanochat.engine import Engine, EngineWorker, Request as EngineRequest
 from nanochat.error_pacing import ErrorPacer
 from nanochat.report import report_dir
 from nanochat.sampling import SamplingParams
@@ -122,7 +123,7 @@ class ChatService:
             raise ApiError(400, "the last message must be from the user", "messages")
         # the developer role is what current OpenAI clients send in place of system
         return [{"role": "system" if m.role == "developer" else m.role,
-                 "content": visible_to_parts(m.text()) if m.role == "assistant" else m.text()} for m in msgs]
+                 "content": parts_from_shown(m.text()) if m.role == "assistant" else m.text()} for m in msgs]
 
     def prompt_for(self, body: ChatRequest | CompletionRequest) -> list[int]:
         tokenizer = self.engine.tokenizer

@@ -26,27 +26,15 @@ import rustbpe
 import tiktoken
 import torch
 
-from nanochat.fileio import atomic_write
 from nanochat.common import get_base_dir
+from nanochat.conversation import BOS, PART_TOKENS, SPECIAL_TOKENS, TURN_TOKENS, fold_system, messages_of, structure_problem
+from nanochat.fileio import atomic_write
 
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|"""
     r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
 
-SPECIAL_TOKENS = (
-    "<|bos|>",
-    "<|user_start|>",
-    "<|user_end|>",
-    "<|assistant_start|>",
-    "<|assistant_end|>",
-    "<|python_start|>",
-    "<|python_end|>",
-    "<|output_start|>",
-    "<|output_end|>",
-)
-
-ASSISTANT_PART_TYPES = ("text", "python", "python_output")
 
 RANKS_FILE = "tokenizer.tiktoken"
 TOKEN_BYTES_FILE = "token_bytes.npy"
@@ -196,7 +184,7 @@ class Tokenizer:
         return self._special_ids[name]
 
     def get_bos_token_id(self) -> int:
-        return self._special_ids["<|bos|>"]
+        return self._special_ids[BOS]
 
     def get_vocab_size(self) -> int:
         return self._enc.n_vocab
@@ -245,93 +233,40 @@ class Tokenizer:
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         ids, _ = self._render(messages)
-        return ids + [self._special_ids["<|assistant_start|>"]]
+        return ids + [self._special_ids[TURN_TOKENS["assistant"][0]]]
 
     def _render(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         ids, mask = [self.get_bos_token_id()], [0]
         for message in messages:
-            if message["role"] == "user":
-                pieces = self._user_pieces(message["content"])
-            else:
-                pieces = self._assistant_pieces(message["content"])
+            pieces = self._user_pieces(message["content"]) if message["role"] == "user" else self._assistant_pieces(message["content"])
             for piece_ids, trained in pieces:
                 ids += piece_ids
                 mask += [trained] * len(piece_ids)
         return ids, mask
 
     def _user_pieces(self, content: str) -> list[tuple[list[int], int]]:
-        special = self._special_ids
-        return [([special["<|user_start|>"]], 0), (self.encode(content), 0), ([special["<|user_end|>"]], 0)]
+        start, end = (self._special_ids[name] for name in TURN_TOKENS["user"])
+        return [([start], 0), (self.encode(content), 0), ([end], 0)]
 
     def _assistant_pieces(self, content) -> list[tuple[list[int], int]]:
-        special = self._special_ids
-        pieces = [([special["<|assistant_start|>"]], 0)]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for part in parts:
-            kind, text = part["type"], part["text"]
-            if kind == "text":
-                pieces.append((self.encode(text), 1))
-            elif kind == "python":
-                body = [special["<|python_start|>"]] + self.encode(text) + [special["<|python_end|>"]]
-                pieces.append((body, 1))
-            else:  # python_output: produced by the tool, so never a training target
-                body = [special["<|output_start|>"]] + self.encode(text) + [special["<|output_end|>"]]
-                pieces.append((body, 0))
-        pieces.append(([special["<|assistant_end|>"]], 1))
+        start, end = (self._special_ids[name] for name in TURN_TOKENS["assistant"])
+        pieces = [([start], 0)]
+        for part in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+            opening, closing, trained = PART_TOKENS[part["type"]]
+            body = self.encode(part["text"])
+            if opening is not None:
+                body = [self._special_ids[opening], *body, self._special_ids[closing]]
+            pieces.append((body, int(trained)))
+        pieces.append(([end], 1))  # the model learns to end its answer
         return pieces
-
-
-# ---------------------------------------------------------------- conversation checks
 
 
 def _chat_messages(conversation) -> list[dict]:
     """Validated messages, system folded into the first user turn; the input is not modified."""
-    messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError("a conversation must be a non-empty list of messages or {'messages': [...]}")
-    for i, message in enumerate(messages):
-        _check_message(i, message)
-    messages = _fold_system_message(list(messages))
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ValueError(
-                f"message {i} has role {message['role']!r} but roles must alternate user, assistant, "
-                f"user, ... starting with user (a system message may only come first)"
-            )
-    return messages
-
-
-def _fold_system_message(messages: list[dict]) -> list[dict]:
-    if messages[0]["role"] != "system":
-        return messages
-    if len(messages) < 2 or messages[1]["role"] != "user":
-        raise ValueError("a system message must be followed by a user message")
-    merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-    return [merged] + messages[2:]
-
-
-def _check_message(index: int, message) -> None:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r}")
-    role, content = message["role"], message["content"]
-    if role not in ("system", "user", "assistant"):
-        raise ValueError(f"message {index} has unknown role {role!r}; expected system, user or assistant")
-    if role == "assistant" and isinstance(content, list):
-        for part in content:
-            _check_part(index, part)
-    elif not isinstance(content, str):
-        raise ValueError(f"message {index} ({role}) content must be a string, got {type(content).__name__}")
-
-
-def _check_part(index: int, part) -> None:
-    if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-        raise ValueError(f"message {index}: each content part must be a dict with a string 'text', got {part!r}")
-    if part.get("type") not in ASSISTANT_PART_TYPES:
-        raise ValueError(
-            f"message {index}: unknown content part type {part.get('type')!r}; "
-            f"expected one of {', '.join(ASSISTANT_PART_TYPES)}"
-        )
+    problem = structure_problem(conversation)
+    if problem:
+        raise ValueError(problem)
+    return fold_system(list(messages_of(conversation)))
 
 
 # ---------------------------------------------------------------- file format helpers

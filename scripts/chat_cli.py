@@ -14,7 +14,8 @@ import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.cli_args import add_model_args, device_and_dtype
-from nanochat.engine import Engine, visible_to_parts
+from nanochat.conversation import parts_from_shown
+from nanochat.engine import Engine
 from nanochat.flags import FlagParser
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         messages.append({"role": "user", "content": text})
         print("Assistant: ", end="", flush=True)
         reply = answer(engine, tokenizer, messages, params)
-        messages.append({"role": "assistant", "content": visible_to_parts(reply)})
+        messages.append({"role": "assistant", "content": parts_from_shown(reply)})
 
 
 if __name__ == "__main__":

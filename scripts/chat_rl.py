@@ -30,8 +30,8 @@ from nanochat.runtime import MemoryRefusal, bucket_length, fit_device_batch, pre
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
-from scripts.chat_eval import final_chat_eval
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
+from tasks.chat_eval import final_chat_eval
 
 
 DEFAULT_DEVICE_BATCH = 8

@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from nanochat.chat_data import PaddedConversations
-from scripts.chat_eval import final_chat_eval
 from nanochat.flags import FlagParser
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main, steps_for_epochs
+from tasks.chat_eval import final_chat_eval
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -17,9 +17,9 @@ import math
 import sys
 
 from nanochat.chat_data import PackedConversations
-from scripts.chat_eval import final_chat_eval
 from nanochat.flags import FlagParser
 from nanochat.posttrain import FirstN, StageSpec, add_stage_args, stage_main
+from tasks.chat_eval import final_chat_eval
 
 
 def parse_args(argv=None) -> argparse.Namespace:

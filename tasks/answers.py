@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from nanochat.engine import TOOL_CALL_RE
+from nanochat.conversation import calculator_results, shown_text
 
 # Commas only between groups of three digits, so "3,4" is two numbers, not 34.
 NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
@@ -21,7 +21,7 @@ MARKED_RE = re.compile(r"####\s*\$?\s*(" + NUMBER + ")")
 
 def final_number(text: str) -> Decimal | None:
     """The answer `text` ends on, or None when it holds no number."""
-    plain = TOOL_CALL_RE.sub(lambda m: f" {m.group(2)} ", text)
+    plain = calculator_results(text)
     marked = MARKED_RE.findall(plain)
     candidates = marked or NUMBER_RE.findall(plain)
     if not candidates:
@@ -32,17 +32,9 @@ def final_number(text: str) -> Decimal | None:
         return None
 
 
-def visible_text(content: str | list[dict]) -> str:
-    """Assistant content as the engine shows it: python parts as <<expr=, outputs as result>>."""
-    if isinstance(content, str):
-        return content
-    shown = {"text": "{}", "python": "<<{}=", "python_output": "{}>>"}
-    return "".join(shown[part["type"]].format(part["text"]) for part in content)
-
-
 def same_final_number(conversation: dict, completion: str) -> int:
     """1 when `completion` ends on the number the reference (last) assistant message ends on."""
-    expected = final_number(visible_text(conversation["messages"][-1]["content"]))
+    expected = final_number(shown_text(conversation["messages"][-1]["content"]))
     if expected is None:
         raise ValueError("the reference answer holds no number to compare against")
     return int(final_number(completion) == expected)

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "python", "python_output")
+from nanochat.conversation import message_problem, order_problem
 
 
 class TaskDataError(ValueError):
@@ -114,49 +113,27 @@ class TaskMixture(TaskSequence):
 def validate_conversation(messages) -> str | None:
     """The first problem with a training conversation's messages, or None when it is usable.
 
-    Usable: an optional leading system message, then user and assistant
-    alternating (starting with user, at least one of each), every content
-    non-empty; assistant content may be a list of {"type", "text"} parts.
+    Usable: well formed (nanochat.conversation: an optional leading system
+    message, then user and assistant alternating from the user), at least one
+    user and one assistant message, and no content empty.
     """
     if not isinstance(messages, list) or not messages:
         return "messages must be a non-empty list"
     for i, message in enumerate(messages):
-        problem = _message_problem(message)
+        problem = message_problem(message) or _empty_problem(message["content"])
         if problem:
             return f"message {i}: {problem}"
-    offset = 1 if messages[0]["role"] == "system" else 0
-    turns = messages[offset:]
-    if len(turns) < 2:
+    problem = order_problem(messages)
+    if problem:
+        return problem
+    if len(messages) - (messages[0]["role"] == "system") < 2:
         return "needs at least one user and one assistant message"
-    for i, message in enumerate(turns, start=offset):
-        expected = "user" if (i - offset) % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            return (f"message {i} has role {message['role']!r}, expected {expected!r} "
-                    "(user and assistant alternate, starting with user; system may only come first)")
     return None
 
 
-def _message_problem(message) -> str | None:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        return "must be an object with 'role' and 'content'"
-    role, content = message["role"], message["content"]
-    if role not in ROLES:
-        return f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
-    if role == "assistant" and isinstance(content, list):
-        return _parts_problem(content)
-    if not isinstance(content, str):
-        return f"content must be a string, got {type(content).__name__}"
-    if not content.strip():
-        return "content is empty"
-    return None
-
-
-def _parts_problem(parts: list) -> str | None:
-    if not parts:
-        return "content is an empty list of parts"
-    for part in parts:
-        if not isinstance(part, dict) or part.get("type") not in PART_TYPES or not isinstance(part.get("text"), str):
-            return f"each part must be {{'type': one of {', '.join(PART_TYPES)}, 'text': str}}, got {part!r}"
-    if not any(part["text"].strip() for part in parts):
-        return "content is empty"
-    return None
+def _empty_problem(content) -> str | None:
+    if isinstance(content, list):
+        if not content:
+            return "content is an empty list of parts"
+        content = "".join(part["text"] for part in content)
+    return None if content.strip() else "content is empty"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from nanochat.engine import visible_to_parts
+from nanochat.conversation import parts_from_shown
 from tasks.answers import MARKED_RE, same_final_number
 from tasks.base import TaskDataError
 from tasks.hub import HubTask
@@ -32,7 +32,7 @@ class GSM8K(HubTask):
         question, answer = field(row, "question", str, where), field(row, "answer", str, where)
         if not MARKED_RE.search(answer):
             raise TaskDataError(f"{where}: the answer has no final '#### N' line")
-        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": visible_to_parts(answer)}]}
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts_from_shown(answer)}]}
 
     def evaluate(self, conversation: dict, completion: str) -> int:
         """1 when the completion's final number (after its last ####, else its last number) is the reference's."""

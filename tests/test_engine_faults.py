@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
+from nanochat.conversation import SPECIAL_TOKENS
 from nanochat.engine import Engine, EngineWorker, collect
 from nanochat.sampling import SamplingParams
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import Tokenizer
 from test_engine import random_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)

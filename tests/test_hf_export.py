@@ -19,7 +19,8 @@ from nanochat.hf_export import (
     parameter_name_map,
     to_hf_state_dict,
 )
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.conversation import SPECIAL_TOKENS
+from nanochat.tokenizer import Tokenizer
 
 VOCAB = 512
 

@@ -85,7 +85,7 @@ def test_mid_sft_rl_and_chat_eval(workspace, in_process, capsys):
 
 def check_chat_eval_figures(stdout: str, metrics: dict) -> None:
     """Each task's accuracy in the report is its printed count over 3 problems; ChatCORE is computed from them."""
-    from scripts.chat_eval import chat_core
+    from tasks.chat_eval import chat_core
 
     counts = {name: (int(right), int(total)) for name, right, total in re.findall(r"^(\S+) +(\d+)/(\d+) +=", stdout, re.MULTILINE)}
     assert set(counts) == {"ARC-Easy", "GSM8K", "HumanEval"}, stdout
@@ -116,14 +116,14 @@ def test_missing_predecessor_is_one_clear_error(base_dir, capsys):
 
 
 def test_chat_core_is_the_mean_of_chance_centered_accuracies():
-    from scripts.chat_eval import chat_core
+    from tasks.chat_eval import chat_core
 
     results = {"ARC-Easy": (0.5, "categorical"), "MMLU": (0.25, "categorical"), "GSM8K": (0.2, "generative")}
     assert chat_core(results) == pytest.approx(((0.5 - 0.25) / 0.75 + 0.0 + 0.2) / 3)
 
 
 def test_categorical_scoring_picks_the_letter_with_the_highest_logit(workspace):
-    from scripts.chat_eval import score_categorical
+    from tasks.chat_eval import score_categorical
     from tasks import ARC
 
     base, env = workspace

@@ -24,7 +24,8 @@ from tasks import (
     Task, TaskDataError, TaskMixture, TaskSequence, validate_conversation,
 )
 from tasks import spelling
-from tasks.answers import final_number, same_final_number, visible_text
+from nanochat.conversation import shown_text
+from tasks.answers import final_number, same_final_number
 
 
 # ---------------------------------------------------------------- helpers
@@ -320,7 +321,7 @@ def test_reference_with_a_tool_call_reads_as_the_engine_shows_it():
     # the reference is scored against what the engine prints, so both must spell a tool call alike
     parts = [{"type": "text", "text": "So "}, {"type": "python", "text": "4+5"},
              {"type": "python_output", "text": "9"}, {"type": "text", "text": ". #### 9"}]
-    assert visible_text(parts) == "So <<4+5=9>>. #### 9"
+    assert shown_text(parts) == "So <<4+5=9>>. #### 9"
     # the reference is the last message, not the second: a system message comes first here
     conversation = {"messages": [{"role": "system", "content": "Be brief. 7"}, {"role": "user", "content": "4+5? 3"},
                                  {"role": "assistant", "content": parts}]}
