@@ -48,6 +48,8 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(run_dir):
         assert list(home.glob(f"{stage}/*/step_*")), stage
     report = (home / "report" / "report.md").read_text()
     assert "| ChatCORE |" in report or "ChatCORE" in report
+    for stage in ("base", "mid", "sft", "rl"):  # every training stage's curves, embedded in the card
+        assert f"![{stage}](curves-{stage}.png)" in report and (home / "report" / f"curves-{stage}.png").is_file(), stage
     assert "speedrun finished" in first.stdout and "./chat_cli.sh" in first.stdout
     # CORE once (its own stage, not pretrain.sh's too), on the --smoke subset rather than every example
     assert first.stdout.count("CORE of ") == 1 and "(at most 2 examples per task," in first.stdout
