@@ -21,10 +21,9 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, list_steps, load_checkpoint, save_checkpoint, stage_dir
+from nanochat.checkpoint import AUTO_ORDER, CheckpointError, list_steps, load_checkpoint, save_checkpoint, stage_dir
 from nanochat.flags import FlagParser
 from nanochat.original import Converted, OriginalFormatError, find_checkpoints, find_tokenizer, read_checkpoint, read_tokenizer
-from nanochat.stages import AUTO_ORDER
 from nanochat.tokenizer import MANIFEST_FILE, default_tokenizer_dir
 from scripts.hf_prepare import EXIT_FAILED, EXIT_NOTHING, PIPELINE, REPO_ID_RE, ShareError, chat_command, tokenizer_needs_install
 
