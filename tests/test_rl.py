@@ -131,3 +131,105 @@ def test_pass_at_k_counts_questions_solved_within_the_first_k_samples(tokenizer)
     engine = ScriptedEngine(tokenizer, task, script)
     assert pass_at_k(engine, task, args(num_samples=4), [0, 1, 2]) == pytest.approx({"pass@1": 1 / 3, "pass@2": 2 / 3, "pass@4": 2 / 3})
     assert pass_at_k(engine, task, args(num_samples=4), [1]) == {"pass@1": 0.0, "pass@2": 0.0, "pass@4": 0.0}
+
+
+# ---------------------------------------------------------------- which questions, how sampled, how batched
+
+
+class RecordingEngine(ScriptedEngine):
+    """A ScriptedEngine that notes, per generate call, the question asked, its parameters, n, and
+    whether the model was in eval mode."""
+
+    def __init__(self, tokenizer: Tokenizer, task: Questions, script: list[list[Completion]]):
+        super().__init__(tokenizer, task, script)
+        self.index = {tuple(tokenizer.render_for_completion(task[i])): i for i in range(len(task))}
+        self.calls: list[tuple[int, object, int, bool]] = []
+        self.model = torch.nn.Linear(1, 1)
+
+    def generate(self, prompt: list[int], params, n: int = 1) -> list[Completion]:
+        self.calls.append((self.index[tuple(prompt)], params, n, self.model.training))
+        return super().generate(prompt, params, n)
+
+
+def two_answers_each(tokenizer: Tokenizer, task: Questions) -> list[list[Completion]]:
+    return [[answer(tokenizer, RIGHT), answer(tokenizer, "no")] for _ in range(len(task))]
+
+
+def test_each_rank_takes_every_world_size_th_question_wrapping_and_resumes_where_it_stood(tokenizer):
+    task = Questions(5)
+    engine = RecordingEngine(tokenizer, task, two_answers_each(tokenizer, task))
+    rank1 = DistInfo(True, 1, 1, 2, torch.device("cpu"))
+    settings = args(examples_per_step=4, num_samples=2, device_batch_size=4)  # two questions per rank and step
+    rollouts = Rollouts(engine, task, settings, rank1, state=None)
+    next(rollouts)
+    assert [call[0] for call in engine.calls] == [1, 3]
+    next(rollouts)
+    assert [call[0] for call in engine.calls] == [1, 3, 0, 2]  # 5 % 5, 7 % 5: round the task again
+    state = rollouts.state_dict()
+    assert state == {"cursor": 9}
+    # a resumed run continues with the questions the interrupted one would have asked next
+    resumed = Rollouts(engine, task, settings, rank1, state=state)
+    next(resumed)
+    assert [call[0] for call in engine.calls[4:]] == [4, 1]
+
+
+def test_answers_are_sampled_in_eval_mode_with_the_flags_and_a_seed_that_repeats_on_resume(tokenizer):
+    task = Questions(2)
+    engine = RecordingEngine(tokenizer, task, two_answers_each(tokenizer, task))
+    settings = args(examples_per_step=2, num_samples=2, device_batch_size=2, temperature=0.7, top_k=9, max_new_tokens=33)
+    rollouts = Rollouts(engine, task, settings, SINGLE, state=None)
+    next(rollouts)
+    next(rollouts)  # the second micro-batch of the first step: no new sampling
+    assert len(engine.calls) == 2 and engine.model.training  # back in training mode for the loss
+    next(rollouts)  # the second step
+    for _, params, n, training in engine.calls:
+        assert (params.temperature, params.top_k, params.max_tokens, n, training) == (0.7, 9, 33, 2, False)
+    seeds = [call[1].seed for call in engine.calls]
+    assert len(set(seeds)) == 4 and all(isinstance(s, int) for s in seeds)  # per question and step
+    again = RecordingEngine(tokenizer, task, two_answers_each(tokenizer, task))
+    Rollouts(again, task, settings, SINGLE, state={"cursor": 2}).__next__()
+    assert [call[1].seed for call in again.calls] == seeds[2:]
+
+
+def test_a_micro_batch_pads_with_bos_to_its_bucket_and_ignores_the_padding(tokenizer):
+    task = Questions(1)
+    long, short = answer(tokenizer, "x" * 70), answer(tokenizer, RIGHT)
+    rollouts = Rollouts(ScriptedEngine(tokenizer, task, [[long, short]]), task, args(examples_per_step=1, num_samples=2), SINGLE, None)
+    x, y, adv = next(rollouts)
+    prompt = tokenizer.render_for_completion(task[0])
+    longest = len(prompt) + len(long.tokens)
+    assert longest > 64 and x.shape == y.shape == (2, 128)  # the next power of two above 64
+    assert (x.dtype, y.dtype, adv.dtype) == (torch.long, torch.long, torch.float32)
+    bos = tokenizer.get_bos_token_id()
+    for row, completion in enumerate([long, short]):
+        end = len(prompt) + len(completion.tokens)
+        assert x[row, end:].eq(bos).all() and y[row, end - 1 :].eq(-1).all() and y[row, : len(prompt) - 1].eq(-1).all()
+    torch.testing.assert_close(adv, torch.tensor([-0.5, 0.5]))  # the short answer is the right one
+
+
+def test_a_step_logs_its_mean_reward(tokenizer, capsys):
+    task = Questions(2)
+    script = [[answer(tokenizer, t) for t in (RIGHT, "7", "8")], [answer(tokenizer, t) for t in (RIGHT, RIGHT, "9")]]
+    next(Rollouts(ScriptedEngine(tokenizer, task, script), task, args(), SINGLE, state=None))
+    assert "rollout | mean reward 0.500 over 6 answers" in capsys.readouterr().out
+
+
+def test_a_batch_without_any_counted_token_has_zero_loss():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    x = torch.randint(0, 32, (2, 6))
+    loss = policy_gradient_loss(model, (x, torch.full((2, 6), -1), torch.tensor([1.0, -1.0])))
+    assert loss.item() == 0.0
+
+
+def test_pass_at_k_reports_every_power_of_two_up_to_the_samples_and_samples_as_flagged(tokenizer):
+    task = Questions(2)
+    script = [[answer(tokenizer, "0")] * 15 + [answer(tokenizer, RIGHT)], [answer(tokenizer, RIGHT)] + [answer(tokenizer, "0")] * 15]
+    engine = RecordingEngine(tokenizer, task, script)
+    metrics = pass_at_k(engine, task, args(num_samples=16, temperature=0.6, top_k=7, max_new_tokens=21), [0, 1])
+    assert metrics == {"pass@1": 0.5, "pass@2": 0.5, "pass@4": 0.5, "pass@8": 0.5, "pass@16": 1.0}
+    assert [(i, p.temperature, p.top_k, p.max_tokens, p.seed, n) for i, p, n, _ in engine.calls] == \
+        [(0, 0.6, 7, 21, 0, 16), (1, 0.6, 7, 21, 1, 16)]
+    three = RecordingEngine(tokenizer, Questions(1), [[answer(tokenizer, "0")] * 3])
+    assert pass_at_k(three, Questions(1), args(num_samples=3), [0]) == {"pass@1": 0.0, "pass@2": 0.0}
+    assert pass_at_k(three, Questions(1), args(num_samples=3), []) == {"pass@1": 0.0, "pass@2": 0.0}
