@@ -43,8 +43,8 @@ MODULES: dict[str, Target] = {
     "nanochat/sampling.py": Target(["tests/test_sampling.py"]),
     "tasks/answers.py": Target(["tests/test_tasks.py"]),
     # MMLU's and ARC's answer letters: the question as lettered options, the letter scored
-    "tasks/multiple_choice.py": Target(["tests/test_tasks.py"]),
-    "tasks/arc.py": Target(["tests/test_tasks.py"]),
+    "tasks/multiple_choice.py": Target(["tests/test_multiple_choice.py", "tests/test_tasks.py"]),
+    "tasks/arc.py": Target(["tests/test_multiple_choice.py", "tests/test_tasks.py"]),
     "nanochat/ops.py": Target(["tests/test_ops.py"]),
     "nanochat/checkpoint.py": Target(["tests/test_checkpoint.py", "tests/test_checkpoint_models.py"]),
     # the format (roles, tokens, parts, structure checks, the transformers template)
