@@ -11,7 +11,8 @@ Trains the base model on the shards prepare.sh fetched, checkpointing to
 $NANOCHAT_BASE_DIR/base_checkpoints/d<depth>/, then reports bits per byte on
 the train and validation splits (scripts.base_loss) and the CORE score
 (scripts.base_eval, when the evaluation bundle is present). Safe to stop with Ctrl-C:
-it saves a checkpoint first; `./pretrain.sh --resume` continues.
+it saves a checkpoint first, and running it again continues from there (a
+checkpoint made with other settings is refused; --fresh starts over).
 
 Options:
   -d, --depth N    transformer layers; width and steps follow (default 20)
@@ -19,7 +20,8 @@ Options:
                    rows per forward pass per GPU (default: 32, or the largest power of
                    two below it whose measured training step fits in memory)
   --run NAME       log to wandb under this run name (default: no wandb)
-  --resume         continue from the newest complete checkpoint
+  --resume         continue, and fail when there is no checkpoint to continue
+  --fresh          start at step 0, moving the old run aside (d<depth>.old-<time>)
   --eval-tokens N  tokens per validation / base-loss evaluation (default: base_train's and base_loss's)
   --no-core        skip the CORE evaluation (speedrun.sh runs it as a stage of its own)
   --gpus N         processes/GPUs on this machine (default: all visible GPUs, 1 without GPU)
@@ -32,7 +34,7 @@ Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
 USAGE
 }
 
-DEPTH=20; BATCH=""; RUN=""; RESUME=0; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=20; BATCH=""; RUN=""; RESUME=""; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
@@ -40,7 +42,7 @@ while [ $# -gt 0 ]; do
     -d|--depth) DEPTH="$2"; shift 2 ;;
     -b|--batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
-    --resume) RESUME=1; shift ;;
+    --resume|--fresh) [ -z "$RESUME" ] || die "--resume and --fresh exclude each other"; RESUME="$1"; shift ;;
     --eval-tokens) EVAL_TOKENS="$2"; shift 2 ;;
     --no-core) CORE=0; shift ;;
     --gpus) GPUS="$2"; shift 2 ;;
@@ -64,7 +66,7 @@ TRAIN_ARGS=(--depth "$DEPTH"); LOSS_ARGS=()
 # unset: base_train measures its step and picks the batch (the log says why); base_loss keeps its own default
 [ -n "$BATCH" ] && TRAIN_ARGS+=(--device-batch-size "$BATCH") && LOSS_ARGS+=(--device-batch-size "$BATCH")
 [ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
-[ "$RESUME" = 1 ] && TRAIN_ARGS+=(--resume)
+[ -n "$RESUME" ] && TRAIN_ARGS+=("$RESUME")
 if [ -n "$EVAL_TOKENS" ]; then TRAIN_ARGS+=(--eval-tokens "$EVAL_TOKENS"); LOSS_ARGS+=(--split-tokens "$EVAL_TOKENS"); fi
 TRAIN_ARGS+=("${EXTRA[@]}")
 
@@ -82,4 +84,4 @@ if [ "$CORE" = 1 ]; then
   fi
 fi
 echo
-echo "base model ready in $NANOCHAT_BASE_DIR/base_checkpoints/"
+echo "base model ready in $NANOCHAT_BASE_DIR/$(python -m nanochat.stages folder base)/"

@@ -16,17 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.flags import FlagParser
-from scripts.hf_prepare import EXIT_FAILED, EXIT_NOTHING, PIPELINE, default_out_dir, parse_stages, read_share_info
+from nanochat.hf_share import EXIT_NOTHING, PIPELINE, ShareError, default_out_dir, parse_stages, read_share_info
 
 TOKEN_HINT = "run `hf auth login` (`huggingface-cli login` in older huggingface_hub releases) or set HF_TOKEN to a token with write access"
-
-
-class UploadError(RuntimeError):
-    """Nothing to upload, or the upload failed; the message says why and what to do."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -46,7 +38,7 @@ def prepare_hint(username: str, stages: tuple[str, ...]) -> str:
 def find_prepared(root: Path, stages: tuple[str, ...], username: str) -> list[Prepared]:
     """Prepared folders in `root` for the stages, base first, so a card's base_model exists before it is named."""
     if not root.is_dir():
-        raise UploadError(f"no prepared folders: {root} does not exist; {prepare_hint(username, stages)}", EXIT_NOTHING)
+        raise ShareError(f"no prepared folders: {root} does not exist; {prepare_hint(username, stages)}", EXIT_NOTHING)
     found = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         share = read_share_info(folder)
@@ -54,7 +46,7 @@ def find_prepared(root: Path, stages: tuple[str, ...], username: str) -> list[Pr
             found.append(Prepared(folder, share["repo_id"], share["stage"], share))
     missing = [stage for stage in stages if stage not in {p.stage for p in found}]
     if not found:
-        raise UploadError(f"no prepared folder in {root} for {', '.join(stages)}; {prepare_hint(username, stages)}", EXIT_NOTHING)
+        raise ShareError(f"no prepared folder in {root} for {', '.join(stages)}; {prepare_hint(username, stages)}", EXIT_NOTHING)
     for stage in missing:
         print(f"note: no prepared folder for {stage} in {root} (./hf_prepare.sh prepares one if it has a checkpoint)")
     return sorted(found, key=lambda p: (PIPELINE.index(p.stage), p.repo_id))
@@ -65,7 +57,7 @@ def check_owner(prepared: list[Prepared], username: str) -> None:
     foreign = [p for p in prepared if p.repo_id.split("/")[0] != username]
     if foreign:
         names = ", ".join(f"{p.path.name} ({p.repo_id})" for p in foreign)
-        raise UploadError(f"prepared for another author: {names}; run ./hf_prepare.sh --author {username} again", EXIT_NOTHING)
+        raise ShareError(f"prepared for another author: {names}; run ./hf_prepare.sh --author {username} again", EXIT_NOTHING)
 
 
 def folder_files(folder: Path) -> list[tuple[str, int]]:
@@ -98,7 +90,7 @@ def hub_token() -> str:
 
     token = get_token()
     if not token:
-        raise UploadError(f"no HuggingFace token found: {TOKEN_HINT}", EXIT_NOTHING)
+        raise ShareError(f"no HuggingFace token found: {TOKEN_HINT}", EXIT_NOTHING)
     return token
 
 
@@ -116,7 +108,7 @@ def upload(prepared: list[Prepared], private: bool, token: str) -> list[str]:
             url = api.create_repo(p.repo_id, repo_type="model", private=private, exist_ok=True)
             api.upload_folder(repo_id=p.repo_id, repo_type="model", folder_path=p.path, commit_message=message)
         except Exception as exc:
-            raise UploadError(f"uploading {p.path} to {p.repo_id} failed: {exc}") from None
+            raise ShareError(f"uploading {p.path} to {p.repo_id} failed: {exc}") from None
         print(f"uploaded {p.path.name} -> {url}", flush=True)
         urls.append(str(url))
     return urls
@@ -150,7 +142,7 @@ def main(argv=None) -> int:
         token = hub_token()
         print(describe_plan(prepared, args.private), flush=True)
         upload(prepared, args.private, token)
-    except UploadError as exc:
+    except ShareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     return 0

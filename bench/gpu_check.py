@@ -39,6 +39,9 @@ check runs in its own try/except, so one failure does not stop the rest.
 
 One file of ~800 lines on purpose: it is what someone with a rented GPU and
 a few minutes runs and reads, start to end, in the order it runs.
+
+Why one file of about 800 lines: a bench is one runnable file that whoever gets a GPU
+for a few minutes copies and runs; what the benches share is in bench/rivals.py.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ Targets from the issue "Benchmarks that run their rival in the same run":
 8 clients >= 4x one client; ours >= 2x transformers serve at 8 clients; one
 stream >= 90% of the Engine's batch-1 decode rate; the garbage client moves
 p95 time to first token by at most 10%. This script only measures them.
+
+Why one file of over 500 lines: a bench is one runnable file; what the benches share
+is in bench/rivals.py.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from nanochat.runtime import bucket_length
+from nanochat.schedule import PlanError
 
 
 class _Cursor:
@@ -19,7 +20,7 @@ class _Cursor:
 
     def __init__(self, task, rank: int, world_size: int, state: dict | None):
         if len(task) <= rank:
-            raise ValueError(f"the data mixture has {len(task)} example(s), too few for rank {rank} of {world_size}")
+            raise PlanError(f"the data mixture has {len(task)} example(s), too few for rank {rank} of {world_size}")
         self.task, self.rank, self.world = task, rank, world_size
         self.index = state["cursor"] if state else rank
         self.epoch = state["epoch"] if state else 0

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from nanochat.download import file_sha256
+from nanochat.stages import AUTO_ORDER, STAGES
 
 log = logging.getLogger("nanochat.checkpoint")
 
@@ -230,22 +231,13 @@ def load_checkpoint(
 
 # ---------------------------------------------------------------- models by stage
 
-# Stage -> (checkpoint folder under the base dir, the stage script that fills it).
-STAGES = {
-    "base": ("base_checkpoints", "./pretrain.sh"),
-    "mid": ("mid_checkpoints", "./midtrain.sh"),
-    "sft": ("chatsft_checkpoints", "./sft.sh"),
-    "rl": ("chatrl_checkpoints", "./rl.sh"),
-}
-AUTO_ORDER = ("rl", "sft", "mid", "base")
-
-
 def stage_dir(source: str) -> Path:
+    """A stage's checkpoint folder (nanochat.stages names them)."""
     from nanochat.common import get_base_dir
 
     if source not in STAGES:
         raise ValueError(f"unknown source {source!r}; expected one of {', '.join(STAGES)} or auto")
-    return get_base_dir() / STAGES[source][0]
+    return get_base_dir() / STAGES[source].folder
 
 
 def newest_tag(folder: Path) -> str | None:
@@ -261,7 +253,7 @@ def newest_tag(folder: Path) -> str | None:
 
 
 def resolve_source(source: str = "auto") -> str:
-    """`auto` picks the most advanced stage that has a checkpoint: rl > sft > mid > base."""
+    """`auto` picks the most advanced stage that has a checkpoint (nanochat.stages.AUTO_ORDER)."""
     if source != "auto":
         return source
     for candidate in AUTO_ORDER:
@@ -280,7 +272,7 @@ def load_model(source: str = "auto", model_tag: str | None = None, step: int | N
     source = resolve_source(source)
     folder = stage_dir(source)
     tag = model_tag or newest_tag(folder)
-    script = STAGES[source][1]
+    script = STAGES[source].script
     if tag is None or not (folder / tag).is_dir():
         wanted = f"{folder}/{tag}" if tag else f"{folder}/<tag>/step_*"
         raise CheckpointError(f"no {source} checkpoint: looked for {wanted}; {script} makes one")

@@ -19,6 +19,11 @@ import torch.distributed as dist
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
 
+class DataError(Exception):
+    """Training or evaluation data that is missing, unreachable or malformed; the message names it and
+    what to do. Stage scripts print it as one line and exit 2 (any other exception is a bug: traceback)."""
+
+
 def get_base_dir() -> Path:
     """The folder holding every artifact: data, tokenizer, checkpoints, reports.
 

@@ -27,7 +27,7 @@ import math
 import re
 from pathlib import Path
 
-from nanochat.checkpoint import STAGES
+from nanochat.stages import stage_of_folder
 from nanochat.fileio import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
@@ -146,7 +146,7 @@ def draw(metrics_path: Path, title: str, out: Path) -> Path | None:
 def stage_of(tag_dir: Path) -> str:
     """The stage whose checkpoint folder holds `tag_dir` (base, mid, sft, rl); else that folder's name."""
     parent = Path(tag_dir).parent.name
-    return next((stage for stage, (folder, _) in STAGES.items() if folder == parent), parent)
+    return stage_of_folder(parent) or parent
 
 
 def curve_name(stage: str) -> str:

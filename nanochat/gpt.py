@@ -20,12 +20,16 @@ attention inputs and KV cache are in it, and every matmul casts its weight
 to it. Norm statistics and the loss accumulate in fp32 (nanochat.ops). So
 what runs on CPU in bf16 is what runs on CUDA in bf16, and memory measured on
 CPU is what CUDA holds.
+
+Why one file of over 400 lines: the model reads top to bottom in one place (config,
+blocks, forward, init), as nanoGPT's does; the memory-lean loss lives in nanochat/ops.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -410,32 +414,17 @@ def _numel(params: list[nn.Parameter]) -> int:
 # ---------------------------------------------------------------- inference cache
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far, for every layer, preallocated.
+class KVCache(Protocol):
+    """What GPT.forward needs of a cache of keys and values (nanochat.kv_slots provides it).
 
-    GPT.forward calls update() once per layer and advance() once at the end,
-    so `pos` counts the tokens whose keys and values are fully stored. dtype
-    must be the model's compute dtype.
+    `pos`: tokens already stored, one int for every row or a (B,) tensor of
+    per-row counts. forward calls update() once per layer, with the new keys
+    and values (B, n_kv_head, T, head_dim) in the compute dtype, getting back
+    all of that layer's keys and values so far; then advance(T) once.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
-        self.pos = 0
+    pos: int | torch.Tensor
 
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, n_kv_head, T, head_dim) after the cached tokens; return all of them."""
-        end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise ValueError(f"KVCache holds {self.max_len} tokens; {end} were asked for")
-        self.k[layer_idx, :, :, self.pos : end] = k
-        self.v[layer_idx, :, :, self.pos : end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def advance(self, num_tokens: int) -> None:
-        self.pos += num_tokens
-
-    def reset(self) -> None:
-        self.pos = 0
+    def advance(self, num_tokens: int) -> None: ...

@@ -8,6 +8,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from nanochat.dataloader import PretrainLoader
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], steps: int, token_bytes: torch.Tensor) -> float:
@@ -37,3 +39,17 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
     if total_bytes.item() == 0:
         raise ValueError("no evaluation tokens: the split is empty or too small for one batch")
     return total_nats.item() / (math.log(2) * total_bytes.item())
+
+
+def corpus_bpb(model, tokenizer, split: str, tokens: int, rows: int, seq_len: int, info, directory=None) -> float:
+    """Bits per byte on about `tokens` tokens of a pretraining split ("train" or "val"), read once
+    from its start in rows x seq_len batches, every rank its own stride (base_train's validation,
+    base_loss's two splits)."""
+    steps = max(1, tokens // (rows * seq_len * info.world_size))
+    loader = PretrainLoader(tokenizer, rows, seq_len, split, device=info.device, rank=info.rank,
+                            world_size=info.world_size, loop=False, directory=directory)
+    try:
+        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
+    finally:
+        loader.close()
+

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import STAGES
+from nanochat.stages import STAGES
 from nanochat.flags import FlagParser
 from nanochat.gpt import GPTConfig, config_for_depth
 

@@ -29,6 +29,8 @@ ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
 MUON_MOMENTUM = 0.95  # the training loop warms it up from 0.85 by setting group["momentum"]
 TUNED_AT_DIM = 768  # model width at which embedding_lr and unembedding_lr were tuned
+# Learning rates as nanochat tuned them (the AdamW two at width TUNED_AT_DIM); every stage's flags default to these.
+LEARNING_RATES = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}
 
 # torch 2.13 renamed these collectives and deprecates the old names.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -94,12 +96,31 @@ class DistAdamW(torch.optim.Optimizer):
                 p.copy_(flat[: p.numel()].view_as(p))
 
 
+def add_lr_args(group, init_lr_frac: float | None = None) -> None:
+    """The learning-rate flags of a training stage; a stage that continues a model passes the default
+    of --init-lr-frac, the fraction of these rates it starts from."""
+    times = ""
+    if init_lr_frac is not None:
+        group.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="learning rates as a fraction of pretraining's (default %(default)s)")
+        times = ", times --init-lr-frac"
+    group.add_argument("--matrix-lr", type=float, default=LEARNING_RATES["matrix_lr"], help=f"Muon learning rate{times} (default %(default)s)")
+    for name, what in (("embedding", "the embedding"), ("unembedding", "the head")):
+        group.add_argument(f"--{name}-lr", type=float, default=LEARNING_RATES[f"{name}_lr"],
+                           help=f"AdamW lr of {what} at width {TUNED_AT_DIM}, scaled by width{times} (default %(default)s)")
+
+
+def learning_rates(args) -> dict[str, float]:
+    """build_optimizers' learning-rate arguments from add_lr_args' flags."""
+    frac = getattr(args, "init_lr_frac", 1.0)
+    return {name: getattr(args, name) * frac for name in LEARNING_RATES}
+
+
 def build_optimizers(
     model,
     *,
-    embedding_lr: float = 0.2,
-    unembedding_lr: float = 0.004,
-    matrix_lr: float = 0.02,
+    embedding_lr: float = LEARNING_RATES["embedding_lr"],
+    unembedding_lr: float = LEARNING_RATES["unembedding_lr"],
+    matrix_lr: float = LEARNING_RATES["matrix_lr"],
     weight_decay: float = 0.0,
     world_size: int = 1,
 ) -> list[torch.optim.Optimizer]:

@@ -37,12 +37,12 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import STAGES
+from nanochat.stages import STAGES
 from nanochat.conversation import SPECIAL_TOKENS
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer, TokenizerError
 
-STAGE_OF_FOLDER = {folder: stage for stage, (folder, _) in STAGES.items()}  # the same folder names as ours
+STAGE_OF_FOLDER = {stage.folder: name for name, stage in STAGES.items()}  # the same folder names as ours
 # config.json "phase" of a published model (the original's hf_prepare.sh) -> our stage
 STAGE_OF_PHASE = {"pretrain": "base", "midtrain": "mid", "sft": "sft", "rl": "rl", **{s: s for s in STAGES}}
 MODEL_RE = re.compile(r"^model_(\d+)\.pt$")
@@ -98,7 +98,7 @@ def find_checkpoints(path: Path, stage: str | None = None, step: int | None = No
             tags = sorted(p for p in (path / folder_name).iterdir() if p.is_dir() and _steps(p))
             found += [_found(tag, step, folder_stage, True) for tag in tags]
     if not found:
-        which = f"{STAGES[stage][0]}/<tag>/" if stage else "{base,mid,chatsft,chatrl}_checkpoints/<tag>/"
+        which = f"{STAGES[stage].folder}/<tag>/" if stage else "{base,mid,chatsft,chatrl}_checkpoints/<tag>/"
         raise OriginalFormatError(f"no original nanochat checkpoint in {path}: looked for model_NNNNNN.pt + meta_NNNNNN.json "
                                   f"there and in {which}")
     return found

@@ -25,18 +25,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from nanochat.fileio import atomic_write
-from nanochat.checkpoint import STAGES
 from nanochat.common import environment_report, get_base_dir
 from nanochat.curves import curve_name, list_curves
+from nanochat.fileio import atomic_write
 from nanochat.progress import format_duration
+from nanochat.stages import STAGES
 
-# Stages in the order the pipeline runs them; sections with other slugs follow, by name.
-SECTION_ORDER = (
-    "header", "tokenizer", "base-loss", "base-eval", "mid-train", "chat-eval-mid",
-    "sft-train", "chat-eval-sft", "rl-train", "chat-eval-rl", "stage-times",
-)
-SUMMARY_STAGES = ("base", "mid", "sft", "rl")
+# Sections in the order the pipeline writes them; sections with other slugs follow, by name.
+SECTION_ORDER = ("header", "tokenizer", *(section for stage in STAGES.values() for section in stage.sections), "stage-times")
+SUMMARY_STAGES = tuple(STAGES)
 CHAT_METRICS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
 SUMMARY_METRICS = ("CORE",) + CHAT_METRICS
 WALL_TIME_KEY = "wall time (s)"

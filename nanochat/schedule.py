@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+# Share of the steps over which the learning rate decays linearly to 0, after a flat start
+# (nanochat's default at the time of the seed; not re-tuned here).
+WARMDOWN_RATIO = 0.2
+
 
 class PlanError(ValueError):
     """The requested sizes don't fit together; the message says how to fix them."""
@@ -48,7 +52,7 @@ def derive_plan(
     num_iterations: int = -1,
     target_flops: float = -1,
     target_param_data_ratio: float = 20,
-    warmdown_ratio: float = 0.2,
+    warmdown_ratio: float = WARMDOWN_RATIO,
 ) -> TrainPlan:
     """Batch geometry and the horizon: explicit steps > target FLOPs > tokens-per-parameter ratio."""
     per_pass = device_batch_size * seq_len * world_size

@@ -9,6 +9,10 @@ thread. Every client mistake gets a 4xx with OpenAI's error object, every
 server-side failure ends that request alone (an error object, or an error
 event and [DONE] in a stream), a client that leaves cancels its work, and
 the server keeps serving whatever it is sent.
+
+Why one module of over 400 lines: the routes and a request's life (admission,
+streaming, cancellation, errors) belong together; the request schema, the response
+dialects, the metrics and the HTTP guard are modules of their own.
 """
 
 from __future__ import annotations
@@ -217,6 +221,28 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
+    add_completion_routes(app, service)
+    add_info_routes(app, service)
+    app.add_middleware(CountResponses, metrics=service.metrics)
+    app.add_middleware(StripTrailingSlash)  # added last, so it runs first: routes and metrics see the bare path
+    return app
+
+
+def add_completion_routes(app: FastAPI, service: ChatService) -> None:
+    """The OpenAI-compatible endpoints."""
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await answer(service, request, ChatRequest, ChatDialect)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await answer(service, request, CompletionRequest, TextDialect)
+
+
+def add_info_routes(app: FastAPI, service: ChatService) -> None:
+    """Health, the page and its configuration, the model list, statistics, metrics and training curves."""
+    engine, settings, model_info = service.engine, service.settings, service.model_info
 
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -246,14 +272,6 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
         return {"object": "list", "data": [{"id": settings.model_id, "object": "model", "created": int(service.started),
                                             "owned_by": "nanochat", "context_length": engine.max_len, "metadata": model_info}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        return await answer(service, request, ChatRequest, ChatDialect)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await answer(service, request, CompletionRequest, TextDialect)
-
     @app.get("/report/curves")
     async def curves(request: Request):
         """The training curves the report folder holds (PNG names, newest first), for the page's model info."""
@@ -271,10 +289,6 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> Fa
     @app.get("/")
     async def page():
         return FileResponse(UI_PAGE, media_type="text/html")
-
-    app.add_middleware(CountResponses, metrics=service.metrics)
-    app.add_middleware(StripTrailingSlash)  # added last, so it runs first: routes and metrics see the bare path
-    return app
 
 
 class StripTrailingSlash:

@@ -13,10 +13,9 @@ import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
-from nanochat.dataloader import PretrainLoader
 from nanochat.flags import FlagParser
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
-from nanochat.loss_eval import evaluate_bpb
+from nanochat.loss_eval import corpus_bpb
 from nanochat.report import write_section
 from nanochat.runtime import add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
@@ -34,19 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def split_bpb(model, tokenizer, split: str, args, info) -> float:
-    seq_len = model.config.sequence_len
-    steps = max(1, args.split_tokens // (args.device_batch_size * seq_len * info.world_size))
-    loader = PretrainLoader(
-        tokenizer, args.device_batch_size, seq_len, split, device=info.device, rank=info.rank,
-        world_size=info.world_size, loop=False, directory=args.data_dir,
-    )
-    try:
-        return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
-    finally:
-        loader.close()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -60,7 +46,9 @@ def main(argv=None) -> int:
         return 2
     step_model = prepare_model(model, args, info.device)
     print0(f"evaluating {meta['model_tag']} step {meta['step']:,} on {args.split_tokens:,} tokens per split")
-    results = {split: split_bpb(step_model, tokenizer, split, args, info) for split in ("train", "val")}
+    seq_len = model.config.sequence_len
+    results = {split: corpus_bpb(step_model, tokenizer, split, args.split_tokens, args.device_batch_size, seq_len, info, args.data_dir)
+               for split in ("train", "val")}
     for split, bpb in results.items():
         print0(f"{split} bits per byte: {bpb:.4f}")
     samples = []

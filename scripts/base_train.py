@@ -5,9 +5,10 @@
 
 Every size derives from --depth (see nanochat.gpt.config_for_depth and
 nanochat.schedule.derive_plan); the plan is printed before the first step.
-Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model tag>/ and
-`--resume` continues from the newest complete one with exactly the data an
-uninterrupted run would have seen.
+Checkpoints go to $NANOCHAT_BASE_DIR/base_checkpoints/<model tag>/. Started
+again, a run continues from the newest complete one with exactly the data an
+uninterrupted run would have seen (nanochat.resume: --fresh starts over,
+--resume insists on continuing).
 """
 
 from __future__ import annotations
@@ -17,21 +18,23 @@ import sys
 
 import torch
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
+from nanochat.checkpoint import CheckpointError, stage_dir
+from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
+from nanochat.energy import add_cost_args
 from nanochat.flags import FlagParser
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.gpt import GPT, build_model, config_for_depth
 from nanochat.hardware import peak_flops
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizers
-from nanochat.schedule import PlanError, derive_plan
+from nanochat.loss_eval import corpus_bpb
+from nanochat.optim import add_lr_args, build_optimizers, learning_rates
+from nanochat.report import write_section
+from nanochat.resume import decide as decide_resume
+from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
+from nanochat.schedule import WARMDOWN_RATIO, PlanError, derive_plan
+from nanochat.stages import STAGES
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker
-from nanochat.energy import add_cost_args
-from nanochat.report import write_section
-from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
 
 
@@ -54,10 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     t.add_argument("--target-flops", type=float, default=-1, help="train for this many FLOPs (default: off)")
     t.add_argument("--target-param-data-ratio", type=float, default=20, help="training tokens per parameter, used when no horizon is given (default %(default)s)")
     o = p.add_argument_group("optimization")
-    o.add_argument("--matrix-lr", type=float, default=0.02, help="Muon learning rate (default %(default)s)")
-    o.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW lr of the embedding, before width scaling (default %(default)s)")
-    o.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW lr of the head, before width scaling (default %(default)s)")
-    o.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps over which the lr decays to 0 (default %(default)s)")
+    add_lr_args(o)
+    o.add_argument("--warmdown-ratio", type=float, default=WARMDOWN_RATIO, help="fraction of steps over which the lr decays to 0 (default %(default)s)")
     e = p.add_argument_group("evaluation, checkpoints, logging")
     e.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte every N steps; 0 for only at the end (default %(default)s)")
     e.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (default %(default)s)")
@@ -65,7 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
     e.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default %(default)s)")
     e.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    e.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint of this model tag")
+    mode = e.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="resume_mode", action="store_const", const="resume", default="auto",
+                   help="continue from the tag's newest complete checkpoint, an error when there is none "
+                        "(default: continue when there is one that matches, else start)")
+    mode.add_argument("--fresh", dest="resume_mode", action="store_const", const="fresh",
+                   help="start at step 0, moving the tag's old run aside (<tag>.old-<time>)")
     e.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
     r = p.add_argument_group("runtime")
     r.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
@@ -117,7 +123,10 @@ def train(args, info) -> int:
     device = info.device
     tokenizer = get_tokenizer()
     model = build_model(model_config(args, tokenizer.get_vocab_size()), device)
-    tag_dir = get_base_dir() / "base_checkpoints" / (args.model_tag or f"d{args.depth}")
+    tag_dir = stage_dir("base") / (args.model_tag or f"d{args.depth}")
+    continuing = decide_resume(tag_dir, args.resume_mode, model.config.to_dict(), vars(args))
+    if continuing and args.device_batch_size is None:  # the run's own batch, not a new measurement
+        args.device_batch_size = continuing.get("args", {}).get("device_batch_size")
     set_compute_dtype(model, args, device)
     args.device_batch_size, memory_estimate = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, args.max_seq_len, info, "base")
     plan = derive_plan(
@@ -129,10 +138,8 @@ def train(args, info) -> int:
     step_model = prepare_model(model, args, device, plan.num_iterations)
     peak, peak_source = peak_flops(device, model.compute_dtype)
     print_plan(model, plan, model.compute_dtype, peak_source)
-    optimizers = build_optimizers(
-        model, embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr, world_size=info.world_size
-    )
-    resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
+    optimizers = build_optimizers(model, **learning_rates(args), world_size=info.world_size)
+    resumed = resume_from(tag_dir, model, optimizers, info) if continuing else Resumed()
     loader = PretrainLoader(
         tokenizer, args.device_batch_size, args.max_seq_len, "train", device=device,
         rank=info.rank, world_size=info.world_size, state=resumed.data_state, directory=args.data_dir,
@@ -164,20 +171,11 @@ def write_train_section(model, plan, loop) -> None:
              "steps": plan.num_iterations, "tokens": plan.total_tokens, "tokens per parameter": round(plan.tokens_per_param, 2),
              "training FLOPs": f"{plan.total_flops:.3e}", **{f"final {k}": v for k, v in loop.metrics.items()},
              "wall time (s)": round(loop.timer.elapsed, 1), **loop.energy_items()}
-    write_section("base-train", "Pretraining", items)
+    write_section(STAGES["base"].train_section, STAGES["base"].title, items)
 
 
 def validation_bpb(args, info, model, tokenizer, step: int) -> float:
-    rows = args.device_batch_size
-    steps = max(1, args.eval_tokens // (rows * args.max_seq_len * info.world_size))
-    val = PretrainLoader(
-        tokenizer, rows, args.max_seq_len, "val", device=info.device, rank=info.rank,
-        world_size=info.world_size, loop=False, directory=args.data_dir,
-    )
-    try:
-        bpb = evaluate_bpb(model, val, steps, tokenizer.token_bytes())
-    finally:
-        val.close()
+    bpb = corpus_bpb(model, tokenizer, "val", args.eval_tokens, args.device_batch_size, args.max_seq_len, info, args.data_dir)
     print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
     return bpb
 

@@ -15,13 +15,14 @@ import sys
 from nanochat.common import setup_logging
 from nanochat.flags import FlagParser
 from nanochat.runtime import add_dtype_arg
-from tasks.chat_eval import EvalSettings, run_chat_eval
+from tasks.chat_eval import EvalSettings, run_chat_eval, task_table
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = FlagParser(prog="python -m scripts.chat_eval", description="Evaluate a chat model on its tasks.")
     p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="which stage's model")
-    p.add_argument("-a", "--tasks", nargs="+", default=None, help="tasks to run (default: all of ARC-Easy ARC-Challenge MMLU GSM8K HumanEval SpellingBee)")
+    p.add_argument("-a", "--tasks", nargs="+", default=None, choices=list(task_table()), metavar="TASK",
+                   help=f"tasks to run (default: all of {' '.join(task_table())})")
     p.add_argument("--model-tag", default=None, help="model tag (default: the newest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--max-problems", type=int, default=None, help="evaluate at most N problems per task")

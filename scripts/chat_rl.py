@@ -19,19 +19,18 @@ import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, load_model, stage_dir
-from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.common import print0
 from nanochat.engine import Engine
 from nanochat.flags import FlagParser
-from nanochat.optim import build_optimizers
-from nanochat.posttrain import add_run_args
-from nanochat.report import write_section
-from nanochat.runtime import MemoryRefusal, bucket_length, fit_device_batch, prepare_model, set_compute_dtype
+from nanochat.optim import add_lr_args
+from nanochat.posttrain import add_run_args, guarded_main, load_start, prepare_training, report_stage, train_stage
+from nanochat.runtime import bucket_length
 from nanochat.sampling import SamplingParams
-from nanochat.tokenizer import TokenizerError, get_tokenizer
-from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
+from nanochat.schedule import PlanError
+from nanochat.tokenizer import get_tokenizer
+from nanochat.training import Hooks, LoopSettings, cost_settings
 from tasks.chat_eval import final_chat_eval
+from tasks.gsm8k import GSM8K
 
 
 DEFAULT_DEVICE_BATCH = 8
@@ -39,7 +38,7 @@ DEFAULT_DEVICE_BATCH = 8
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = FlagParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K.")
-    p.add_argument("--source", default="sft", help="stage to start from (default %(default)s)")
+    p.add_argument("--source", default=None, help="stage to start from (default: the stage before RL, sft)")
     p.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
     p.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step across all ranks (default %(default)s)")
@@ -51,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50, help="sampling top-k (default %(default)s)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (default: one pass over GSM8K train)")
     p.add_argument("--max-examples", type=int, default=None, help="use only the first N training questions")
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="learning rates as a fraction of pretraining's (default %(default)s)")
+    add_lr_args(p, init_lr_frac=0.05)
     p.add_argument("--eval-every", type=int, default=60, help="pass@k on held-out questions every N steps (default %(default)s)")
     p.add_argument("--eval-examples", type=int, default=100, help="held-out questions for pass@k (default %(default)s)")
     add_run_args(p, save_every=60)
@@ -162,44 +161,24 @@ def pass_at_k(engine: Engine, task, args, indices: list[int]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    info = compute_init(args.device)
-    try:
-        code = train(args, info)
-    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
-        print0(f"error: {exc}")
-        code = 2
-    except MemoryRefusal as exc:
-        print0(f"error: {exc}")
-        code = 3
-    finally:
-        compute_cleanup()
+    code = guarded_main(train, args)
     if code == 0:
         code = final_chat_eval("rl", args, ["GSM8K"])
     return code
 
 
 def train(args, info) -> int:
-    from tasks import GSM8K
-
     t0 = time.time()
     tokenizer = get_tokenizer()
-    model, start = load_model(args.source, args.model_tag, args.step, device=info.device)
-    model.train()
-    set_compute_dtype(model, args, info.device)
     # rollouts are at most the model's context long, and so are the rows trained on
-    args.device_batch_size, memory_estimate = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, model.config.sequence_len, info, "rl")
+    start = load_start("rl", args.source, args, info, DEFAULT_DEVICE_BATCH, None)
     if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % args.device_batch_size:
-        raise ValueError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
+        raise PlanError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
     train_task, test_task = GSM8K("train", stop=args.max_examples), GSM8K("test")
     steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
-    frac = args.init_lr_frac
-    optimizers = build_optimizers(model, embedding_lr=0.2 * frac, unembedding_lr=0.004 * frac, matrix_lr=0.02 * frac, world_size=info.world_size)
-    tag_dir = stage_dir("rl") / start["model_tag"]
-    resumed = resume_from(tag_dir, model, optimizers, info) if args.resume else Resumed()
-    step_model = prepare_model(model, args, info.device, steps)  # rollouts run the model itself, through the engine
-    engine = Engine(model, tokenizer, max_batch=args.num_samples)
-    rollouts = Rollouts(engine, train_task, args, info, resumed.data_state)
+    prepare_training(start, args, info, steps)  # rollouts run the model itself, through the engine
+    engine = Engine(start.model, tokenizer, max_batch=args.num_samples)
+    rollouts = Rollouts(engine, train_task, args, info, start.resumed.data_state)
     eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
     hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices),
                   step_metrics=lambda: {"reward": rollouts.last_reward})  # this rank's mean, as its rollout line says
@@ -207,20 +186,10 @@ def train(args, info) -> int:
     settings = LoopSettings(num_iterations=steps, grad_accum_steps=micro, warmdown_ratio=1.0, eval_every=args.eval_every,
                             save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,
                             cost=cost_settings(args))
-    print0(f"RL: from {start['source']} {start['model_tag']} step {start['step']:,}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
-    tracker = Tracker(args.run, {"args": vars(args), "stage": "rl"}, info.is_master)
-    meta = {"model_config": model.config.to_dict(), "args": vars(args), "started_from": {k: start[k] for k in ("source", "model_tag", "step")}}
-    loop = TrainLoop(model=model, step_model=step_model, optimizers=optimizers, batches=rollouts, settings=settings, info=info, tag_dir=tag_dir, meta=meta,
-                     hooks=hooks, tracker=tracker, resumed=resumed, loss_fn=policy_gradient_loss, memory_estimate=memory_estimate)
-    try:
-        code = loop.run()
-    finally:
-        tracker.finish()
+    print0(f"RL: from {start.started_from()}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
+    code, loop = train_stage(start, args, info, rollouts, settings, hooks, loss_fn=policy_gradient_loss)
     if code == 0 and info.is_master:
-        write_section("rl-train", "Reinforcement learning (GSM8K)", {
-            "started from": f"{start['source']} {start['model_tag']} step {start['step']}", "steps": steps,
-            "last mean reward": rollouts.last_reward, **loop.metrics, "wall time (s)": round(time.time() - t0, 1),
-            **loop.energy_items()})
+        report_stage(start, {"steps": steps, "last mean reward": rollouts.last_reward, **loop.metrics}, loop, t0)
     return code
 
 

@@ -40,7 +40,7 @@ def val_mixture(args):
     return FirstN(SmolTalk("test", stop=1_000), args.max_examples)
 
 
-SPEC = StageSpec(name="sft", title="Supervised finetuning", start_from="mid", batches=PaddedConversations,
+SPEC = StageSpec(name="sft", batches=PaddedConversations,
                  train_mixture=train_mixture, val_mixture=val_mixture,
                  steps_for=lambda args, task, tokenizer, rows, seq_len: steps_for_epochs(args, len(task), rows),
                  rows_per_step=lambda args, seq_len: args.examples_per_step)

@@ -40,11 +40,14 @@ launch() {
 # visible_gpus: how many CUDA devices torch sees (at least 1, so CPU runs one process)
 visible_gpus() { python -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 
-# post_stage MODULE WHAT PREDECESSOR ARGS...: the shared body of midtrain.sh, sft.sh and rl.sh
+# post_stage STAGE WHAT ARGS...: the shared body of midtrain.sh, sft.sh and rl.sh; the stage's
+# entry point and predecessor come from the stage registry (nanochat.stages)
 post_stage() {
-  local module="$1" what="$2" from="$3" name
+  local stage="$1" what="$2" module from name
+  module=$(python -m nanochat.stages module "$stage")
+  from=$(python -m nanochat.stages starts-from "$stage")
   name=$(basename "$0" .sh)
-  shift 3
+  shift 2
   local gpus="" extra=()
   canonical_flags "$@"; set -- "${FLAGS[@]}"
   while [ $# -gt 0 ]; do
@@ -58,7 +61,7 @@ post_stage() {
       --eval-problems) extra+=(--eval-problems "$2"); shift 2 ;;
       -h|--help)
         cat <<USAGE
-Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for scripts.$module]
+Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for $module]
 
 $what, starting from the newest $from model,
 then runs the chat evaluation and writes the report sections.
@@ -75,7 +78,7 @@ Options:
   --eval-problems N
                 evaluate on N problems per task (quick)
   -h, --help    show this help
-Everything after \`--\` goes to scripts.$module (python -m scripts.$module --help).
+Everything after \`--\` goes to $module (python -m $module --help).
 USAGE
         exit 0 ;;
       --) shift; extra+=("$@"); break ;;
@@ -84,5 +87,5 @@ USAGE
   done
   GPUS=${gpus:-$(visible_gpus)}
   step "$name ($GPUS process(es))"
-  launch "scripts.$module" "${extra[@]}"
+  launch "$module" "${extra[@]}"
 }

@@ -21,11 +21,13 @@ from pathlib import Path
 
 import torch
 
-from nanochat.checkpoint import AUTO_ORDER, CheckpointError, list_steps, load_checkpoint, save_checkpoint, stage_dir
+from nanochat.checkpoint import CheckpointError, list_steps, load_checkpoint, save_checkpoint, stage_dir
 from nanochat.flags import FlagParser
+from nanochat.hf_install import chat_command, tokenizer_needs_install
+from nanochat.hf_share import EXIT_FAILED, EXIT_NOTHING, PIPELINE, REPO_ID_RE, ShareError
 from nanochat.original import Converted, OriginalFormatError, find_checkpoints, find_tokenizer, read_checkpoint, read_tokenizer
+from nanochat.stages import AUTO_ORDER
 from nanochat.tokenizer import MANIFEST_FILE, default_tokenizer_dir
-from scripts.hf_prepare import EXIT_FAILED, EXIT_NOTHING, PIPELINE, REPO_ID_RE, ShareError, chat_command, tokenizer_needs_install
 
 # What a published model needs of its repo: no optimizer state, card or other files.
 HUB_PATTERNS = ["model_*.pt", "meta_*.json", "config.json", "tokenizer/*"]

@@ -51,7 +51,7 @@ def steps_for(args, task, tokenizer, rows_per_step: int, seq_len: int) -> int:
     return max(1, math.ceil(args.epochs * mean_tokens * len(task) / (rows_per_step * (seq_len + 1))))
 
 
-SPEC = StageSpec(name="mid", title="Midtraining", start_from="base", batches=PackedConversations,
+SPEC = StageSpec(name="mid", batches=PackedConversations,
                  train_mixture=train_mixture, val_mixture=val_mixture, steps_for=steps_for,
                  rows_per_step=lambda args, seq_len: max(1, args.total_batch_size // seq_len))
 

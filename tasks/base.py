@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nanochat.common import DataError
 from nanochat.conversation import message_problem, order_problem
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError, ValueError):
     """A dataset row (or the file holding it) is not what the task expects; the message names it."""
 
 

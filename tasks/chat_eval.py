@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.common import DataError, compute_cleanup, compute_init, print0
 from nanochat.engine import Engine, collect
 from nanochat.report import write_section
 from nanochat.runtime import set_compute_dtype
 from nanochat.sampling import SamplingParams
+from nanochat.schedule import PlanError
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -127,7 +128,7 @@ def run_chat_eval(settings: EvalSettings) -> int:
     try:
         evaluate(settings, info)
         return 0
-    except (CheckpointError, TokenizerError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, TokenizerError, FileNotFoundError, PlanError, DataError) as exc:
         print0(f"error: {exc}")
         return 2
     finally:
@@ -143,7 +144,7 @@ def evaluate(args: EvalSettings, info) -> None:
     names = args.tasks or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(table)}")
+        raise PlanError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(table)}")
     engine = Engine(model, tokenizer, max_batch=args.batch_size)
     results = {}
     for name in names:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from nanochat.common import get_base_dir
+from nanochat.common import DataError, get_base_dir
 from nanochat.download import Unreachable, check_reachable
 from tasks.base import Task, TaskDataError
 
@@ -38,7 +38,7 @@ JSON_SUFFIXES = (".jsonl", ".json")
 SUFFIXES = (".parquet", *JSON_SUFFIXES)
 
 
-class HubUnavailable(RuntimeError):
+class HubUnavailable(DataError, RuntimeError):
     """A split could not be fetched from the Hub; the message says how to use a local copy."""
 
 

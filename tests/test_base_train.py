@@ -98,8 +98,8 @@ def test_sigkill_then_resume_is_bit_identical(workspace, here):
         killed.wait_for("step 000020/", timeout=240)
         killed.proc.kill()
         assert killed.finish(timeout=60) == -signal.SIGKILL
-    code, out = here(*steps, "--model-tag", "killed", "--save-every", "1", "--resume")
-    assert code == 0 and "resumed from" in out
+    code, out = here(*steps, "--model-tag", "killed", "--save-every", "1")  # started again, no flag: it continues
+    assert code == 0 and "continuing the run in" in out and "resumed from" in out
     straight, again = _final_weights(workspace, "straight"), _final_weights(workspace, "killed")
     assert straight.keys() == again.keys()
     assert all(torch.equal(straight[k], again[k]) for k in straight)
@@ -115,6 +115,27 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace, here):
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("_")[1]) < 200
     code, out = here(*steps, "--model-tag", "t", "--resume")
     assert code == 0 and "step 000200/000200" in out and "validation bits per byte" in out
+
+
+def test_a_run_started_again_continues_refuses_other_settings_and_fresh_moves_it_aside(workspace, here):
+    steps = ["--total-batch-size", str(ROWS * SEQ), "--save-every", "0", "--eval-every", "0", "--model-tag", "again"]
+    assert here(*steps, "--num-iterations", "3")[0] == 0
+    code, out = here(*steps, "--num-iterations", "5")
+    assert code == 0 and "continuing the run in" in out and "(step 3)" in out and "step 000005/000005" in out
+    assert "step 000003/" not in out  # steps 1-3 were not trained again
+
+    code, out = here(*steps[:1], str(2 * ROWS * SEQ), *steps[2:], "--num-iterations", "5")
+    assert code == 2 and f"--total-batch-size: {ROWS * SEQ} -> {2 * ROWS * SEQ}" in out and "--fresh" in out
+    assert [p.name for p in _checkpoints(workspace, "again")] == ["step_000003", "step_000005"]  # untouched
+
+    code, out = here(*steps, "--num-iterations", "2", "--fresh")
+    assert code == 0 and "moved the old run aside" in out and "step 000001/000002" in out
+    old = [p for p in (workspace / "base_checkpoints").iterdir() if p.name.startswith("again.old-")]
+    assert len(old) == 1 and (old[0] / "step_000005").is_dir()
+    assert [p.name for p in _checkpoints(workspace, "again")] == ["step_000002"]
+
+    code, out = here(*steps[:-1], "nothing-here", "--num-iterations", "2", "--resume")
+    assert code == 2 and "no checkpoint" in out
 
 
 def test_two_ranks_equal_one_process_also_across_a_sigterm_to_one_rank(workspace, here):

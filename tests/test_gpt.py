@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, build_model, config_for_depth, norm
+from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth, norm
+from nanochat.kv_slots import SlotKVCache
 
 VOCAB = 256
 
@@ -135,13 +136,21 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 
 def decode_with_cache(model: GPT, idx: torch.Tensor, chunks: list[int], max_len: int) -> torch.Tensor:
-    """Logits for idx, computed as prefill chunks of the given sizes followed by one token at a time."""
-    cache = KVCache(model.config, batch_size=idx.size(0), max_len=max_len)
-    logits, start = [], 0
-    for size in chunks + [1] * (idx.size(1) - sum(chunks)):
-        logits.append(model(idx[:, start : start + size], kv_cache=cache))
-        start += size
-    assert cache.pos == idx.size(1)
+    """Logits for idx, computed as prefill chunks of the given sizes (row by row, as the engine
+    admits requests) followed by one token at a time for all rows together."""
+    rows, cache = idx.size(0), SlotKVCache(model.config, slots=idx.size(0), max_len=max_len)
+    prefilled = []
+    for r in range(rows):
+        start, pieces = 0, []
+        for size in chunks:
+            pieces.append(model(idx[r : r + 1, start : start + size], kv_cache=cache.prefill_view(r)))
+            start += size
+        prefilled.append(torch.cat(pieces, dim=1))
+    logits = [torch.cat(prefilled, dim=0)]
+    active = torch.ones(rows, dtype=torch.bool)
+    for t in range(sum(chunks), idx.size(1)):
+        logits.append(model(idx[:, t : t + 1], kv_cache=cache.decode_view(rows, active)))
+    assert cache.lengths.tolist() == [idx.size(1)] * rows
     return torch.cat(logits, dim=1)
 
 
@@ -163,16 +172,18 @@ def test_generation_runs_past_the_training_length():
     torch.testing.assert_close(cached, model(idx), atol=1e-5, rtol=0)
 
 
-def test_kv_cache_reset_and_overflow():
+def test_kv_cache_release_and_overflow():
     model = make_model()
-    cache = KVCache(model.config, batch_size=1, max_len=6)
+    cache = SlotKVCache(model.config, slots=1, max_len=6)
     idx = random_ids(1, 6)
     with torch.no_grad():
-        first = model(idx, kv_cache=cache)
-        cache.reset()
-        torch.testing.assert_close(model(idx, kv_cache=cache), first)
-        with pytest.raises(ValueError, match="holds 6 tokens"):
-            model(idx[:, :1], kv_cache=cache)
+        first = model(idx, kv_cache=cache.prefill_view(0))
+        cache.release(0)
+        torch.testing.assert_close(model(idx, kv_cache=cache.prefill_view(0)), first)
+        with pytest.raises(ValueError, match="reached the cache's 6 tokens"):
+            model(idx[:, :1], kv_cache=cache.decode_view(1, torch.ones(1, dtype=torch.bool)))
+        with pytest.raises(ValueError, match="exceeds the cache's 6"):
+            model(idx[:, :1], kv_cache=cache.prefill_view(0))
 
 
 # ---------------------------------------------------------------- sizing and accounting

@@ -26,6 +26,8 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.report import write_section
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import Tokenizer
+from nanochat import hf_folders, hf_share
+from nanochat.stages import STAGES
 from scripts import hf_prepare
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,9 +111,9 @@ def install_home(base: Path, tokenizer: Tokenizer, model, stages=("sft",)) -> No
         if stage == "base":
             meta["plan"] = {"total_batch_size": 1024}
         else:
-            previous = hf_prepare.PIPELINE[hf_prepare.PIPELINE.index(stage) - 1]
+            previous = hf_share.PIPELINE[hf_share.PIPELINE.index(stage) - 1]
             meta["started_from"] = {"source": previous, "model_tag": TAG, "step": STEP - 1}
-        save_checkpoint(base / hf_prepare.STAGES[stage][0] / TAG, STEP + i, model_state=model.state_dict(),
+        save_checkpoint(base / STAGES[stage].folder / TAG, STEP + i, model_state=model.state_dict(),
                         optim_state=[{}], data_state={"position": 1}, meta=meta)
 
 
@@ -122,7 +124,7 @@ def prepared(trained, tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
         install_home(base, *trained)
-        [folder] = hf_prepare.prepare_all("alice", ("sft",), base / "hf")
+        [folder] = hf_folders.prepare_all("alice", ("sft",), base / "hf")
     return folder
 
 
@@ -273,7 +275,7 @@ def test_model_card_reports_evaluation_energy_and_lineage(trained, base_dir, tmp
     write_section("base-loss", "Base model loss", {"val bpb": 0.9, "energy (kWh)": 2.0, "cost (USD)": 0.5})
     write_section("chat-eval-sft", "Chat evaluation (sft)", {"ARC-Easy": 0.375, "GSM8K": 0.0625, "energy (kWh)": 0.25})
     write_section("rl-train", "RL", {"energy (kWh)": 100.0})  # after the SFT model: not part of its cost
-    folders = hf_prepare.prepare_all("alice", ("base", "mid", "sft"), tmp_path / "hf")
+    folders = hf_folders.prepare_all("alice", ("base", "mid", "sft"), tmp_path / "hf")
     cards = {folder.name: (folder / "README.md").read_text() for folder in folders}
     assert "base_model" not in front_matter(cards["nanochat-d2-base"])
     assert front_matter(cards["nanochat-d2-mid"])["base_model"] == "alice/nanochat-d2-base"
@@ -283,7 +285,7 @@ def test_model_card_reports_evaluation_energy_and_lineage(trained, base_dir, tmp
     assert "| **total** | **2.250** | **0.50** |" in sft
     assert "| val bpb | 0.9000 |" in cards["nanochat-d2-base"] and "training tokens: 30,720" in cards["nanochat-d2-base"]
     # sharing SFT alone: its parent is not on the Hub, so the card names none
-    [alone] = hf_prepare.prepare_all("alice", ("sft",), tmp_path / "alone")
+    [alone] = hf_folders.prepare_all("alice", ("sft",), tmp_path / "alone")
     assert "base_model" not in front_matter((alone / "README.md").read_text())
 
 
@@ -349,7 +351,7 @@ def test_upload_dry_run_lists_files_without_network(prepared, monkeypatch, capsy
 
 def test_upload_creates_repos_base_first(trained, base_dir, tmp_path, monkeypatch, capsys):
     install_home(base_dir, *trained, stages=("base", "sft"))
-    hf_prepare.prepare_all("alice", ("sft", "base"), base_dir / "hf")
+    hf_folders.prepare_all("alice", ("sft", "base"), base_dir / "hf")
     upload = load_upload_module(monkeypatch)
     calls = fake_hub(monkeypatch)
     assert upload.main(["--username", "alice", "--private"]) == 0

@@ -1,0 +1,87 @@
+"""Whether pretraining continues a run or starts one, so restarting after a crash never silently starts over.
+
+The modes, chosen by base_train's flags:
+- auto (no flag): continue from the tag's newest checkpoint when it has one and
+  it was made with the same model and batch settings, saying so in one line;
+  start at step 0 when it has none; refuse, naming what differs, when it does
+  not match (then --fresh starts over, or the old flags continue).
+- resume (--resume): the same, but no checkpoint to continue is an error.
+- fresh (--fresh): move the tag's folder aside (<tag>.old-<time>, nothing is
+  deleted) and start at step 0.
+
+A continued run keeps the device batch it was running with unless one is
+given, so re-measuring memory cannot change the run's shape halfway.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from nanochat.checkpoint import META_FILE, CheckpointError, list_steps, step_dir_name
+from nanochat.common import print0
+
+MODES = ("auto", "resume", "fresh")
+# saved args that must match for the checkpoint to continue this run (the model config is compared whole)
+MATCHING_ARGS = ("total_batch_size", "max_seq_len")
+
+
+def newest_meta(tag_dir: Path) -> dict | None:
+    """meta.json of the newest step folder that has a readable one (full checks happen when it is loaded)."""
+    for step in reversed(list_steps(tag_dir)):
+        try:
+            return json.loads((tag_dir / step_dir_name(step) / META_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return None
+
+
+def mismatches(meta: dict, model_config: dict, args: dict) -> list[str]:
+    """What differs between a saved run and this one, as 'name: saved -> now' lines."""
+    saved_config, saved_args = meta.get("model_config", {}), meta.get("args", {})
+    found = [f"model {key}: {saved_config.get(key)} -> {value}" for key, value in model_config.items()
+             if saved_config.get(key) != value]
+    found += [f"--{key.replace('_', '-')}: {saved_args[key]} -> {args[key]}" for key in MATCHING_ARGS
+              if key in saved_args and args.get(key) is not None and saved_args[key] != args[key]]
+    return found
+
+
+def move_aside(tag_dir: Path) -> Path:
+    """Rename the tag's folder out of the way (rank 0 only; every rank waits for it)."""
+    aside = tag_dir.with_name(f"{tag_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    if _is_master():
+        tag_dir.rename(aside)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return aside
+
+
+def decide(tag_dir: Path, mode: str, model_config: dict, args: dict) -> dict | None:
+    """The saved meta of the checkpoint to continue from, or None to start at step 0 (after --fresh's move)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown resume mode {mode!r}; expected one of {', '.join(MODES)}")
+    meta = newest_meta(tag_dir) if tag_dir.is_dir() else None
+    if mode == "fresh":
+        if tag_dir.is_dir() and any(tag_dir.iterdir()):
+            print0(f"--fresh: moved the old run aside to {move_aside(tag_dir)}; starting at step 0")
+        return None
+    if meta is None:
+        if mode == "resume":
+            raise CheckpointError(f"--resume: no checkpoint in {tag_dir} to continue")
+        return None
+    differences = mismatches(meta, model_config, args)
+    if differences:
+        raise CheckpointError(
+            f"{tag_dir} holds a run made with other settings ({'; '.join(differences)}): run with its settings "
+            "to continue it, --fresh to move it aside and start over, or --model-tag NAME for a new folder"
+        )
+    if mode == "auto":
+        print0(f"continuing the run in {tag_dir} (--fresh starts over)")
+    return meta
+
+
+def _is_master() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
