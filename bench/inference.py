@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rivals import machine_line, synthetic_tokenizer, transformers_model  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
-from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, at least 2 (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, the median is kept (default %(default)s)")
     p.add_argument("--hf-cache", default="both", choices=list(CACHES), help="transformers' KV cache: static (what the issue asks), dynamic (its default) or both (default %(default)s)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core; --smoke: 1)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (depth 1, vocab 512, 8 + 4 tokens, 1 repeat, 1 thread)")

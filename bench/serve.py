@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.rivals import machine_line, synthetic_tokenizer  # noqa: E402
 from nanochat.checkpoint import load_model, save_checkpoint  # noqa: E402
-from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=None, help="sequences our server decodes together, and full-context sequences the rival's cache holds (default: the largest --clients level)")
     p.add_argument("--engine-repeats", type=int, default=3, help="in-process Engine runs, the median is kept (default %(default)s)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="device for both servers and the Engine (default: autodetect)")
+    add_device_arg(p, help_text="device for both servers and the Engine (default: autodetect)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype for both (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--startup-timeout", type=float, default=300, help="seconds a server may take to load and answer its first request (default %(default)s)")
     p.add_argument("--no-rival", action="store_true", help="measure ours only")

@@ -29,7 +29,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rivals import machine_line, transformers_model  # noqa: E402
-from nanochat.common import DTYPES, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.fake_step import PeakTracker  # noqa: E402
 from nanochat.gpt import build_model, config_for_depth  # noqa: E402
 from nanochat.hardware import peak_flops  # noqa: E402
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default %(default)s)")
     p.add_argument("--steps", type=int, default=15, help="timed steps per measurement (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default %(default)s)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--compile", default="both", choices=["both", "yes", "no"], help="measure eager, compiled or both and keep each side's best (default %(default)s)")
     p.add_argument("--no-rival", action="store_true", help="measure only ours")

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from nanochat.common import DTYPES, autodetect_device_type, compute_dtype
+from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype
 
 
 def add_model_args(parser: argparse.ArgumentParser, temperature: float, max_tokens: int | None = 512) -> None:
@@ -19,7 +19,7 @@ def add_model_args(parser: argparse.ArgumentParser, temperature: float, max_toke
     parser.add_argument("-m", "--max-tokens", type=int, default=max_tokens,
                         help="longest answer in tokens (default: " + (f"{max_tokens})" if max_tokens else "until the model stops or the context is full)"))
     parser.add_argument("-d", "--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
-    parser.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(parser)
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:

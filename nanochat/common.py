@@ -35,6 +35,10 @@ def get_base_dir() -> Path:
     return base
 
 
+def add_device_arg(group, help_text: str = "override device autodetection (default: cuda, else mps, else cpu; or $NANOCHAT_DEVICE)") -> None:
+    group.add_argument("--device", default=None, choices=list(DEVICE_TYPES), help=help_text)
+
+
 def autodetect_device_type(override: str | None = None) -> str:
     """cuda > mps > cpu, unless `override` (or `$NANOCHAT_DEVICE`) names one.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanochat.checkpoint import CheckpointError, load_model, stage_dir
-from nanochat.common import DataError, DistInfo, compute_cleanup, compute_init, print0, setup_logging
+from nanochat.common import DataError, DistInfo, add_device_arg, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.energy import add_cost_args
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import add_lr_args, build_optimizers, learning_rates
@@ -26,8 +26,8 @@ from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, f
 from nanochat.schedule import WARMDOWN_RATIO, PlanError
 from nanochat.stages import get_stage
 from nanochat.tokenizer import TokenizerError, get_tokenizer
-from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
+from nanochat.tracking import Tracker, add_run_arg
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, cost_settings, resume_from
 
 
 @dataclass
@@ -64,13 +64,12 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
 
 def add_run_args(group, *, save_every: int) -> None:
     """Checkpoints, resume, wandb, the final chat evaluation, cost figures and device: every post-training stage's."""
-    group.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
-    group.add_argument("--keep-last", type=int, default=2, help="checkpoints to keep (default %(default)s)")
+    add_checkpoint_args(group, save_every=save_every, keep_last=2)
     group.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
-    group.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
+    add_run_arg(group)
     add_final_eval_args(group)
     add_cost_args(group)
-    group.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(group)
     add_compute_args(group)
     add_memory_args(group)
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from nanochat.common import print0
 
 
+def add_run_arg(group) -> None:
+    group.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
+
+
 class Tracker:
     """Logs metrics to wandb on the master rank; a no-op everywhere else."""
 

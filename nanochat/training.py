@@ -31,6 +31,12 @@ from nanochat.schedule import lr_multiplier, muon_momentum
 from nanochat.signals import StopRequest
 
 
+def add_checkpoint_args(group, *, save_every: int, keep_last: int) -> None:
+    """How often the loop checkpoints and how many it keeps (LoopSettings.save_every, keep_last)."""
+    group.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
+    group.add_argument("--keep-last", type=int, default=keep_last, help="checkpoints to keep (default %(default)s)")
+
+
 @dataclass
 class LoopSettings:
     num_iterations: int

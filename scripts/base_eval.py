@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.common import add_device_arg, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.eval_bundle import BUNDLE_ENV, BundleError, resolve_bundle_dir
 from nanochat.flags import FlagParser
@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--max-per-task", type=int, default=None, help="evaluate only this many examples per task, the same ones every run (default: all)")
     p.add_argument("--bundle", default=None, help=f"unpacked eval bundle folder (default: ${BUNDLE_ENV}, else $NANOCHAT_BASE_DIR/eval_bundle)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(p)
     add_compute_args(p)
     args = p.parse_args(argv)
     if args.max_per_task is not None and args.max_per_task < 1:

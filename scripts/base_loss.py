@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.common import add_device_arg, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.flags import FlagParser
 from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
 from nanochat.loss_eval import corpus_bpb
@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass (default %(default)s)")
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split (default %(default)s)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(p)
     add_compute_args(p)
     p.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
     return p.parse_args(argv)

@@ -19,7 +19,7 @@ import sys
 import torch
 
 from nanochat.checkpoint import CheckpointError, stage_dir
-from nanochat.common import compute_cleanup, compute_init, print0, setup_logging
+from nanochat.common import add_device_arg, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.dataloader import PretrainLoader
 from nanochat.energy import add_cost_args
 from nanochat.flags import FlagParser
@@ -34,8 +34,8 @@ from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, f
 from nanochat.schedule import WARMDOWN_RATIO, PlanError, derive_plan
 from nanochat.stages import STAGES
 from nanochat.tokenizer import TokenizerError, get_tokenizer
-from nanochat.tracking import Tracker
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, cost_settings, resume_from
+from nanochat.tracking import Tracker, add_run_arg
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, cost_settings, resume_from
 
 
 
@@ -63,8 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--eval-every", type=int, default=250, help="validation bits-per-byte every N steps; 0 for only at the end (default %(default)s)")
     e.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation (default %(default)s)")
     e.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps; 0 for only at the end (default %(default)s)")
-    e.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps; 0 for only at the end (default %(default)s)")
-    e.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep (default %(default)s)")
+    add_checkpoint_args(e, save_every=1000, keep_last=3)
     e.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     mode = e.add_mutually_exclusive_group()
     mode.add_argument("--resume", dest="resume_mode", action="store_const", const="resume", default="auto",
@@ -72,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: continue when there is one that matches, else start)")
     mode.add_argument("--fresh", dest="resume_mode", action="store_const", const="fresh",
                    help="start at step 0, moving the tag's old run aside (<tag>.old-<time>)")
-    e.add_argument("--run", default=None, help="wandb run name; no name, no wandb")
+    add_run_arg(e)
     r = p.add_argument_group("runtime")
-    r.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(r)
     add_compute_args(r)
     r.add_argument("--seed", type=int, default=42, help="random seed for initialisation (default %(default)s)")
     r.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")

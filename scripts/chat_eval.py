@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nanochat.common import setup_logging
+from nanochat.common import add_device_arg, setup_logging
 from nanochat.flags import FlagParser
 from nanochat.runtime import add_dtype_arg
 from tasks.chat_eval import EvalSettings, run_chat_eval, task_table
@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-problems", type=int, default=None, help="evaluate at most N problems per task")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass / sequences decoded together (default %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="longest generated answer (default %(default)s)")
-    p.add_argument("--device", default=None, choices=["cuda", "mps", "cpu"], help="override device autodetection")
+    add_device_arg(p)
     add_dtype_arg(p)
     return p.parse_args(argv)
 
