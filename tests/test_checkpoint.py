@@ -95,3 +95,43 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     assert set(meta["files"]) == {"model.safetensors"}
     assert torch.equal(load_checkpoint(tmp_path, with_training_state=False).model_state["w"], torch.zeros(1))
+
+
+def test_a_leftover_old_folder_from_a_crash_does_not_block_saving_the_step_again(tmp_path):
+    # a crash between moving the old step aside and deleting it leaves .step_N.old behind
+    _save(tmp_path, 3)
+    stale = tmp_path / ".step_000003.old"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"from the crashed save")
+    _save(tmp_path, 3)
+    assert load_checkpoint(tmp_path).step == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003"]
+
+
+def test_a_meta_without_a_file_table_is_broken_and_each_problem_is_named(tmp_path, caplog):
+    first, second = _save(tmp_path, 1), _save(tmp_path, 2)
+    meta = json.loads((second / "meta.json").read_text())
+    del meta["files"]
+    (second / "meta.json").write_text(json.dumps(meta))
+    assert load_checkpoint(tmp_path).step == 1
+    problem = f"{second}: model.safetensors is not part of this checkpoint"
+    assert f"skipping broken checkpoint: {problem}" in caplog.messages
+    (first / "meta.json").unlink()
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(tmp_path)
+    assert str(err.value) == f"no usable checkpoint in {tmp_path}: {problem}; {first}: no meta.json (half-written checkpoint)"
+
+
+def test_saving_inside_a_process_group_gathers_the_file_table(tmp_path):
+    # one gloo rank in this process: the distributed path (barriers, the gathered table of every rank's
+    # files) runs for real; two ranks writing one checkpoint are tests/test_base_train.py's resume
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        path = _save(tmp_path / "run", 4)
+    finally:
+        dist.destroy_process_group()
+    meta = json.loads((path / "meta.json").read_text())
+    assert set(meta["files"]) == {"model.safetensors", "optim_rank0.pt", "data_rank0.json"}
+    assert load_checkpoint(tmp_path / "run").data_state == {"position": {"shard": 4}, "buffer": [1, 2]}

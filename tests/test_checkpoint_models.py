@@ -26,6 +26,10 @@ CONFIG = GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_hea
 FOLDERS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
 SCRIPTS = {"base": "./pretrain.sh", "mid": "./midtrain.sh", "sft": "./sft.sh", "rl": "./rl.sh"}
 
+# The first model built on the meta device imports torch's reference ops: seconds on a busy core. Done
+# here, at import, the mutation run pays it once: its children fork from a process that imported this.
+build_model(CONFIG, "cpu")
+
 
 def save_model(stage: str, tag: str, step: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A real checkpoint of a freshly initialised model; returns its weights."""
