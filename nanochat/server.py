@@ -144,7 +144,8 @@ class ChatService:
             raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {self.engine.max_len}", where, "context_length_exceeded")
         param, asked = body.token_limit()
         if asked is not None and asked > room:
-            raise ApiError(400, f"{param}={asked} does not fit: the prompt uses {prompt_len} of {self.engine.max_len} tokens", param, "context_length_exceeded")
+            raise ApiError(400, f"{param}={asked} does not fit: the prompt uses {prompt_len} of {self.engine.max_len} tokens, "
+                                f"so at most {room} can follow", param, "context_length_exceeded")
         if body.n > self.engine.cache.slots:
             raise ApiError(400, f"n must be at most {self.engine.cache.slots} (the server's --max-batch)", "n")
         return SamplingParams(

@@ -224,6 +224,18 @@ def test_features_this_model_lacks_are_refused_not_ignored(client):
     assert text.choices[0].message.content
 
 
+def test_a_max_tokens_past_the_context_is_refused_saying_how_many_fit(client):
+    import openai
+
+    context = client.models.list().data[0].model_extra["context_length"]
+    prompt = client.chat.completions.create(model="nanochat", messages=HI, max_tokens=1).usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match=f"at most {context - prompt} can follow") as refused:
+        client.chat.completions.create(model="nanochat", messages=HI, max_tokens=context)
+    assert refused.value.code == "context_length_exceeded"
+    fits = client.chat.completions.create(model="nanochat", messages=HI, max_tokens=context - prompt, temperature=0)
+    assert fits.choices[0].message.content == SCRIPT_ANSWER  # the largest value it names is taken
+
+
 def test_without_max_tokens_the_answer_runs_to_its_end_and_usage_streams(client):
     whole = client.chat.completions.create(model="nanochat", messages=HI, temperature=0)
     assert whole.choices[0].message.content == SCRIPT_ANSWER and whole.choices[0].finish_reason == "stop"
