@@ -46,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rivals import machine_line, synthetic_tokenizer, transformers_model  # noqa: E402
+from bench.rivals import machine_line, profile_table, synthetic_tokenizer, transformers_model  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
@@ -72,6 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core; --smoke: 1)")
+    p.add_argument("--profile", action="store_true", help="also print torch.profiler's operator table of one generation of each side at each batch size")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (depth 1, vocab 512, 8 + 4 tokens, 1 repeat, 1 thread)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -278,6 +279,14 @@ def print_ratios(results: list[Measurement], args) -> None:
             print(f"ours / transformers {what} at batch {batch}: {', '.join(parts)}")
 
 
+def print_profiles(sides: list, prompts: list[list[int]], args, device: torch.device) -> None:
+    for batch in BATCHES:
+        for side in sides:
+            print(f"{side.name} ({side.cache} cache), batch {batch}: torch.profiler over one generation "
+                  f"(prefill + {args.new_tokens - 1} decode steps), longest self time first")
+            print(profile_table(lambda: side.generate(prompts[:batch], args.new_tokens), 1, device))
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -335,6 +344,8 @@ def main(argv=None) -> int:
     results = [m for batch in BATCHES for m in measure_batch(sides, prompts[:batch], args, device)]
     print_table(results, args)
     print_ratios(results, args)
+    if args.profile:
+        print_profiles(sides, prompts, args, device)
     if dtype == torch.float32:
         tokens = {r.cache: r.tokens[0] for r in results if r.batch == 1}
     else:

@@ -38,6 +38,21 @@ def synthetic_tokenizer(vocab_size: int) -> Tokenizer:
     return Tokenizer(ranks)
 
 
+def profile_table(run, steps: int, device: torch.device, rows: int = 12) -> str:
+    """torch.profiler's operator table over `steps` calls of run(), the ops that took longest first
+    (self time: where the time goes, not which caller it goes through)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
 def machine_line(device: torch.device) -> str:
     """What the figures were measured on: CPU model and cores (lscpu), GPU, torch."""
     cpu = _lscpu_field("Model name") or platform.processor() or "unknown CPU"

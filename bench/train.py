@@ -28,7 +28,7 @@ from torch.distributed._tools.mem_tracker import _TOTAL_KEY
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.rivals import machine_line, transformers_model  # noqa: E402
+from bench.rivals import machine_line, profile_table, transformers_model  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.fake_step import PeakTracker  # noqa: E402
 from nanochat.gpt import build_model, config_for_depth  # noqa: E402
@@ -49,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", default="both", choices=["both", "yes", "no"], help="measure eager, compiled or both and keep each side's best (default %(default)s)")
     p.add_argument("--no-rival", action="store_true", help="measure only ours")
     p.add_argument("--quality", metavar="DIR", default=None, help="instead: train depth 4 for 200 steps on the corpus shards in DIR and print validation bpb (bench/quality.py)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also print torch.profiler's operator table of each side over STEPS eager steps (default: none)")
     p.add_argument("--smoke", action="store_true", help="a seconds-long run of every code path (tiny model, eager, 2 steps)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -130,6 +131,9 @@ def measure_side(name, build, args, device, dtype) -> dict:
                         "tok_per_s": args.batch_size * args.seq_len / seconds})
         print(f"  {name:<13} {mode:<9} {results[-1]['tok_per_s']:>10,.0f} tok/s  step {1000 * seconds:7.1f} ms  (first step {first:.1f} s)")
     best = max(results, key=lambda r: r["tok_per_s"])
+    if args.profile:
+        print(f"  {name}: torch.profiler, {args.profile} eager step(s), longest self time first")
+        print(profile_table(lambda: step(model, x, y).item(), args.profile, device))
     best["peak_gib"] = tracked_peak_gib(step, model, tracked, x, y)
     best["params"] = sum(p.numel() for p in model.parameters())
     return best

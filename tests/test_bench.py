@@ -23,8 +23,11 @@ def run_bench(*args: str, timeout: float = 300) -> str:
 
 
 def test_train_bench_smoke_measures_both_sides():
-    out = run_bench("bench/train.py", "--smoke")
+    out = run_bench("bench/train.py", "--smoke", "--profile", "1")
     assert out.startswith("machine: ")
+    for side in ("ours", "transformers"):  # each side's operator table, matmuls among the ops
+        table = out[out.index(f"  {side}: torch.profiler"):]
+        assert "aten::mm" in table.split("Self CPU time total:")[0]
     rows = re.findall(r"^\| (ours|transformers) \| eager \| ([\d,]+) \| ([\d.]+) \| n/a \| ([\d.]+) \|$", out, re.MULTILINE)
     assert [r[0] for r in rows] == ["ours", "transformers"]
     assert all(int(r[1].replace(",", "")) > 0 and float(r[2]) > 0 for r in rows)

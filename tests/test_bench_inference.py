@@ -17,7 +17,7 @@ ROW = re.compile(r"^\| (ours|transformers) \| (\w+) \| (\d+) \| ([\d,.]+) \| ([\
 
 @pytest.fixture(scope="module")
 def smoke_output() -> str:
-    done = subprocess.run([sys.executable, "bench/inference.py", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--profile"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 
@@ -55,3 +55,11 @@ def test_both_sides_pick_the_same_greedy_tokens(smoke_output):
     checks = re.findall(r"^greedy tokens of prompt 1, fp32, ours vs transformers \((\w+) cache\): (.+)$", smoke_output, re.MULTILINE)
     assert [cache for cache, _ in checks] == ["static", "dynamic"]
     assert all(verdict.startswith("identical") for _, verdict in checks), checks
+
+
+def test_profile_tables_for_each_side_and_batch(smoke_output):
+    headers = re.findall(r"^(ours|transformers) \((\w+) cache\), batch (\d+): torch.profiler", smoke_output, re.MULTILINE)
+    assert sorted(headers) == sorted((side, cache, str(batch)) for batch in (1, 8)
+                                     for side, cache in [("ours", "slots"), ("transformers", "static"), ("transformers", "dynamic")])
+    assert smoke_output.count("Self CPU time total:") == len(headers)
+
