@@ -233,3 +233,42 @@ def test_pass_at_k_reports_every_power_of_two_up_to_the_samples_and_samples_as_f
     three = RecordingEngine(tokenizer, Questions(1), [[answer(tokenizer, "0")] * 3])
     assert pass_at_k(three, Questions(1), args(num_samples=3), [0]) == {"pass@1": 0.0, "pass@2": 0.0}
     assert pass_at_k(three, Questions(1), args(num_samples=3), []) == {"pass@1": 0.0, "pass@2": 0.0}
+
+
+class OwnAnswers(Questions):
+    """Questions whose right answer differs per question: the reward must read its own conversation."""
+
+    def __init__(self, answers: list[str]):
+        super().__init__(len(answers))
+        for conversation, right in zip(self.conversations, answers):
+            conversation["right"] = right
+
+    def reward(self, conversation: dict, completion: str) -> float:
+        return float(completion == conversation["right"])
+
+
+def test_each_answer_is_rewarded_against_its_own_question(tokenizer):
+    task = OwnAnswers(["1", "2"])
+    script = [[answer(tokenizer, t) for t in ("1", "2")], [answer(tokenizer, t) for t in ("1", "2")]]
+    engine = ScriptedEngine(tokenizer, task, script)
+    rollouts = Rollouts(engine, task, args(examples_per_step=2, num_samples=2, device_batch_size=4), SINGLE, state=None)
+    torch.testing.assert_close(next(rollouts)[2], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    assert pass_at_k(engine, task, args(num_samples=2), [0, 1]) == {"pass@1": 0.5, "pass@2": 1.0}
+
+
+def test_one_solved_question_alone_is_pass_at_k_of_one(tokenizer):
+    task = Questions(1)
+    engine = ScriptedEngine(tokenizer, task, [[answer(tokenizer, RIGHT)]])
+    assert pass_at_k(engine, task, args(num_samples=1), [0]) == {"pass@1": 1.0}
+
+
+def test_a_single_counted_token_carries_its_whole_weighted_nll():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=32), "cpu")
+    x = torch.randint(0, 32, (1, 6))
+    y = torch.full((1, 6), -1)
+    y[0, 3] = 5
+    with torch.no_grad():
+        nll = model(x, y, loss_reduction="none")
+        loss = policy_gradient_loss(model, (x, y, torch.tensor([2.0])))
+    torch.testing.assert_close(loss, 2.0 * nll[0, 3])
