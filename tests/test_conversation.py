@@ -89,3 +89,18 @@ def test_the_chat_template_is_built_from_the_token_tables():
     assert "generation" not in line
     python_line = next(line for line in template.splitlines() if conv.PART_TOKENS["python"][0] in line)
     assert "{%- generation -%}" in python_line
+
+
+@pytest.mark.parametrize("conversation, problem", [
+    (["role and content"], "message 0: must be a dict with 'role' and 'content', got 'role and content'"),
+    ([{"content": "a"}], "message 0: must be a dict with 'role' and 'content', got {'content': 'a'}"),
+    ([{"role": "tool", "content": "a"}], "message 0: unknown role 'tool' (expected one of system, user, assistant)"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "code", "text": "x"}]}],
+     "message 1: each content part must be {'type': one of text, python, python_output, 'text': str}, "
+     "got {'type': 'code', 'text': 'x'}"),
+    ([{"role": "assistant", "content": "a"}], "message 0 has role 'assistant', expected 'user' (user and assistant "
+     "alternate, starting with user; a system message may only come first)"),
+])
+def test_structure_problems_read_in_full(conversation, problem):
+    # the renderer's ValueError and a task file's bad-row error say these: someone fixes the data from them
+    assert conv.structure_problem(conversation) == problem
