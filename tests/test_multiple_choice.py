@@ -94,3 +94,31 @@ def test_mmlu_takes_its_answer_index_and_subject(tmp_path):
     task = MMLU(path=path)
     assert task[0]["messages"][1]["content"] == "D" and task[0]["subject"] == "law"
     assert task[1]["subject"] == ""
+
+
+GOOD_ARC = {"question": "q", "answerKey": "A", "choices": {"text": ["p", "q"], "label": ["A", "B"]}}
+
+
+@pytest.mark.parametrize("row, names", [
+    ({**GOOD_ARC, "choices": None}, "'choices'"),
+    ({**GOOD_ARC, "choices": {"text": None, "label": ["A", "B"]}}, "'text'"),
+    ({**GOOD_ARC, "choices": {"text": ["p", "q"], "label": None}}, "'label'"),
+    ({**GOOD_ARC, "answerKey": None}, "'answerKey'"),
+    ({**GOOD_ARC, "question": None}, "'question'"),
+    ({**GOOD_ARC, "choices": {"text": ["p"], "label": ["A"]}}, "expected 2 to 26 choices, got 1"),
+])
+def test_a_broken_arc_row_is_refused_naming_the_row_and_what_is_wrong(tmp_path, row, names):
+    task = arc_rows(tmp_path, [GOOD_ARC, row])
+    assert task[0]["messages"][1]["content"] == "A"
+    with pytest.raises(TaskDataError) as err:
+        task[1]
+    where = f"{tmp_path / 'arc.jsonl'} row 1 (counting from 0)"
+    assert str(err.value).startswith(where) and names in str(err.value)
+
+
+def test_arc_defaults_to_the_easy_test_split_and_takes_a_slice(tmp_path, monkeypatch):
+    # $NANOCHAT_ARC_PATH may name a file per subset and split: the defaults pick ARC-Easy's test file
+    (tmp_path / "ARC-Easy-test.jsonl").write_text("".join(json.dumps(GOOD_ARC) + "\n" for _ in range(3)), encoding="utf-8")
+    monkeypatch.setenv("NANOCHAT_ARC_PATH", str(tmp_path / "{subset}-{split}.jsonl"))
+    assert len(ARC()) == 3
+    assert len(ARC(stop=2)) == 2
