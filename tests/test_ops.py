@@ -180,3 +180,45 @@ def test_activation_checkpointing_keeps_less_and_changes_no_gradient():
     model(idx, idx).backward()
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, plain[n], msg=n)
+
+
+# ---------------------------------------------------------------- survivors of the mutation run (tests/MUTATION.md)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad_path", "function"])
+@pytest.mark.parametrize("eps", [1e-6, 1e-3])
+def test_rms_norm_uses_the_eps_it_is_given(eps, requires_grad):
+    # rows this small are where eps decides the output: an imported model's eps differs from ours
+    x = (torch.randn(4, 32, dtype=torch.float64) * 1e-4).requires_grad_(requires_grad)
+    expected = x.detach() / torch.sqrt(x.detach().square().mean(dim=-1, keepdim=True) + eps)
+    torch.testing.assert_close(ops.rms_norm(x, eps).detach(), expected, rtol=1e-9, atol=0)
+
+
+def test_rms_norm_of_bf16_with_grad_takes_its_statistics_in_fp32():
+    x = (torch.randn(8, 256, generator=torch.Generator().manual_seed(1)) * 3).to(torch.bfloat16).requires_grad_()
+    xf = x.detach().double()
+    once = (xf / torch.sqrt(xf.square().mean(dim=-1, keepdim=True) + 1e-6)).to(torch.bfloat16)  # rounded once, at the end
+    y = ops.rms_norm(x, 1e-6)
+    assert y.dtype == torch.bfloat16
+    # bf16 statistics would be off by several bf16 steps in many places; fp32 ones by at most one
+    steps = (y.detach().double() - once.double()).abs() / once.double().abs().clamp(min=1e-3) / 2**-8
+    assert steps.max() <= 1.0
+
+
+def test_head_loss_gradients_scale_with_the_incoming_gradient():
+    # gradient accumulation divides each micro-batch's loss: the gradients must shrink with it
+    x, weight, targets = head_inputs(24, 16, 40)
+    loss = ops.head_loss(x, weight, targets, torch.ones(24), CAP)
+    whole = grads_of(loss, x, weight)
+    loss = ops.head_loss(x, weight, targets, torch.ones(24), CAP)
+    quarter = torch.autograd.grad(loss, (x, weight), grad_outputs=torch.tensor(0.25))
+    for full, scaled in zip(whole, quarter):
+        torch.testing.assert_close(scaled, full * 0.25)
+
+
+def test_head_losses_run_bf16_rows_against_the_fp32_master_weight():
+    x, weight, targets = head_inputs(32, 16, 60, torch.bfloat16)
+    targets[::5] = -1
+    ours = ops.head_losses(x.detach(), weight.detach(), targets, CAP)
+    torch.testing.assert_close(ours, plain_losses(x.detach(), weight.detach(), targets), atol=2e-2, rtol=2e-2)
+    assert ours.dtype == torch.float32 and torch.all(ours[::5] == 0)
