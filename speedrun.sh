@@ -21,8 +21,9 @@ Options:
   --skip-rl        stop after SFT (no RL stage)
   --force STAGE    redo STAGE (prepare, pretrain, base-eval, mid, sft, rl, chat-eval);
                    its old checkpoints are moved aside, not deleted
-  --tiny           a small model sized for a laptop CPU: every stage runs, in under 15 minutes
-                   on 2 cores (the model talks nonsense; the point is the whole pipeline)
+  --tiny           a small model sized for a laptop CPU: every stage runs (12m39s and 13m52s
+                   on a 2-core AMD EPYC VM, bench/README.md; the model talks nonsense, the point
+                   is the whole pipeline)
   --data PATH      pretrain on a local corpus (.txt/.jsonl/.parquet file or folder) and use
                    generated sample task files: no network needed
   --smoke          (with --tiny) a few steps per stage of 4 rows only, for tests
@@ -161,6 +162,7 @@ python -m nanochat.report stage-times "$MARKS" $STAGES
 python -m nanochat.report generate  # always: cheap, and it must reflect every stage, forced ones too
 
 echo
-echo "speedrun finished in $(( ($(date +%s) - START) / 60 )) min"
+# the table above adds up every stage, those of earlier calls included; this is this call's own time
+echo "speedrun finished (this call: $(( ($(date +%s) - START) / 60 )) min; every stage: the table above)"
 echo "report card: $NANOCHAT_BASE_DIR/report/report.md (a copy is in $(pwd)/report.md)"
 echo "chat with it: ./chat_cli.sh   or in a browser: ./chat.sh   or as an API: ./chat_service.sh"

@@ -742,7 +742,7 @@ def write_results(path: Path, info: dict, results: list[dict], total: float) -> 
 
 def parse_args(argv=None) -> argparse.Namespace:
     names = ", ".join(name for name, _ in CHECKS)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description="The one prepared GPU check: correctness of the bf16 and compiled paths, then speed and memory at depth 20.")
     p.add_argument("--device", default=None, choices=["cuda", "cpu"], help="where to run (default: cuda when available, else cpu)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes for every check, seconds on a CPU (the full sizes need a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON of all results (default: %(default)s)")

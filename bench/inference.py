@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of every row (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, at least 2 (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, the median is kept (default %(default)s)")
-    p.add_argument("--hf-cache", default="both", choices=list(CACHES), help="transformers' KV cache: static (what the issue asks), dynamic (its default) or both (default %(default)s)")
+    p.add_argument("--hf-cache", default="both", choices=list(CACHES), help="transformers' KV cache: static, dynamic (its default) or both (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core; --smoke: 1)")

@@ -22,6 +22,7 @@ from nanochat.energy import add_cost_args
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import add_lr_args, build_optimizers, learning_rates
 from nanochat.report import write_section
+from nanochat.resume import add_resume_args, decide as decide_resume
 from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.schedule import WARMDOWN_RATIO, PlanError
 from nanochat.stages import get_stage
@@ -65,7 +66,7 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
 def add_run_args(group, *, save_every: int) -> None:
     """Checkpoints, resume, wandb, the final chat evaluation, cost figures and device: every post-training stage's."""
     add_checkpoint_args(group, save_every=save_every, keep_last=2)
-    group.add_argument("--resume", action="store_true", help="continue from this stage's newest complete checkpoint")
+    add_resume_args(group)
     add_run_arg(group)
     add_final_eval_args(group)
     add_cost_args(group)
@@ -115,6 +116,10 @@ class Start:
     resumed: Resumed | None = None
     step_model: object = None
 
+    def origin(self) -> dict:
+        """The model this run continues, as its checkpoints record it."""
+        return {k: self.meta[k] for k in ("source", "model_tag", "step")}
+
     def started_from(self) -> str:
         return f"{self.meta['source']} {self.meta['model_tag']} step {self.meta['step']}"
 
@@ -132,15 +137,15 @@ def load_start(stage: str, source: str | None, args, info: DistInfo, default_bat
 def prepare_training(start: Start, args, info: DistInfo, steps: int) -> Start:
     """Optimizers at the stage's learning rates, the stage's own checkpoint loaded with --resume, the model to step."""
     start.optimizers = build_optimizers(start.model, **learning_rates(args), world_size=info.world_size)
-    start.resumed = resume_from(start.tag_dir, start.model, start.optimizers, info) if args.resume else Resumed()
+    continuing = decide_resume(start.tag_dir, args.resume_mode, start.model.config.to_dict(), vars(args), start.origin())
+    start.resumed = resume_from(start.tag_dir, start.model, start.optimizers, info) if continuing else Resumed()
     start.step_model = prepare_model(start.model, args, info.device, steps)
     return start
 
 
 def train_stage(start: Start, args, info: DistInfo, batches, settings: LoopSettings, hooks: Hooks, loss_fn=None) -> tuple[int, TrainLoop]:
     """Run the one training loop for a stage (checkpoints, resume, wandb); (exit code, the loop)."""
-    meta = {"model_config": start.model.config.to_dict(), "args": vars(args),
-            "started_from": {k: start.meta[k] for k in ("source", "model_tag", "step")}}
+    meta = {"model_config": start.model.config.to_dict(), "args": vars(args), "started_from": start.origin()}
     tracker = Tracker(args.run, {"args": vars(args), "stage": start.stage}, info.is_master)
     loop = TrainLoop(model=start.model, step_model=start.step_model, optimizers=start.optimizers, batches=batches, settings=settings,
                      info=info, tag_dir=start.tag_dir, meta=meta, hooks=hooks, tracker=tracker, resumed=start.resumed,

@@ -1,10 +1,13 @@
-"""Whether pretraining continues a run or starts one, so restarting after a crash never silently starts over.
+"""Whether a training stage continues a run or starts one, so restarting after a crash never silently starts over.
 
-The modes, chosen by base_train's flags:
+The modes, chosen by every training stage's flags (add_resume_args):
 - auto (no flag): continue from the tag's newest checkpoint when it has one and
   it was made with the same model and batch settings, saying so in one line;
   start at step 0 when it has none; refuse, naming what differs, when it does
-  not match (then --fresh starts over, or the old flags continue).
+  not match (then --fresh starts over, or the old flags continue). A
+  post-training run also matches only when it started from the same model
+  (stage, tag and step): after a new midtraining, SFT does not continue the
+  run it made from the old one.
 - resume (--resume): the same, but no checkpoint to continue is an error.
 - fresh (--fresh): move the tag's folder aside (<tag>.old-<time>, nothing is
   deleted) and start at step 0.
@@ -29,6 +32,15 @@ MODES = ("auto", "resume", "fresh")
 MATCHING_ARGS = ("total_batch_size", "max_seq_len")
 
 
+def add_resume_args(group) -> None:
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--resume", dest="resume_mode", action="store_const", const="resume", default="auto",
+                      help="continue from the newest complete checkpoint, an error when there is none "
+                           "(default: continue when there is one that matches, else start)")
+    mode.add_argument("--fresh", dest="resume_mode", action="store_const", const="fresh",
+                      help="start at step 0, moving the old run aside (<tag>.old-<time>)")
+
+
 def newest_meta(tag_dir: Path) -> dict | None:
     """meta.json of the newest step folder that has a readable one (full checks happen when it is loaded)."""
     for step in reversed(list_steps(tag_dir)):
@@ -39,11 +51,15 @@ def newest_meta(tag_dir: Path) -> dict | None:
     return None
 
 
-def mismatches(meta: dict, model_config: dict, args: dict) -> list[str]:
+def mismatches(meta: dict, model_config: dict, args: dict, started_from: dict | None = None) -> list[str]:
     """What differs between a saved run and this one, as 'name: saved -> now' lines."""
     saved_config, saved_args = meta.get("model_config", {}), meta.get("args", {})
-    found = [f"model {key}: {saved_config.get(key)} -> {value}" for key, value in model_config.items()
-             if saved_config.get(key) != value]
+    if started_from is not None and meta.get("started_from") != started_from:
+        found = [f"started from: {_model_name(meta.get('started_from'))} -> {_model_name(started_from)}"]
+    else:
+        found = []
+    found += [f"model {key}: {saved_config.get(key)} -> {value}" for key, value in model_config.items()
+              if saved_config.get(key) != value]
     found += [f"--{key.replace('_', '-')}: {saved_args[key]} -> {args[key]}" for key in MATCHING_ARGS
               if key in saved_args and args.get(key) is not None and saved_args[key] != args[key]]
     return found
@@ -59,8 +75,9 @@ def move_aside(tag_dir: Path) -> Path:
     return aside
 
 
-def decide(tag_dir: Path, mode: str, model_config: dict, args: dict) -> dict | None:
-    """The saved meta of the checkpoint to continue from, or None to start at step 0 (after --fresh's move)."""
+def decide(tag_dir: Path, mode: str, model_config: dict, args: dict, started_from: dict | None = None) -> dict | None:
+    """The saved meta of the checkpoint to continue from, or None to start at step 0 (after --fresh's move).
+    started_from: for a stage that continues another's model, {source, model_tag, step} of that model."""
     if mode not in MODES:
         raise ValueError(f"unknown resume mode {mode!r}; expected one of {', '.join(MODES)}")
     meta = newest_meta(tag_dir) if tag_dir.is_dir() else None
@@ -72,15 +89,21 @@ def decide(tag_dir: Path, mode: str, model_config: dict, args: dict) -> dict | N
         if mode == "resume":
             raise CheckpointError(f"--resume: no checkpoint in {tag_dir} to continue")
         return None
-    differences = mismatches(meta, model_config, args)
+    differences = mismatches(meta, model_config, args, started_from)
     if differences:
         raise CheckpointError(
             f"{tag_dir} holds a run made with other settings ({'; '.join(differences)}): run with its settings "
-            "to continue it, --fresh to move it aside and start over, or --model-tag NAME for a new folder"
+            "to continue it, or --fresh to move it aside and start over"
         )
     if mode == "auto":
         print0(f"continuing the run in {tag_dir} (--fresh starts over)")
     return meta
+
+
+def _model_name(started_from: dict | None) -> str:
+    if not started_from:
+        return "unknown"
+    return f"{started_from.get('source')} {started_from.get('model_tag')} step {started_from.get('step')}"
 
 
 def _is_master() -> bool:

@@ -347,9 +347,10 @@ async def collect(service: ChatService, dialect: Dialect, engine_request: Engine
                 logprobs[event.index].append(event.logprob)
             if event.finish_reason:
                 reasons[event.index] = event.finish_reason
+        client_stayed = not engine_request.cancelled  # read before serving() cancels whatever is left on the way out
     if engine_request.error is not None:
         raise ApiError(engine_request.error.status, engine_request.error.message, kind="server_error")
-    service.served += not engine_request.cancelled  # a client that left was not served
+    service.served += client_stayed
     return JSONResponse(dialect.whole(texts, reasons, logprobs, usage(engine_request)))
 
 

@@ -134,7 +134,7 @@ class TrainLoop:
                 self.hooks.sample()
             if stop.agreed(self.info.device):
                 self.save(done)
-                print0(f"stopped at step {done:,}; continue with --resume")
+                print0(f"stopped at step {done:,}; run the same command again to continue")
                 return stop.exit_code
             if _due(s.save_every, done) and done < last:
                 self.save(done)

@@ -29,7 +29,7 @@ from nanochat.hardware import peak_flops
 from nanochat.loss_eval import corpus_bpb
 from nanochat.optim import add_lr_args, build_optimizers, learning_rates
 from nanochat.report import write_section
-from nanochat.resume import decide as decide_resume
+from nanochat.resume import add_resume_args, decide as decide_resume
 from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
 from nanochat.schedule import WARMDOWN_RATIO, PlanError, derive_plan
 from nanochat.stages import STAGES
@@ -65,12 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps; 0 for only at the end (default %(default)s)")
     add_checkpoint_args(e, save_every=1000, keep_last=3)
     e.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    mode = e.add_mutually_exclusive_group()
-    mode.add_argument("--resume", dest="resume_mode", action="store_const", const="resume", default="auto",
-                   help="continue from the tag's newest complete checkpoint, an error when there is none "
-                        "(default: continue when there is one that matches, else start)")
-    mode.add_argument("--fresh", dest="resume_mode", action="store_const", const="fresh",
-                   help="start at step 0, moving the tag's old run aside (<tag>.old-<time>)")
+    add_resume_args(e)
     add_run_arg(e)
     r = p.add_argument_group("runtime")
     add_device_arg(r)
@@ -110,8 +105,8 @@ def main(argv=None) -> int:
     except torch.OutOfMemoryError:
         batch = args.device_batch_size or DEFAULT_DEVICE_BATCH
         print0(
-            f"error: out of memory at --device-batch-size {batch}; try {max(1, batch // 2)} "
-            "(gradient accumulation keeps the total batch, so results stay comparable), then --resume"
+            f"error: out of memory at --device-batch-size {batch}; run again with --device-batch-size {max(1, batch // 2)} "
+            "(gradient accumulation keeps the total batch, so results stay comparable): it continues from the last checkpoint"
         )
         return 3
     finally:

@@ -55,24 +55,26 @@ post_stage() {
       --gpus) gpus="$2"; shift 2 ;;
       -b|--batch-size) extra+=(--device-batch-size "$2"); shift 2 ;;
       -d|--depth) extra+=(--model-tag "d$2"); shift 2 ;;
-      --resume) extra+=(--resume); shift ;;
+      --resume|--fresh) extra+=("$1"); shift ;;
       --run) extra+=(--run "$2"); shift 2 ;;
       --no-eval) extra+=(--no-eval); shift ;;
       --eval-problems) extra+=(--eval-problems "$2"); shift 2 ;;
       -h|--help)
         cat <<USAGE
-Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for $module]
+Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume | --fresh] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for $module]
 
 $what, starting from the newest $from model,
 then runs the chat evaluation and writes the report sections.
-Safe to stop with Ctrl-C (a checkpoint is saved); --resume continues.
+Safe to stop with Ctrl-C (a checkpoint is saved): run it again and it continues.
 
 Options:
   --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
   -b, --batch-size N
                 rows per forward pass per GPU (default: measured to fit)
   -d, --depth N the model of that depth (model tag dN; default: the newest)
-  --resume      continue from this stage's newest complete checkpoint
+  --resume      continue, and fail when there is no checkpoint to continue
+                (default: continue a matching run when there is one, else start)
+  --fresh       start at step 0, moving this stage's old run aside
   --run NAME    log to wandb under this run name
   --no-eval     skip the chat evaluation at the end
   --eval-problems N

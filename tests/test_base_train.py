@@ -150,7 +150,7 @@ def test_two_ranks_equal_one_process_also_across_a_sigterm_to_one_rank(workspace
         os.kill(_worker_pid(stopped.proc.pid, rank=1), signal.SIGTERM)
         assert stopped.finish(timeout=120) != 0
     assert "x 2 rank(s) x 1 accumulation step(s)" in stopped.output
-    assert re.search(r"^stopped at step \d+; continue with --resume$", stopped.output, re.MULTILINE), stopped.output[-3000:]
+    assert re.search(r"^stopped at step \d+; run the same command again to continue$", stopped.output, re.MULTILINE), stopped.output[-3000:]
     saved = _checkpoints(workspace, "double")
     assert len(saved) == 1 and 2 <= int(saved[0].name.split("_")[1]) < 16
     assert {f"{kind}_rank{r}.{ext}" for kind, ext in (("optim", "pt"), ("data", "json")) for r in (0, 1)} <= {p.name for p in saved[0].iterdir()}
@@ -198,7 +198,8 @@ def test_out_of_memory_exits_3_naming_a_smaller_batch(workspace, here, monkeypat
     monkeypatch.setattr(TrainLoop, "train_step", oom)
     handler = signal.getsignal(signal.SIGINT)
     code, out = here("--num-iterations", "1", "--total-batch-size", str(ROWS * SEQ), "--model-tag", "oom")
-    assert code == 3 and "out of memory at --device-batch-size 2; try 1" in out and "--resume" in out
+    assert code == 3 and "out of memory at --device-batch-size 2; run again with --device-batch-size 1" in out
+    assert "it continues from the last checkpoint" in out
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are gone with it
 
 

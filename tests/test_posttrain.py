@@ -190,6 +190,29 @@ def test_sft_resume_after_sigterm_is_bit_identical(workspace, tmp_path, in_proce
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+def test_a_stage_started_again_continues_but_not_from_a_new_start_model(workspace, tmp_path, in_process, capsys):
+    from scripts import chat_sft
+
+    base, env = workspace
+    home = copy_workspace(base, tmp_path / "again")
+    in_process(env, home)
+    args = ["--source", "base", "--device-batch-size", "2", "--examples-per-step", "4", "--max-seq-len", "128",
+            "--eval-every", "0", "--eval-steps", "1", "--save-every", "0", "--no-eval"]
+    run(capsys, chat_sft, *args, "--num-iterations", "2")
+    again = run(capsys, chat_sft, *args, "--num-iterations", "3")  # no flag: it continues
+    assert "continuing the run in" in again and "(step 2)" in again and "step 000003/000003" in again
+
+    config = GPTConfig.from_dict(json.loads((home / "base_checkpoints" / "d2" / "step_000001" / "meta.json").read_text())["model_config"])
+    save_checkpoint(home / "base_checkpoints" / "d2", 2, model_state=build_model(config, "cpu").state_dict(),
+                    optim_state=None, data_state=None, meta={"model_config": config.to_dict()})  # pretraining went on
+    capsys.readouterr()
+    assert chat_sft.main([*args, "--num-iterations", "3"]) == 2
+    refused = capsys.readouterr().out
+    assert "started from: base d2 step 1 -> base d2 step 2" in refused and "--fresh" in refused
+    fresh = run(capsys, chat_sft, *args, "--num-iterations", "2", "--fresh")
+    assert "moved the old run aside" in fresh and "from base d2 step 2" in fresh and "step 000002/000002" in fresh
+
+
 def test_rl_resume_ends_on_the_weights_of_the_run_never_stopped(workspace, tmp_path, in_process, monkeypatch, capsys):
     import tasks
     from scripts import chat_rl

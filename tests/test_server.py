@@ -79,6 +79,10 @@ def test_models_health_stats(server, client):
     for key in ("uptime_seconds", "requests_served", "requests_in_flight", "queue_depth", "tokens_generated", "recent_tokens_per_second", "model"):
         assert key in stats
     assert stats["requests_served"] >= 1 and stats["tokens_generated"] > 0 and stats["model"]["device"] == "cpu"
+    served = stats["requests_served"]
+    client.chat.completions.create(model="nanochat", messages=HI, max_tokens=3)  # whole
+    list(client.chat.completions.create(model="nanochat", messages=HI, max_tokens=3, stream=True))  # streamed
+    assert httpx.get(server.url + "/stats").json()["requests_served"] == served + 2  # each answer counted once
 
 
 def _chat(**fields):
