@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants"
 
+
 @dataclass(frozen=True)
 class Target:
     tests: list[str]  # the test files about the module, run for each of its mutants
