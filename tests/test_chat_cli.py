@@ -49,8 +49,11 @@ def test_interactive_session_clear_and_quit(model_dir):
 
 
 def test_ctrl_c_stops_an_answer_but_not_the_chat(model_dir):
+    # A shell without job control starts background commands with SIGINT ignored, and Python keeps an ignored
+    # SIGINT ignored: give the child the default, as a terminal would, so the test runs the same from anywhere.
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-s", "base", "-t", "0", "-m", "1500"], cwd=ROOT,
-                            env=_env(model_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=_env(model_dir), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.stdin.write("hello world\n")
     proc.stdin.flush()
     seen = read_until(proc, "Assistant: ", timeout=60)
