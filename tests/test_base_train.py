@@ -91,6 +91,7 @@ def _worker_pid(launcher: int, rank: int) -> int:
     raise AssertionError(f"no worker of rank {rank} under pid {launcher}")
 
 
+@pytest.mark.slow  # ~50 s: a straight run, a killed one and its restart; `pytest -m slow`
 def test_sigkill_then_resume_is_bit_identical(workspace, here):
     steps = ["--num-iterations", "40", "--total-batch-size", str(2 * ROWS * SEQ), "--eval-every", "0"]
     assert here(*steps, "--model-tag", "straight", "--save-every", "0")[0] == 0
@@ -105,6 +106,7 @@ def test_sigkill_then_resume_is_bit_identical(workspace, here):
     assert all(torch.equal(straight[k], again[k]) for k in straight)
 
 
+@pytest.mark.slow  # ~16 s: a child run stopped by SIGTERM, then resumed; `pytest -m slow`
 def test_sigterm_saves_a_checkpoint_and_resume_finishes(workspace, here):
     steps = ["--num-iterations", "200", "--total-batch-size", str(ROWS * SEQ), "--save-every", "0", "--eval-every", "0"]
     with Child(_cmd(*steps, "--model-tag", "t"), cwd=ROOT, env=_env()) as stopped:
@@ -138,6 +140,7 @@ def test_a_run_started_again_continues_refuses_other_settings_and_fresh_moves_it
     assert code == 2 and "no checkpoint" in out
 
 
+@pytest.mark.slow  # ~34 s: torchrun with 2 ranks, twice; `pytest -m slow`
 def test_two_ranks_equal_one_process_also_across_a_sigterm_to_one_rank(workspace, here):
     """Rank 1 alone gets SIGTERM: both ranks stop after the same step and write their own
     optimizer and data files; resuming with 1 process is refused, with 2 it ends where the
@@ -203,6 +206,7 @@ def test_out_of_memory_exits_3_naming_a_smaller_batch(workspace, here, monkeypat
     assert signal.getsignal(signal.SIGINT) is handler  # the loop's handlers are gone with it
 
 
+@pytest.mark.slow  # ~21 s: ./pretrain.sh end to end; `pytest -m slow`
 def test_pretrain_script_trains_then_measures(workspace):
     tiny = ["--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ), "--num-iterations", "3",
             "--total-batch-size", str(ROWS * SEQ), "--eval-tokens", "256", "--sample-every", "0"]

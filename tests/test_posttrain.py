@@ -170,6 +170,7 @@ def final_weights(home: Path, stage: str, step: int) -> dict:
     return load_file(str(home / stage / "d2" / f"step_{step:06d}" / "model.safetensors"))
 
 
+@pytest.mark.slow  # ~14 s: a straight SFT run, a stopped child and its resume; `pytest -m slow`
 def test_sft_resume_after_sigterm_is_bit_identical(workspace, tmp_path, in_process, capsys):
     from scripts import chat_sft
 

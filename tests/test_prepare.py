@@ -7,6 +7,8 @@ import random
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def _prepare(base_dir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "prepare.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow  # ~27 s: ./prepare.sh end to end on a local corpus; `pytest -m slow`
 def test_prepare_from_local_corpus(tmp_path, base_dir):
     source = _corpus(tmp_path / "texts")
     first = _prepare(base_dir, "--from", str(source), "--vocab-size", "400", "--no-wandb", "--offline")
