@@ -92,7 +92,6 @@ if [ -n "$DATA" ]; then
 fi
 
 has_checkpoint() { [ -n "$(ls -d "$NANOCHAT_BASE_DIR/$1"/*/step_* 2>/dev/null | head -n1)" ]; }
-resume_flag() { if has_checkpoint "$1"; then echo --resume; fi; }
 # checkpoint_dir_of STEP: the checkpoint folder of the model stage a step trains (nanochat.stages
 # names them); nothing for prepare and the evaluations
 checkpoint_dir_of() {
@@ -148,12 +147,12 @@ if [ -z "$(ls "$MARKS"/*.done 2>/dev/null)" ]; then
 fi
 run_stage prepare prepare
 # --no-core: CORE is the base-eval stage below, once, with the --tiny limit
-run_stage pretrain ./pretrain.sh --no-core "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" $(resume_flag "$(checkpoint_dir_of pretrain)") "${PRE_ARGS[@]}"
+run_stage pretrain ./pretrain.sh --no-core "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" "${PRE_ARGS[@]}"
 run_stage base-eval base_eval
-run_stage mid ./midtrain.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag "$(checkpoint_dir_of mid)") -- "${MID_ARGS[@]}"
-run_stage sft ./sft.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag "$(checkpoint_dir_of sft)") -- "${SFT_ARGS[@]}"
+run_stage mid ./midtrain.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" -- "${MID_ARGS[@]}"
+run_stage sft ./sft.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" -- "${SFT_ARGS[@]}"
 if [ "$SKIP_RL" = 0 ]; then
-  run_stage rl ./rl.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" $(resume_flag "$(checkpoint_dir_of rl)") -- "${RL_ARGS[@]}"
+  run_stage rl ./rl.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" -- "${RL_ARGS[@]}"
 fi
 run_stage chat-eval chat_eval
 echo; echo "== report ($(date '+%H:%M:%S'))"

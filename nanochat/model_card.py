@@ -8,6 +8,7 @@ import yaml
 from nanochat.hf_share import COST_KEY, ENERGY_KEY, PIPELINE, STAGE_INFO, SharedModel
 from nanochat.progress import format_duration
 from nanochat.report import CHAT_METRICS, summary_table
+from nanochat.stages import chat_eval_section
 
 
 def model_card(shared: SharedModel, metrics: dict[str, dict], code_url: str | None) -> str:
@@ -88,7 +89,7 @@ def stage_scores(metrics: dict[str, dict], stage: str) -> list[tuple[str, float 
     """(metric, value or None) for the evaluations that apply to a stage's model."""
     if stage == "base":
         return [("CORE", metrics.get("base-eval", {}).get("CORE")), ("val bpb", metrics.get("base-loss", {}).get("val bpb"))]
-    chat = metrics.get(f"chat-eval-{stage}", {})
+    chat = metrics.get(chat_eval_section(stage), {})
     return [(name, chat.get(name)) for name in CHAT_METRICS]
 
 

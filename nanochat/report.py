@@ -29,7 +29,7 @@ from nanochat.common import environment_report, get_base_dir
 from nanochat.curves import curve_name, list_curves
 from nanochat.fileio import atomic_write
 from nanochat.progress import format_duration
-from nanochat.stages import STAGES
+from nanochat.stages import STAGES, chat_eval_section
 
 # Sections in the order the pipeline writes them; sections with other slugs follow, by name.
 SECTION_ORDER = ("header", "tokenizer", *(section for stage in STAGES.values() for section in stage.sections), "stage-times")
@@ -153,7 +153,7 @@ def _summary_value(metrics: dict[str, dict], metric: str, stage: str):
     # CORE scores raw completions, so only the base model has it; chat metrics come from each stage's chat eval
     if metric == "CORE":
         return metrics.get("base-eval", {}).get(metric) if stage == "base" else None
-    return metrics.get(f"chat-eval-{stage}", {}).get(metric)
+    return metrics.get(chat_eval_section(stage), {}).get(metric)
 
 
 def _format_score(value) -> str:

@@ -66,12 +66,12 @@ def mismatches(meta: dict, model_config: dict, args: dict, started_from: dict | 
 
 
 def move_aside(tag_dir: Path) -> Path:
-    """Rename the tag's folder out of the way (rank 0 only; every rank waits for it)."""
+    """Rename the tag's folder out of the way: rank 0 renames, and every rank has looked at the folder
+    before and waits for the rename after, so all of them see the same old run and the same new start."""
     aside = tag_dir.with_name(f"{tag_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     if _is_master():
         tag_dir.rename(aside)
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return aside
 
 
@@ -80,11 +80,13 @@ def decide(tag_dir: Path, mode: str, model_config: dict, args: dict, started_fro
     started_from: for a stage that continues another's model, {source, model_tag, step} of that model."""
     if mode not in MODES:
         raise ValueError(f"unknown resume mode {mode!r}; expected one of {', '.join(MODES)}")
-    meta = newest_meta(tag_dir) if tag_dir.is_dir() else None
     if mode == "fresh":
-        if tag_dir.is_dir() and any(tag_dir.iterdir()):
+        had_run = tag_dir.is_dir() and any(tag_dir.iterdir())
+        _barrier()  # no rank looks after rank 0 has renamed: they would disagree on whether to wait for it
+        if had_run:
             print0(f"--fresh: moved the old run aside to {move_aside(tag_dir)}; starting at step 0")
         return None
+    meta = newest_meta(tag_dir) if tag_dir.is_dir() else None
     if meta is None:
         if mode == "resume":
             raise CheckpointError(f"--resume: no checkpoint in {tag_dir} to continue")
@@ -104,6 +106,11 @@ def _model_name(started_from: dict | None) -> str:
     if not started_from:
         return "unknown"
     return f"{started_from.get('source')} {started_from.get('model_tag')} step {started_from.get('step')}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _is_master() -> bool:

@@ -24,6 +24,7 @@ from nanochat.report import write_section
 from nanochat.runtime import set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.schedule import PlanError
+from nanochat.stages import chat_eval_section
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
@@ -162,4 +163,4 @@ def evaluate(args: EvalSettings, info) -> None:
     if info.is_master:
         items = {name: acc for name, (acc, _) in results.items()}
         items.update({"ChatCORE": score, "model": f"{meta['model_tag']} step {meta['step']}", "wall time (s)": round(time.time() - t0, 1)})
-        write_section(f"chat-eval-{args.source}", f"Chat evaluation ({args.source})", items)
+        write_section(chat_eval_section(args.source), f"Chat evaluation ({args.source})", items)

@@ -55,3 +55,28 @@ def test_fresh_moves_the_old_run_aside_and_starts(tmp_path, capsys):
     assert decide(tag, "fresh", CONFIG, ARGS) is None  # nothing to move: just starts
     with pytest.raises(ValueError, match="unknown resume mode"):
         decide(tag, "sometimes", CONFIG, ARGS)
+
+
+def _fresh_on_rank(rank: int, world: int, port: int, tag: str) -> None:
+    import torch.distributed as dist
+    from pathlib import Path
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        assert decide(Path(tag), "fresh", CONFIG, ARGS) is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fresh_under_two_ranks_moves_the_run_once_and_nobody_waits_alone(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    tag = saved_run(tmp_path / "d4")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fresh_on_rank, args=(2, port, str(tag)), nprocs=2, join=True, start_method="spawn")
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("d4.old-")]
+    assert not tag.exists() and len(aside) == 1
