@@ -50,13 +50,21 @@ from bench.rivals import machine_line, profile_table, synthetic_tokenizer, trans
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
+from nanochat.compiled_decode import CompiledDecoder  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 
 BATCHES = (1, 8)
-CACHES = {"static": ("static",), "dynamic": ("dynamic",), "both": ("static", "dynamic")}
+CACHES = {
+    "static": ("static",),
+    "dynamic": ("dynamic",),
+    "static_compiled": ("static_compiled",),
+    "both": ("static", "dynamic"),
+    "all": ("static", "dynamic", "static_compiled"),
+}
+OURS = {"eager": (False,), "compiled": (True,), "both": (False, True)}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +76,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length of every row (default %(default)s)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per row, at least 2 (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, the median is kept (default %(default)s)")
-    p.add_argument("--hf-cache", default="both", choices=list(CACHES), help="transformers' KV cache: static, dynamic (its default) or both (default %(default)s)")
+    p.add_argument("--hf-cache", default="all", choices=list(CACHES),
+                   help="transformers' KV cache: static, dynamic (its default), static_compiled (static, torch.compile'd), "
+                        "both (static and dynamic) or all three (default %(default)s; --smoke: both)")
+    p.add_argument("--ours", default="both", choices=list(OURS),
+                   help="our engine's decode step: eager, compiled (nanochat.compiled_decode; minutes to compile on a "
+                        "small CPU) or both (default %(default)s; --smoke runs the compiled step uncompiled)")
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core; --smoke: 1)")
@@ -77,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.depth, args.vocab_size, args.prompt_tokens, args.new_tokens, args.repeats = 1, 512, 8, 4, 1
+        args.hf_cache = "both" if args.hf_cache == "all" else args.hf_cache
         # With every core's thread in each op, one busy core (a parallel test run)
         # stretches a millisecond step to ~100 ms; one thread keeps the smoke quick.
         args.threads = args.threads or 1
@@ -140,12 +154,18 @@ def random_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
 
 
 class OursSide:
-    """Our Engine, driven the way the chat CLI drives it: submit, then step until done."""
+    """Our Engine, driven the way the chat CLI drives it: submit, then step until done.
+    compiled: decode through nanochat.compiled_decode (inductor unless `inductor` is False:
+    the same step run eagerly, for --smoke)."""
 
-    name, cache = "ours", "slots"
+    name = "ours"
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer):
-        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES))
+    def __init__(self, model: GPT, tokenizer: Tokenizer, compiled: bool = False, inductor: bool = True):
+        self.cache = "slots_compiled" if compiled else "slots"
+        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), compile=compiled and inductor)
+        if compiled and not inductor:
+            self.engine.decoder = CompiledDecoder(model, self.engine.cache, compile=False)
+        self.engine.warm_up()
         # A random model picks <|bos|> or <|assistant_end|> now and then; every
         # row must decode the full count, as transformers' does.
         self.engine.stop_tokens = set()
@@ -167,6 +187,14 @@ class TransformersSide:
         self.model = transformers_model(model, dtype).eval()
         self.cache = cache
         self.device = next(model.parameters()).device
+        self.compile_config = None
+        if cache == "static_compiled":
+            # generate() compiles the static-cache forward by itself on a GPU; on a CPU only when told
+            # to, with the flag transformers keeps for that (the same inductor mode as ours)
+            from transformers import CompileConfig
+
+            self.compile_config = CompileConfig(mode="max-autotune-no-cudagraphs")
+            self.compile_config._compile_all_devices = True
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
         ids = torch.tensor(prompts, device=self.device)
@@ -177,7 +205,8 @@ class TransformersSide:
             do_sample=False,
             eos_token_id=None,  # generate to max_new_tokens, whatever is picked
             pad_token_id=0,  # unused without padding; set so generate does not warn
-            cache_implementation=None if self.cache == "dynamic" else self.cache,
+            cache_implementation=None if self.cache == "dynamic" else "static",
+            compile_config=self.compile_config,
         )
         return out[:, ids.size(1):].tolist()
 
@@ -227,7 +256,8 @@ def timed_generation(side, prompts: list[list[int]], new_tokens: int, device: to
 def measure_batch(sides: list, prompts: list[list[int]], args, device: torch.device) -> list[Measurement]:
     """TTFT and whole-generation times for every side at one batch size, interleaved."""
     results = [Measurement(s.name, s.cache, len(prompts)) for s in sides]
-    for side in sides:  # warm-up: kernels, allocator, transformers' first-call setup
+    for side in sides:  # warm-up: kernels, allocator, transformers' first-call setup and compiles (both lengths)
+        side.generate(prompts, 1)
         side.generate(prompts, args.new_tokens)
     for _ in range(args.repeats):
         for side, result in zip(sides, results):
@@ -269,14 +299,15 @@ def print_table(results: list[Measurement], args) -> None:
 
 
 def print_ratios(results: list[Measurement], args) -> None:
-    """`ours / transformers <what> at batch B: N.NNx (static cache), ...`, one line per figure and batch."""
+    """`ours / transformers <what> at batch B: N.NNx (static cache), ...`, one line per figure and
+    batch, for our best side (named when there are two)."""
     figures = {"decode": lambda r: r.decode_rate(args.new_tokens), "prefill": lambda r: r.prefill_rate(args.prompt_tokens)}
     for what, rate in figures.items():
         for batch in BATCHES:
-            ours = next(r for r in results if r.side == "ours" and r.batch == batch)
+            ours = max((r for r in results if r.side == "ours" and r.batch == batch), key=rate)
             theirs = [r for r in results if r.side == "transformers" and r.batch == batch]
             parts = [f"{rate(ours) / rate(t):.2f}x ({t.cache} cache)" for t in theirs]
-            print(f"ours / transformers {what} at batch {batch}: {', '.join(parts)}")
+            print(f"ours / transformers {what} at batch {batch}: {', '.join(parts)}; ours best with {ours.cache}")
 
 
 def print_profiles(sides: list, prompts: list[list[int]], args, device: torch.device) -> None:
@@ -300,22 +331,30 @@ def greedy_margin(model: GPT, prompt: list[int], answer: list[int]) -> float:
     return float((top2[:, 0] - top2[:, 1]).min())
 
 
-def fp32_tokens(model: GPT, tokenizer: Tokenizer, rivals: list[TransformersSide], prompt: list[int], new_tokens: int) -> dict[str, list[int]]:
-    """Greedy tokens of `prompt` from fp32 copies of both sides, keyed by cache."""
-    ours = OursSide(model, tokenizer).generate([prompt], new_tokens)[0]
-    theirs = {r.cache: TransformersSide(model, torch.float32, r.cache).generate([prompt], new_tokens)[0] for r in rivals}
-    return {"slots": ours, **theirs}
+def fp32_tokens(model: GPT, tokenizer: Tokenizer, sides: list, prompt: list[int], new_tokens: int, smoke: bool) -> dict[str, list[int]]:
+    """Greedy tokens of `prompt` from fp32 copies of every side, keyed by cache."""
+    out = {}
+    for side in sides:
+        if side.name == "ours":
+            copy_ = OursSide(model, tokenizer, side.cache == "slots_compiled", inductor=not smoke)
+        else:
+            copy_ = TransformersSide(model, torch.float32, side.cache)
+        out[side.cache] = copy_.generate([prompt], new_tokens)[0]
+    return out
 
 
 def print_greedy_check(tokens: dict[str, list[int]], margin: float) -> None:
-    """`greedy tokens of prompt 1, fp32, ours vs transformers (static cache): identical (N tokens)`, per cache."""
-    ours = tokens["slots"]
+    """`greedy tokens of prompt 1, fp32, ours vs transformers (static cache): identical (N tokens)`,
+    per cache, against our eager engine (or the compiled one when it alone ran)."""
+    reference = "slots" if "slots" in tokens else "slots_compiled"
+    ours = tokens[reference]
     for cache, theirs in tokens.items():
-        if cache == "slots":
+        if cache == reference:
             continue
         at = first_difference(ours, theirs)
         verdict = f"identical ({len(ours)} tokens)" if at is None else f"DIFFERENT from token {at + 1} of {len(ours)}"
-        print(f"greedy tokens of prompt 1, fp32, ours vs transformers ({cache} cache): {verdict}")
+        other = "ours" if cache.startswith("slots") else "transformers"
+        print(f"greedy tokens of prompt 1, fp32, ours ({reference}) vs {other} ({cache} cache): {verdict}")
     print(f"smallest greedy logit margin along our answer: {margin:.3f}")
 
 
@@ -340,7 +379,9 @@ def main(argv=None) -> int:
     if not rivals:
         print("no transformers cache worked: nothing to compare against")
         return 1
-    sides = [OursSide(model, tokenizer), *rivals]
+    if args.smoke and True in OURS[args.ours]:
+        print("smoke: our compiled decode step runs uncompiled (inductor would take minutes)")
+    sides = [OursSide(model, tokenizer, compiled, inductor=not args.smoke) for compiled in OURS[args.ours]] + rivals
     results = [m for batch in BATCHES for m in measure_batch(sides, prompts[:batch], args, device)]
     print_table(results, args)
     print_ratios(results, args)
@@ -349,8 +390,8 @@ def main(argv=None) -> int:
     if dtype == torch.float32:
         tokens = {r.cache: r.tokens[0] for r in results if r.batch == 1}
     else:
-        tokens = fp32_tokens(fp32_model, tokenizer, rivals, prompts[0], args.new_tokens)
-    print_greedy_check(tokens, greedy_margin(fp32_model, prompts[0], tokens["slots"]))
+        tokens = fp32_tokens(fp32_model, tokenizer, sides, prompts[0], args.new_tokens, args.smoke)
+    print_greedy_check(tokens, greedy_margin(fp32_model, prompts[0], next(iter(tokens.values()))))
     return 0
 
 

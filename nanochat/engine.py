@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from nanochat.calculator import evaluate
+from nanochat.compiled_decode import CompiledDecoder
 from nanochat.conversation import PART_TOKENS, SPECIAL_TOKENS, TOOL_CALL_TOKENS, shown_markers
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams, make_generator, sample_tokens
@@ -160,12 +161,15 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+        """compile: decode through nanochat.compiled_decode (call warm_up() before serving);
+        the model's weights must not change afterwards."""
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.sequence_len
         self.cache = SlotKVCache(model.config, max_batch, self.max_len, self.device, model.compute_dtype)
+        self.decoder = CompiledDecoder(model, self.cache) if compile else None
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.waiting: deque[Request] = deque()
@@ -206,6 +210,11 @@ class Engine:
         with self.wakeup:
             self.closed = RequestError(status, message)
             self.wakeup.notify()
+
+    def warm_up(self) -> None:
+        """Compile the decode step now (with compile=True), so no request waits for it."""
+        if self.decoder is not None:
+            self.decoder.warm_up()
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)
@@ -304,7 +313,10 @@ class Engine:
         inputs = torch.tensor(last_tokens, device=self.device).view(rows, 1)
         active = torch.tensor(running, device=self.device)
         try:
-            logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
+            if self.decoder is not None:
+                logits = self.decoder(inputs, rows, active)
+            else:
+                logits = self.model(inputs, kv_cache=self.cache.decode_view(rows, active))[:, -1]
         except Exception as exc:
             # The cache advances only after a whole forward pass, so the others can retry this step.
             # Dropping the newest request frees the memory a long prompt took, and stops a bad one.

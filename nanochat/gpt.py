@@ -136,7 +136,9 @@ class Linear(nn.Linear):
         weight = self.weight.to(x.dtype)
         rows = x.numel() // x.size(-1)
         wide = weight.size(0) >= WIDE_OUTPUT * weight.size(1)
-        if x.device.type == "cpu" and wide and SKINNY_ROWS[0] <= rows <= SKINNY_ROWS[1]:
+        # compiled, inductor picks its own kernel for the plain form
+        eager = not torch.compiler.is_compiling()
+        if eager and x.device.type == "cpu" and wide and SKINNY_ROWS[0] <= rows <= SKINNY_ROWS[1]:
             flat = torch.mm(weight, x.reshape(rows, x.size(-1)).t()).t()
             return flat.contiguous().view(*x.shape[:-1], weight.size(0))
         return F.linear(x, weight)
@@ -171,19 +173,27 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: KVCache | None = None
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        q, k, v = self.project(x, cos, sin)
+        pos = 0
+        if kv_cache is not None:
+            pos = kv_cache.pos
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        return self.merge(attend(q, k, v, pos))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D) and keys (B, H_kv, T, D), rotated and normalised, and values (B, H_kv, T, D)."""
+        B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
         q = norm(apply_rotary(q, cos, sin), self.eps).transpose(1, 2)
         k = norm(apply_rotary(k, cos, sin), self.eps).transpose(1, 2)
-        v = v.transpose(1, 2)
-        pos = 0
-        if kv_cache is not None:
-            pos = kv_cache.pos
-            k, v = kv_cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, pos)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+        return q, k, v.transpose(1, 2)
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs (B, H, T, D) back into the residual stream (B, T, C)."""
+        B, _, T, _ = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
@@ -316,7 +326,7 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, kv_cache)
         cap, head = self.config.logit_softcap, self.lm_head.weight
         if targets is None:
-            return cap * torch.tanh(self.lm_head(x[:, -1:] if last_only else x).float() / cap)
+            return self.logits(x[:, -1:] if last_only else x)
         x, flat_targets = x.flatten(0, 1), targets.flatten()
         if loss_weights is not None:
             return head_loss(x, head, flat_targets, loss_weights.flatten(), cap)
@@ -329,6 +339,11 @@ class GPT(nn.Module):
         if not (torch.is_grad_enabled() and x.requires_grad):
             return head_losses(x, head, flat_targets, cap).sum() / counted
         return head_loss(x, head, flat_targets, torch.ones_like(flat_targets, dtype=torch.float32) / counted, cap)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft-capped fp32 logits of final hidden states x (..., C)."""
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(self.lm_head(x).float() / cap)
 
     def hidden_states(self, idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         """The normalised final residual stream (B, T, C), in the compute dtype."""
@@ -349,9 +364,12 @@ class GPT(nn.Module):
         if last > self.cos.size(0):
             raise ValueError(f"position {last} is past the rotary tables ({self.cos.size(0)} positions)")
         if isinstance(pos, torch.Tensor):
-            positions = pos[:, None] + torch.arange(T, device=pos.device)
-            return tuple(table[positions][:, :, None, :].to(dtype) for table in (self.cos, self.sin))
+            return self.rotary_rows(pos[:, None] + torch.arange(T, device=pos.device), dtype)
         return tuple(table[pos : pos + T, None, :].to(dtype) for table in (self.cos, self.sin))
+
+    def rotary_rows(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, T, 1, head_dim/2) at (B, T) positions (unchecked: the caller bounds them)."""
+        return tuple(table[positions][:, :, None, :].to(dtype) for table in (self.cos, self.sin))
 
     # ------------------------------------------------------------ accounting
 

@@ -36,6 +36,15 @@ class SlotKVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
+    def store(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor) -> None:
+        """Write one new token's keys and values (n_layer, rows, H_kv, D) of slots 0..rows-1 at
+        their `positions`, and advance them: only where `active` is set."""
+        rows = active.nonzero().squeeze(1)
+        # the two index tensors are not adjacent, so the indexed dims come first: (rows, n_layer, H_kv, D)
+        self.k[:, rows, :, positions[rows]] = k[:, rows].transpose(0, 1)
+        self.v[:, rows, :, positions[rows]] = v[:, rows].transpose(0, 1)
+        self.lengths[: active.size(0)] += active.long()
+
     def release(self, slot: int) -> None:
         self.lengths[slot] = 0
 

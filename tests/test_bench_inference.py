@@ -1,5 +1,6 @@
-"""bench/inference.py --smoke: both sides measured at both batch sizes, ratios
-printed, and the two sides' greedy tokens identical. No speed is asserted."""
+"""bench/inference.py --smoke: every side (our eager and compiled-step engines, two
+transformers caches) measured at both batch sizes, ratios printed, and all the
+greedy tokens identical. No speed is asserted."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SIDES = [("ours", "slots"), ("ours", "slots_compiled"), ("transformers", "static"), ("transformers", "dynamic")]
 ROW = re.compile(r"^\| (ours|transformers) \| (\w+) \| (\d+) \| ([\d,.]+) \| ([\d.]+) \| ([\d,.]+|nan) \|$", re.MULTILINE)
 
 
@@ -34,7 +36,7 @@ def test_machine_line_comes_first(smoke_output):
 def test_a_row_for_each_side_cache_and_batch_with_positive_figures(smoke_output):
     rows = ROW.findall(smoke_output)
     assert sorted((side, cache, int(batch)) for side, cache, batch, *_ in rows) == sorted(
-        (side, cache, batch) for batch in (1, 8) for side, cache in [("ours", "slots"), ("transformers", "static"), ("transformers", "dynamic")]
+        (side, cache, batch) for batch in (1, 8) for side, cache in SIDES
     )
     for *_, prefill, ttft, decode in rows:
         figures = [number(prefill), number(ttft), number(decode)]
@@ -49,17 +51,18 @@ def test_ratio_lines_for_decode_and_prefill_at_both_batches(smoke_output):
             ratios = re.findall(r"(\d+\.\d\d)x \((static|dynamic) cache\)", line.group(1))
             assert [cache for _, cache in ratios] == ["static", "dynamic"]
             assert all(float(r) > 0 for r, _ in ratios)
+            assert re.search(r"; ours best with (slots|slots_compiled)$", line.group(1))
 
 
 def test_both_sides_pick_the_same_greedy_tokens(smoke_output):
-    checks = re.findall(r"^greedy tokens of prompt 1, fp32, ours vs transformers \((\w+) cache\): (.+)$", smoke_output, re.MULTILINE)
-    assert [cache for cache, _ in checks] == ["static", "dynamic"]
+    checks = re.findall(r"^greedy tokens of prompt 1, fp32, ours \(slots\) vs \w+ \((\w+) cache\): (.+)$", smoke_output, re.MULTILINE)
+    assert [cache for cache, _ in checks] == ["slots_compiled", "static", "dynamic"]
     assert all(verdict.startswith("identical") for _, verdict in checks), checks
 
 
 def test_profile_tables_for_each_side_and_batch(smoke_output):
     headers = re.findall(r"^(ours|transformers) \((\w+) cache\), batch (\d+): torch.profiler", smoke_output, re.MULTILINE)
     assert sorted(headers) == sorted((side, cache, str(batch)) for batch in (1, 8)
-                                     for side, cache in [("ours", "slots"), ("transformers", "static"), ("transformers", "dynamic")])
+                                     for side, cache in SIDES)
     assert smoke_output.count("Self CPU time total:") == len(headers)
 
