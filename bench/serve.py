@@ -102,12 +102,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--engine-repeats", type=int, default=3, help="in-process Engine runs, the median is kept (default %(default)s)")
     add_device_arg(p, help_text="device for both servers and the Engine (default: autodetect)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype for both (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
-    p.add_argument("--startup-timeout", type=float, default=300, help="seconds a server may take to load and answer its first request (default %(default)s)")
+    p.add_argument("--startup-timeout", type=float, default=900,
+                   help="seconds a server may take to load (and compile) and answer its first request (default %(default)s)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="our server and in-process Engine decode through the compiled step (chat_service --compile; "
+                        "default: on, off for --smoke, where compiling would take minutes)")
     p.add_argument("--no-rival", action="store_true", help="measure ours only")
     p.add_argument("--smoke", action="store_true", help="seconds-long run of every code path: depth 1, vocab 512, 1 and 2 clients, 8 tokens")
     args = p.parse_args(argv)
     if args.smoke:
         args.depth, args.vocab_size, args.clients, args.requests, args.max_tokens, args.engine_repeats = 1, 512, [1, 2], 1, 8, 1
+    if args.compile is None:
+        args.compile = not args.smoke
     args.clients = sorted(set(args.clients))
     args.max_batch = args.max_batch or args.clients[-1]
     return args
@@ -216,7 +222,7 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
 
 def our_command(args, port: int, source: str, dtype: str, device: str) -> list[str]:
     return [sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(port), "--source", source,
-            "--max-batch", str(args.max_batch), "--dtype", dtype, "--device", device]
+            "--max-batch", str(args.max_batch), "--dtype", dtype, "--device", device] + (["--compile"] if args.compile else [])
 
 
 def rival_command(args, port: int, hf_dir: Path, context: int, dtype: str, device: str) -> list[str]:
@@ -377,10 +383,12 @@ def garbage_level(url: str, client: OpenAI, args, tokenizer: Tokenizer, clients:
 # ---------------------------------------------------------------- the engine in-process
 
 
-def engine_decode_rate(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int, repeats: int) -> tuple[float, int]:
+def engine_decode_rate(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int, repeats: int,
+                       compile: bool) -> tuple[float, int]:
     """Median decode tokens/s of the Engine at batch 1, greedy, after its first step (the prefill), and the
     tokens of the last run. A first run, not counted, warms the allocator up."""
-    engine = Engine(model, tokenizer, max_batch=1)
+    engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+    engine.warm_up()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     rates, tokens = [], 0
     for _ in range(repeats + 1):
@@ -520,7 +528,8 @@ def main(argv=None) -> int:
               f"{dtype_name} on {device}; prompts ~{len(prompt)} tokens, greedy, {args.max_tokens} tokens per answer, "
               f"{args.requests} answer(s) per client per level", flush=True)
         served_model = as_served(prepared.model, device, dtype)
-        engine_rate, engine_tokens = engine_decode_rate(served_model, prepared.tokenizer, prompt, args.max_tokens, args.engine_repeats)
+        engine_rate, engine_tokens = engine_decode_rate(served_model, prepared.tokenizer, prompt, args.max_tokens,
+                                                        args.engine_repeats, args.compile)
         served_model.to(device="cpu")  # in place: the GPU's memory is the servers' from here
         ours, clean, (dirty, sent, statuses) = run_ours(args, prepared, dtype_name, device.type, workdir)
         theirs = None if args.no_rival else run_theirs(args, prepared, dtype_name, device.type, workdir)

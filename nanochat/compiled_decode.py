@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 import torch._inductor.config
@@ -90,6 +91,11 @@ def attend_with_new(q, cached_k, cached_v, seen, k, v) -> torch.Tensor:
     return y.reshape(B, H, 1, D)
 
 
+def bucket_sizes(slots: int) -> list[int]:
+    """Row counts a graph is compiled for: the powers of two below `slots`, then `slots`."""
+    return [1 << i for i in range(slots.bit_length()) if 1 << i < slots] + [slots]
+
+
 class CompiledDecoder:
     """What Engine calls instead of the eager model for a decode step, on the same SlotKVCache."""
 
@@ -98,7 +104,7 @@ class CompiledDecoder:
         self.step = DecodeStep(model).eval()
         if compile:
             self.step = torch.compile(self.step, dynamic=False, options=COMPILE_OPTIONS)
-        self.buckets = [1 << i for i in range(cache.slots.bit_length()) if 1 << i < cache.slots] + [cache.slots]
+        self.buckets = bucket_sizes(cache.slots)
 
     def __call__(self, tokens: torch.Tensor, rows: int, active: torch.Tensor) -> torch.Tensor:
         """Logits (rows, V) of the next token of slots 0..rows-1; the active ones advance, as with
@@ -121,8 +127,8 @@ class CompiledDecoder:
         return logits[:rows]
 
     @torch.inference_mode()
-    def warm_up(self) -> None:
-        """Compile every row bucket now (tens of seconds each on a small CPU), logging progress."""
+    def warm_up(self, progress: Callable[[str], None] = log.info) -> None:
+        """Compile every row bucket now (tens of seconds each on a small CPU), reporting each."""
         start = time.monotonic()
         for done, bucket in enumerate(self.buckets):
             saved = self.cache.lengths.clone()
@@ -131,5 +137,5 @@ class CompiledDecoder:
             self.cache.lengths.copy_(saved)
             elapsed = time.monotonic() - start
             eta = elapsed / (done + 1) * (len(self.buckets) - done - 1)
-            log.info("compiled the decode step for %d row(s) (%d/%d), %.0f s so far, about %.0f s to go",
-                     bucket, done + 1, len(self.buckets), elapsed, eta)
+            progress(f"compiled the decode step for {bucket} row(s) ({done + 1}/{len(self.buckets)}), "
+                     f"{elapsed:.0f} s so far, about {eta:.0f} s to go")

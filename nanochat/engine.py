@@ -211,10 +211,11 @@ class Engine:
             self.closed = RequestError(status, message)
             self.wakeup.notify()
 
-    def warm_up(self) -> None:
-        """Compile the decode step now (with compile=True), so no request waits for it."""
+    def warm_up(self, progress=log.info) -> None:
+        """Compile the decode step now (with compile=True), so no request waits for it;
+        progress(line) hears of each batch size compiled."""
         if self.decoder is not None:
-            self.decoder.warm_up()
+            self.decoder.warm_up(progress)
 
     def has_work(self) -> bool:
         return bool(self.active or self.waiting)

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.cli_args import add_model_args, device_and_dtype
+from nanochat.cli_args import add_model_args, device_and_dtype, warm_up
 from nanochat.conversation import parts_from_shown
 from nanochat.engine import Engine
 from nanochat.flags import FlagParser
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=1)
+    engine = Engine(model, tokenizer, max_batch=1, compile=args.compile)
+    warm_up(engine)
     messages: list[dict] = []
     if args.prompt is not None:
         answer(engine, tokenizer, [{"role": "user", "content": args.prompt}], params)

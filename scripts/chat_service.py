@@ -17,7 +17,7 @@ import threading
 import uvicorn
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.cli_args import add_model_args, device_and_dtype
+from nanochat.cli_args import add_model_args, device_and_dtype, warm_up
 from nanochat.engine import Engine
 from nanochat.flags import FlagParser
 from nanochat.http_guard import guarded_protocol
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=args.max_batch)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, compile=args.compile)
+    warm_up(engine)
     settings = ServerSettings(
         api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,
         max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
