@@ -4,9 +4,9 @@ Eager decoding of a small model on a CPU is mostly dispatch overhead and
 GEMV kernels far below the memory bandwidth. Compiled by inductor with its
 weights frozen into the graph (which lets it prepack them) and max-autotune
 (which picks its own C++ GEMM kernels where they beat MKL's), the depth-4
-step took 2.1-2.5 ms at 1 row against 7.9-9.0 ms eager, and 6.7-6.9 ms at 8
+step took 2.1-2.5 ms at 1 row against 7.9-9.0 ms eager, and 5.1-5.5 ms at 8
 rows against 12.0-13.5, on the 2-core AMD EPYC (fp32, 2026-12-01, the
-experiment behind bench/README.md's inference figures).
+experiments behind bench/README.md's inference figures).
 
 The shapes are kept few so compilation is paid once, at warm_up():
 - rows are padded to a power of two (1, 2, 4, 8, ... up to the cache's

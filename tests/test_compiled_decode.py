@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from nanochat.cli_args import warm_up
 from nanochat.compiled_decode import SPAN_STEP, CompiledDecoder, bucket_sizes
 from nanochat.engine import Engine, collect
 from nanochat.kv_slots import SlotKVCache
@@ -118,6 +119,18 @@ def test_engine_answers_equal_the_eager_engine_while_requests_come_and_go(model,
         results.append([[c.tokens for c in collect(r, r.n)] for r in first + later])
     assert results[0] == results[1]
     assert [len(t) for answers in results[1] for t in answers] == [14, 14, 14, 14, 5]
+
+
+def test_the_cli_warm_up_reports_each_batch_size_on_stderr(model, tokenizer, capsys):  # noqa: F811
+    warm_up(uncompiled_engine(model, tokenizer, 4))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("compiling the decode step for up to 4 rows")
+    assert [line.split(" row(s) (")[1].split(")")[0] for line in lines[1:]] == ["1/3", "2/3", "3/3"]
+
+
+def test_the_cli_warm_up_is_silent_without_compile(model, tokenizer, capsys):  # noqa: F811
+    warm_up(Engine(model, tokenizer, max_batch=4))
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
