@@ -233,6 +233,7 @@ def _limit_between(workspace, small: int, large: int) -> str:
     return f"{(fits + too_big) / 2 / DEFAULT_MARGIN / 2**30:.6f}"
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_device_batch_is_measured_to_fit_before_step_one(workspace, here):
     """Unset: the default 32 or the largest power of two that fits, said in the log; set and too big:
     refused (exit 3) with the batch that would fit, unless --auto-batch or --ignore-memory-check."""

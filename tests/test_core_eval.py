@@ -441,6 +441,7 @@ def test_base_eval_exits_2_with_a_clear_error(tmp_path, base_dir, tokenizer, mod
     assert not (base_dir / "report" / "base-eval.md").exists()
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_base_eval_under_torchrun_matches_one_process(tmp_path, base_dir, tokenizer, model):
     make_base_checkpoint(base_dir, tokenizer, model)
     bundle = write_bundle(tmp_path / "bundle")

@@ -56,6 +56,7 @@ def test_a_tiny_run_draws_curves_that_report_md_links(workspace, here, tmp_path,
     assert not os.path.isabs(link) and (copy.parent / link).resolve() == png.resolve()
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_resume_does_not_duplicate_points(workspace, here):  # noqa: F811
     assert here(*STEPS)[0] == 0
     log = workspace / "base_checkpoints" / "c" / METRICS_FILE

@@ -443,6 +443,7 @@ def test_hf_prepare_exports_the_import_with_its_norm_epsilon(imported, base_dir,
     assert config["rms_norm_eps"] == ORIGINAL_NORM_EPS and config["num_key_value_heads"] == 2
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_sft_sh_trains_on_from_an_imported_mid_model_with_the_originals_flags(imported, base_dir):
     env = imported("mid")
     out = subprocess.run(["bash", "sft.sh", "--gpus", "1", "-b", "2", "-d", "2", "--run=imported", "--no_eval", "--",

@@ -214,6 +214,7 @@ def test_a_stage_started_again_continues_but_not_from_a_new_start_model(workspac
     assert "moved the old run aside" in fresh and "from base d2 step 2" in fresh and "step 000002/000002" in fresh
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_rl_resume_ends_on_the_weights_of_the_run_never_stopped(workspace, tmp_path, in_process, monkeypatch, capsys):
     import tasks
     from scripts import chat_rl

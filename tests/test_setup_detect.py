@@ -6,6 +6,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,6 +35,7 @@ def test_dgx_spark_gets_cu130_and_is_told_about_a_missing_cuda13(tmp_path):
     assert "CUDA 13 toolkit:" in out
 
 
+@pytest.mark.slow  # 11-15 s on 2 cores: the default run must stay under ~10 min
 def test_other_nvidia_gpus_follow_the_driver(tmp_path):
     assert "from cu128" in check(fake_tools(tmp_path / "a", "NVIDIA H100 80GB HBM3", "x86_64", "12.9"))
     assert "from cu126" in check(fake_tools(tmp_path / "b", "NVIDIA A100-SXM4-40GB", "x86_64", "12.4"))
