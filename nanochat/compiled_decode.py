@@ -113,8 +113,7 @@ class CompiledDecoder:
         bucket = next(b for b in self.buckets if b >= rows)
         positions = cache.lengths[:bucket]
         highest = int(positions.max())
-        if highest + 1 > cache.max_len:
-            raise ValueError(f"a sequence reached the cache's {cache.max_len} tokens")
+        cache.room_for_one(highest)  # refuses a full cache, as the eager decode view does
         span = min(-(-max(highest, 1) // SPAN_STEP) * SPAN_STEP, cache.max_len)
         if bucket > rows:  # the padding rows are free slots (length 0): they see nothing and are not kept
             tokens = torch.cat((tokens, tokens.new_zeros(bucket - rows, 1)))

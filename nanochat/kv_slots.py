@@ -36,6 +36,12 @@ class SlotKVCache:
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.lengths[dst] = n
 
+    def room_for_one(self, highest: int) -> int:
+        """The length after one more token on a slot holding `highest`; refused once the cache is full."""
+        if highest + 1 > self.max_len:
+            raise ValueError(f"a sequence reached the cache's {self.max_len} tokens")
+        return highest + 1
+
     def store(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: torch.Tensor) -> None:
         """Write one new token's keys and values (n_layer, rows, H_kv, D) of slots 0..rows-1 at
         their `positions`, and advance them: only where `active` is set."""
@@ -80,9 +86,7 @@ class _DecodeView:
         lowest, highest = torch.aminmax(lengths)
         # one transfer for the three numbers: each .item() on a GPU waits for it
         lowest, highest, all_active = torch.stack((lowest, highest, active.all().long())).tolist()
-        self.end = highest + 1
-        if self.end > cache.max_len:
-            raise ValueError(f"a sequence reached the cache's {cache.max_len} tokens")
+        self.end = cache.room_for_one(highest)
         if all_active and lowest == highest:
             self.pos: int | torch.Tensor = highest
         else:
