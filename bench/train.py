@@ -10,7 +10,8 @@ random batch: ours with its own optimizers (Muon + AdamW) and loss, the rival
 (transformers.NanoChatForCausalLM, what a user would pick instead) with
 torch.optim.AdamW (fused where the device has it) and F.cross_entropy. Each
 side runs eager and compiled (--compile both, the default) and keeps its
-best; the ratio is best against best. Peak memory is what MemTracker counts
+best; the ratio is best against best. The four are timed in turn, one step
+each per round, so a drift in the machine's speed touches all of them. Peak memory is what MemTracker counts
 for one step of each (tensors only, so the two are comparable in one process).
 """
 
@@ -20,7 +21,9 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per row (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per step (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default %(default)s)")
-    p.add_argument("--steps", type=int, default=15, help="timed steps per measurement (default %(default)s)")
+    p.add_argument("--steps", type=int, default=15, help="timed rounds; each round times one step of every side and mode in turn (default %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
@@ -101,14 +104,60 @@ def theirs(args, device, dtype):
     return model, step, [model, optimizer]
 
 
-def timed(step, run_model, x, y, args) -> tuple[float, float]:
-    """(median step seconds, first-step seconds incl. compilation)."""
-    times = []
-    for _ in range(args.warmup + args.steps):
+@dataclass
+class Mode:
+    """One side in one mode (eager or compiled), ready to step."""
+
+    side: str
+    mode: str
+    step: Callable
+    run_model: Callable
+    model: torch.nn.Module
+    tracked: list
+    times: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0
+
+    def once(self, x, y) -> float:
         t0 = time.perf_counter()
-        step(run_model, x, y).item()  # .item() waits for the device
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[args.warmup:]), times[0]
+        self.step(self.run_model, x, y).item()  # .item() waits for the device
+        return time.perf_counter() - t0
+
+
+def build_modes(name, build, args, device, dtype) -> list[Mode]:
+    model, step, tracked = build(args, device, dtype)
+    modes = {"both": ("eager", "compiled"), "yes": ("compiled",), "no": ("eager",)}[args.compile]
+    return [Mode(name, mode, step, torch.compile(model) if mode == "compiled" else model, model, tracked) for mode in modes]
+
+
+def time_interleaved(modes: list[Mode], x, y, args) -> None:
+    """Warm every mode up (compilation included), then time them one step each in turn, `args.steps`
+    rounds: a machine whose speed drifts over minutes (a shared VM) slows every mode alike, where timing
+    one mode after the other would hand the drift to whichever ran last."""
+    for m in modes:
+        m.first_step_s = m.once(x, y)
+        for _ in range(args.warmup - 1):
+            m.once(x, y)
+    for _ in range(args.steps):
+        for m in modes:
+            m.times.append(m.once(x, y))
+
+
+def report_side(side_modes: list[Mode], args, device, x, y) -> dict:
+    results = []
+    for m in side_modes:
+        seconds = statistics.median(m.times)
+        results.append({"side": m.side, "mode": m.mode, "step_ms": 1000 * seconds, "first_step_s": m.first_step_s,
+                        "tok_per_s": args.batch_size * args.seq_len / seconds})
+        print(f"  {m.side:<13} {m.mode:<9} {results[-1]['tok_per_s']:>10,.0f} tok/s  step {1000 * seconds:7.1f} ms  "
+              f"(first step {m.first_step_s:.1f} s)")
+    best = max(results, key=lambda r: r["tok_per_s"])
+    plain = side_modes[0]  # its model is the uncompiled one whatever the mode
+    if args.profile:
+        print(f"  {plain.side}: torch.profiler, {args.profile} eager step(s), longest self time first")
+        print(profile_table(lambda: plain.step(plain.model, x, y).item(), args.profile, device))
+    best["peak_gib"] = tracked_peak_gib(plain.step, plain.model, plain.tracked, x, y)
+    best["params"] = sum(p.numel() for p in plain.model.parameters())
+    return best
 
 
 def tracked_peak_gib(step, model, tracked, x, y) -> float:
@@ -117,26 +166,6 @@ def tracked_peak_gib(step, model, tracked, x, y) -> float:
     with tracker:
         step(model, x, y)
     return tracker.get_tracker_snapshot("peak")[x.device][_TOTAL_KEY] / 2**30
-
-
-def measure_side(name, build, args, device, dtype) -> dict:
-    model, step, tracked = build(args, device, dtype)
-    x, y = batch(args, device)
-    modes = {"both": ("eager", "compiled"), "yes": ("compiled",), "no": ("eager",)}[args.compile]
-    results = []
-    for mode in modes:
-        run_model = torch.compile(model) if mode == "compiled" else model
-        seconds, first = timed(step, run_model, x, y, args)
-        results.append({"side": name, "mode": mode, "step_ms": 1000 * seconds, "first_step_s": first,
-                        "tok_per_s": args.batch_size * args.seq_len / seconds})
-        print(f"  {name:<13} {mode:<9} {results[-1]['tok_per_s']:>10,.0f} tok/s  step {1000 * seconds:7.1f} ms  (first step {first:.1f} s)")
-    best = max(results, key=lambda r: r["tok_per_s"])
-    if args.profile:
-        print(f"  {name}: torch.profiler, {args.profile} eager step(s), longest self time first")
-        print(profile_table(lambda: step(model, x, y).item(), args.profile, device))
-    best["peak_gib"] = tracked_peak_gib(step, model, tracked, x, y)
-    best["params"] = sum(p.numel() for p in model.parameters())
-    return best
 
 
 def main(argv=None) -> int:
@@ -151,7 +180,10 @@ def main(argv=None) -> int:
     print(f"config: depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, vocab {args.vocab_size:,}, "
           f"{str(dtype).removeprefix('torch.')}, {args.steps} timed steps after {args.warmup}")
     sides = [("ours", ours)] + ([] if args.no_rival else [("transformers", theirs)])
-    best = [measure_side(name, build, args, device, dtype) for name, build in sides]
+    x, y = batch(args, device)
+    per_side = [build_modes(name, build, args, device, dtype) for name, build in sides]
+    time_interleaved([m for modes in per_side for m in modes], x, y, args)
+    best = [report_side(modes, args, device, x, y) for modes in per_side]
     flops_per_token = build_model(config_for_depth(args.depth, args.vocab_size, max_seq_len=args.seq_len), "meta").estimate_flops()
     peak, _ = peak_flops(device, dtype)
     print("| side | best mode | tokens/s | step (ms) | MFU | peak tensors (GiB) |")
