@@ -50,7 +50,6 @@ from bench.rivals import machine_line, profile_table, synthetic_tokenizer, trans
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
-from nanochat.compiled_decode import CompiledDecoder  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
@@ -162,9 +161,8 @@ class OursSide:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, compiled: bool = False, inductor: bool = True):
         self.cache = "slots_compiled" if compiled else "slots"
-        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), compile=compiled and inductor)
-        if compiled and not inductor:
-            self.engine.decoder = CompiledDecoder(model, self.engine.cache, compile=False)
+        decode = ("compiled" if inductor else "step") if compiled else "eager"
+        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), decode=decode)
         self.engine.warm_up()
         # A random model picks <|bos|> or <|assistant_end|> now and then; every
         # row must decode the full count, as transformers' does.

@@ -387,7 +387,7 @@ def engine_decode_rate(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_
                        compile: bool) -> tuple[float, int]:
     """Median decode tokens/s of the Engine at batch 1, greedy, after its first step (the prefill), and the
     tokens of the last run. A first run, not counted, warms the allocator up."""
-    engine = Engine(model, tokenizer, max_batch=1, compile=compile)
+    engine = Engine(model, tokenizer, max_batch=1, decode="compiled" if compile else "eager")
     engine.warm_up()
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     rates, tokens = [], 0

@@ -46,6 +46,7 @@ from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger("nanochat.engine")
+DECODE_MODES = ("eager", "compiled", "step")  # see Engine.__init__
 
 @dataclass
 class TokenLogprob:
@@ -161,15 +162,18 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
-        """compile: decode through nanochat.compiled_decode (call warm_up() before serving);
-        the model's weights must not change afterwards."""
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None, decode: str = "eager"):
+        """decode: "eager" (the model's own forward over the cache), "compiled" (nanochat.compiled_decode;
+        call warm_up() before serving, and the weights must not change afterwards), or "step": the compiled
+        path's step run without compiling, which checks that path in seconds (tests, bench --smoke)."""
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.sequence_len
         self.cache = SlotKVCache(model.config, max_batch, self.max_len, self.device, model.compute_dtype)
-        self.decoder = CompiledDecoder(model, self.cache) if compile else None
+        self.decoder = None if decode == "eager" else CompiledDecoder(model, self.cache, compile=decode == "compiled")
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.waiting: deque[Request] = deque()
@@ -212,7 +216,7 @@ class Engine:
             self.wakeup.notify()
 
     def warm_up(self, progress=log.info) -> None:
-        """Compile the decode step now (with compile=True), so no request waits for it;
+        """Compile the decode step now (decode="compiled"), so no request waits for it;
         progress(line) hears of each batch size compiled."""
         if self.decoder is not None:
             self.decoder.warm_up(progress)

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=1, compile=args.compile)
+    engine = Engine(model, tokenizer, max_batch=1, decode="compiled" if args.compile else "eager")
     warm_up(engine)
     messages: list[dict] = []
     if args.prompt is not None:

@@ -26,9 +26,7 @@ def model(request, tokenizer):  # noqa: F811
 
 
 def uncompiled_engine(model, tokenizer, max_batch: int) -> Engine:  # noqa: F811
-    engine = Engine(model, tokenizer, max_batch=max_batch)
-    engine.decoder = CompiledDecoder(model, engine.cache, compile=False)
-    return engine
+    return Engine(model, tokenizer, max_batch=max_batch, decode="step")
 
 
 def prefill(model, cache: SlotKVCache, prompts: list[list[int]]) -> None:
@@ -138,8 +136,8 @@ def test_inductor_compiled_engine_answers_equal_the_eager_engine(tokenizer):  # 
     model = random_model(tokenizer.get_vocab_size(), n_kv_head=2)
     prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("hello world", "the sum is tool", "a")]
     answers = []
-    for compile_ in (False, True):
-        engine = Engine(model, tokenizer, max_batch=2, compile=compile_)
+    for decode in ("eager", "compiled"):
+        engine = Engine(model, tokenizer, max_batch=2, decode=decode)
         engine.warm_up()
         engine.stop_tokens = set()
         requests = [engine.submit(p, GREEDY) for p in prompts]
@@ -147,3 +145,8 @@ def test_inductor_compiled_engine_answers_equal_the_eager_engine(tokenizer):  # 
             engine.step()
         answers.append([collect(r, 1)[0].tokens for r in requests])
     assert answers[0] == answers[1]
+
+
+def test_an_unknown_decode_mode_is_refused_with_the_modes(model, tokenizer):  # noqa: F811
+    with pytest.raises(ValueError, match=r"decode must be one of \('eager', 'compiled', 'step'\), not 'inductor'"):
+        Engine(model, tokenizer, max_batch=2, decode="inductor")
