@@ -159,11 +159,12 @@ class OursSide:
 
     name = "ours"
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, compiled: bool = False, inductor: bool = True):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, compiled: bool = False, inductor: bool = True, warm: bool = True):
         self.cache = "slots_compiled" if compiled else "slots"
         decode = ("compiled" if inductor else "step") if compiled else "eager"
         self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), decode=decode)
-        self.engine.warm_up()
+        if warm:  # else the compiled step is built on first use, for that batch size alone
+            self.engine.warm_up()
         # A random model picks <|bos|> or <|assistant_end|> now and then; every
         # row must decode the full count, as transformers' does.
         self.engine.stop_tokens = set()
@@ -334,7 +335,8 @@ def fp32_tokens(model: GPT, tokenizer: Tokenizer, sides: list, prompt: list[int]
     out = {}
     for side in sides:
         if side.name == "ours":
-            copy_ = OursSide(model, tokenizer, side.cache == "slots_compiled", inductor=not smoke)
+            # one prompt: only its batch size is compiled, not every size the timed run warmed up
+            copy_ = OursSide(model, tokenizer, side.cache == "slots_compiled", inductor=not smoke, warm=False)
         else:
             copy_ = TransformersSide(model, torch.float32, side.cache)
         out[side.cache] = copy_.generate([prompt], new_tokens)[0]

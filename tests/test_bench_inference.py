@@ -66,3 +66,13 @@ def test_profile_tables_for_each_side_and_batch(smoke_output):
                                      for side, cache in SIDES)
     assert smoke_output.count("Self CPU time total:") == len(headers)
 
+
+
+@pytest.mark.slow  # ~10 s: a second smoke run; `pytest -m slow`
+def test_a_bfloat16_run_checks_greedy_tokens_on_fp32_copies_of_every_side():
+    done = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--dtype", "bfloat16"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "bfloat16 on cpu" in done.stdout
+    checks = re.findall(r"^greedy tokens of prompt 1, fp32, ours \(slots\) vs \w+ \((\w+) cache\): identical", done.stdout, re.MULTILINE)
+    assert checks == ["slots_compiled", "static", "dynamic"]
