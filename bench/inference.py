@@ -63,7 +63,7 @@ CACHES = {
     "both": ("static", "dynamic"),
     "all": ("static", "dynamic", "static_compiled"),
 }
-OURS = {"eager": (False,), "compiled": (True,), "both": (False, True)}
+OURS = {"eager": ("eager",), "compiled": ("compiled",), "both": ("eager", "compiled")}  # Engine decode modes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,14 +154,12 @@ def random_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
 
 class OursSide:
     """Our Engine, driven the way the chat CLI drives it: submit, then step until done.
-    compiled: decode through nanochat.compiled_decode (inductor unless `inductor` is False:
-    the same step run eagerly, for --smoke)."""
+    decode: the Engine's mode ("step" is the compiled path run uncompiled, for --smoke)."""
 
     name = "ours"
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, compiled: bool = False, inductor: bool = True, warm: bool = True):
-        self.cache = "slots_compiled" if compiled else "slots"
-        decode = ("compiled" if inductor else "step") if compiled else "eager"
+    def __init__(self, model: GPT, tokenizer: Tokenizer, decode: str, warm: bool = True):
+        self.cache = "slots" if decode == "eager" else "slots_compiled"
         self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), decode=decode)
         if warm:  # else the compiled step is built on first use, for that batch size alone
             self.engine.warm_up()
@@ -330,13 +328,13 @@ def greedy_margin(model: GPT, prompt: list[int], answer: list[int]) -> float:
     return float((top2[:, 0] - top2[:, 1]).min())
 
 
-def fp32_tokens(model: GPT, tokenizer: Tokenizer, sides: list, prompt: list[int], new_tokens: int, smoke: bool) -> dict[str, list[int]]:
+def fp32_tokens(model: GPT, tokenizer: Tokenizer, sides: list, prompt: list[int], new_tokens: int) -> dict[str, list[int]]:
     """Greedy tokens of `prompt` from fp32 copies of every side, keyed by cache."""
     out = {}
     for side in sides:
         if side.name == "ours":
             # one prompt: only its batch size is compiled, not every size the timed run warmed up
-            copy_ = OursSide(model, tokenizer, side.cache == "slots_compiled", inductor=not smoke, warm=False)
+            copy_ = OursSide(model, tokenizer, side.engine.decode, warm=False)
         else:
             copy_ = TransformersSide(model, torch.float32, side.cache)
         out[side.cache] = copy_.generate([prompt], new_tokens)[0]
@@ -379,9 +377,11 @@ def main(argv=None) -> int:
     if not rivals:
         print("no transformers cache worked: nothing to compare against")
         return 1
-    if args.smoke and True in OURS[args.ours]:
+    decodes = OURS[args.ours]
+    if args.smoke and "compiled" in decodes:
         print("smoke: our compiled decode step runs uncompiled (inductor would take minutes)")
-    sides = [OursSide(model, tokenizer, compiled, inductor=not args.smoke) for compiled in OURS[args.ours]] + rivals
+        decodes = tuple("step" if d == "compiled" else d for d in decodes)
+    sides = [OursSide(model, tokenizer, decode) for decode in decodes] + rivals
     results = [m for batch in BATCHES for m in measure_batch(sides, prompts[:batch], args, device)]
     print_table(results, args)
     print_ratios(results, args)
@@ -390,7 +390,7 @@ def main(argv=None) -> int:
     if dtype == torch.float32:
         tokens = {r.cache: r.tokens[0] for r in results if r.batch == 1}
     else:
-        tokens = fp32_tokens(fp32_model, tokenizer, sides, prompts[0], args.new_tokens, args.smoke)
+        tokens = fp32_tokens(fp32_model, tokenizer, sides, prompts[0], args.new_tokens)
     print_greedy_check(tokens, greedy_margin(fp32_model, prompts[0], next(iter(tokens.values()))))
     return 0
 

@@ -11,8 +11,9 @@ random batch: ours with its own optimizers (Muon + AdamW) and loss, the rival
 torch.optim.AdamW (fused where the device has it) and F.cross_entropy. Each
 side runs eager and compiled (--compile both, the default) and keeps its
 best; the ratio is best against best. The four are timed in turn, one step
-each per round, so a drift in the machine's speed touches all of them. Peak memory is what MemTracker counts
-for one step of each (tensors only, so the two are comparable in one process).
+each per round, so a drift in the machine's speed touches all of them. Peak
+memory is what MemTracker counts for one step of each (tensors only, so the
+two are comparable in one process).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="rows per step (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size (default %(default)s)")
     p.add_argument("--steps", type=int, default=15, help="timed rounds; each round times one step of every side and mode in turn (default %(default)s)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first, compilation included (default %(default)s)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each side and mode before the rounds, compilation included; the first is always untimed (default %(default)s)")
     add_device_arg(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="compute dtype of both sides (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--compile", default="both", choices=["both", "yes", "no"], help="measure eager, compiled or both and keep each side's best (default %(default)s)")
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     dtype = compute_dtype(device.type, args.dtype)
     print(machine_line(device))
     print(f"config: depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, vocab {args.vocab_size:,}, "
-          f"{str(dtype).removeprefix('torch.')}, {args.steps} timed steps after {args.warmup}")
+          f"{str(dtype).removeprefix('torch.')}, {args.steps} timed rounds after {max(args.warmup, 1)} warm-up step(s) each")
     sides = [("ours", ours)] + ([] if args.no_rival else [("transformers", theirs)])
     x, y = batch(args, device)
     per_side = [build_modes(name, build, args, device, dtype) for name, build in sides]

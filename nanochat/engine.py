@@ -48,6 +48,7 @@ from nanochat.sampling import SamplingParams, make_generator, sample_tokens
 log = logging.getLogger("nanochat.engine")
 DECODE_MODES = ("eager", "compiled", "step")  # see Engine.__init__
 
+
 @dataclass
 class TokenLogprob:
     """The log-probability of a generated token under the model (temperature 1), and its likeliest alternatives."""
@@ -168,6 +169,7 @@ class Engine:
         path's step run without compiling, which checks that path in seconds (tests, bench --smoke)."""
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
+        self.decode = decode
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device

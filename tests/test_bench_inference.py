@@ -67,7 +67,6 @@ def test_profile_tables_for_each_side_and_batch(smoke_output):
     assert smoke_output.count("Self CPU time total:") == len(headers)
 
 
-
 @pytest.mark.slow  # ~10 s: a second smoke run; `pytest -m slow`
 def test_a_bfloat16_run_checks_greedy_tokens_on_fp32_copies_of_every_side():
     done = subprocess.run([sys.executable, "bench/inference.py", "--smoke", "--dtype", "bfloat16"], cwd=ROOT,
