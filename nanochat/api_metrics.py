@@ -71,11 +71,16 @@ class TokenClock:
         self.metrics, self.started = metrics, time.monotonic()
         self.last: dict[int, float] = {}
 
-    def token(self, index: int) -> None:
+    def tokens(self, index: int, count: int = 1) -> None:
+        """`count` tokens of sample `index` arrived together (a consumer that fell behind reads several at
+        once): the gap since that sample's last arrival is spread over them, so the time-per-token histogram
+        keeps one entry per token after a sample's first arrival and its mean stays the true time per token."""
         now = time.monotonic()
+        self.metrics.tokens.inc(count)
         if not self.last:
             self.metrics.ttft.observe(now - self.started)
         elif index in self.last:
-            self.metrics.per_token.observe(now - self.last[index])
+            gap = (now - self.last[index]) / count
+            for _ in range(count):
+                self.metrics.per_token.observe(gap)
         self.last[index] = now
-        self.metrics.tokens.inc()

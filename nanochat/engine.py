@@ -11,7 +11,7 @@ stream (the model's own predictions for those steps are discarded).
 
 Two ways to drive it: call `step()` / `generate()` from your own thread (CLI,
 evaluation, RL), or start an `EngineWorker` thread and `submit()` from anywhere
-(the server). Consumers read `Request.events()` (blocking) or `aevents()`
+(the server). Consumers read `Request.events()` (blocking) or `abatches()`
 (asyncio); `cancel()` frees the request's slots at the next step.
 
 Faults stay with their request: an exception while one request is admitted,
@@ -133,15 +133,38 @@ class Request:
             out.append(self._queue.get_nowait())
         return out
 
-    async def aevents(self, patience: float | None = None):
-        """Events until every sample finished; raises TimeoutError if `patience` seconds pass
-        past the deadline with none (the engine itself is stuck)."""
-        finished = 0
+    async def abatches(self, patience: float | None = None, interval: float = 0.0):
+        """Lists of events until every sample finished, each what arrived since the list before, and at most
+        one list per `interval` seconds: a consumer with a cost per list (an HTTP chunk) pays it once for
+        several tokens instead of falling behind the engine. The first event and every finish go out at once.
+        Raises TimeoutError if `patience` seconds pass past the deadline with no event (the engine is stuck)."""
+        finished, due = 0, 0.0
         while finished < self.n:
-            wait = None if self.deadline is None or patience is None else max(self.deadline - time.monotonic(), 0) + patience
-            event = await asyncio.wait_for(self._queue.get(), wait)
-            finished += event.finish_reason is not None
-            yield event
+            batch = []
+            while finished < self.n and not (batch and batch[-1].finish_reason):
+                if not self._queue.empty():
+                    event = self._queue.get_nowait()
+                elif batch and time.monotonic() >= due:
+                    break
+                else:
+                    wait = self._patience_left(patience)
+                    if batch:
+                        wait = due - time.monotonic() if wait is None else min(wait, due - time.monotonic())
+                    try:
+                        event = await asyncio.wait_for(self._queue.get(), wait)
+                    except asyncio.TimeoutError:
+                        if batch:
+                            break
+                        raise
+                batch.append(event)
+                finished += event.finish_reason is not None
+            yield batch
+            due = time.monotonic() + interval
+
+    def _patience_left(self, patience: float | None) -> float | None:
+        if self.deadline is None or patience is None:
+            return None
+        return max(self.deadline - time.monotonic(), 0) + patience
 
 
 @dataclass(eq=False)  # identity: a sequence is found in the running list by what it is, not by comparing its tokens
@@ -490,17 +513,30 @@ def collect(request: Request, n: int) -> list[Completion]:
     return [Completion(t, k, r) for t, k, r in zip(texts, tokens, reasons)]
 
 
-class EngineWorker(threading.Thread):
-    """Runs the engine's steps in the background while requests are submitted from elsewhere.
+class EngineWorker:
+    """Steps the engine while requests are submitted from elsewhere: in a thread of its own (`start()`), or
+    in the caller's thread (`run()`, until `stop()` or the engine is closed).
 
-    It sleeps while there is no work (no CPU used when idle). If it ever dies,
-    `failure` says why and every request it held has been told."""
+    Run it in the thread that loaded the model when you can (chat_service does): torch's OpenMP keeps one
+    pool of workers per thread that runs ops, and with a second pool libgomp has more threads than cores
+    and stops spinning between parallel regions (the compiled decode step ran ~20% slower, bench/README).
+    It sleeps while there is no work (no CPU used when idle). If it ever dies, `failure` says why and
+    every request it held has been told."""
 
     def __init__(self, engine: Engine):
-        super().__init__(daemon=True, name="engine-worker")
         self.engine = engine
         self.stopping = threading.Event()
+        self.ended = threading.Event()
         self.failure: str | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self.run, daemon=True, name="engine-worker")
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        """True until run() returns (before it starts too: what is submitted meanwhile waits for it)."""
+        return not self.ended.is_set()
 
     def run(self) -> None:
         engine = self.engine
@@ -522,6 +558,14 @@ class EngineWorker(threading.Thread):
             engine.close(503, self.failure)
             engine.fail_all(503, self.failure)
             raise
+        finally:
+            self.ended.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        else:
+            self.ended.wait(timeout)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -61,6 +61,7 @@ class ServerSettings:
     max_tokens: int | None = None  # None: until the model stops or the context is full, as OpenAI does
     request_timeout: float = 600.0  # seconds from arrival to the last token
     body_timeout: float = 30.0  # seconds for a request body to arrive
+    stream_interval: float = 0.0  # seconds: a stream sends at most one chunk per interval, its tokens since the last
 
     @property
     def max_body_bytes(self) -> int:
@@ -205,13 +206,17 @@ class ChatService:
         }
 
 
-def create_app(engine: Engine, settings: ServerSettings, model_info: dict) -> FastAPI:
+def create_app(engine: Engine, settings: ServerSettings, model_info: dict, worker: EngineWorker | None = None) -> FastAPI:
+    """The app; when it starts, an EngineWorker thread starts stepping `engine`, unless the caller
+    brings a `worker` it runs itself (chat_service steps the engine in its main thread). Either stops
+    with the app."""
     service = ChatService(engine, settings, model_info)
 
     @asynccontextmanager
     async def lifespan(_app):
-        service.worker = EngineWorker(engine)
-        service.worker.start()
+        service.worker = worker or EngineWorker(engine)
+        if worker is None:
+            service.worker.start()
         yield
         engine.close(503, "the server is shutting down")
         service.worker.stop()
@@ -339,14 +344,15 @@ async def collect(service: ChatService, dialect: Dialect, engine_request: Engine
     texts, reasons = [""] * n, ["stop"] * n
     logprobs = None if engine_request.params.logprobs is None else [[] for _ in range(n)]
     async with serving(service, engine_request, watcher):
-        async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
-            texts[event.index] += event.text
-            if event.token is not None:
-                clock.token(event.index)
-            if event.logprob is not None and logprobs is not None:
-                logprobs[event.index].append(event.logprob)
-            if event.finish_reason:
-                reasons[event.index] = event.finish_reason
+        async for batch in engine_request.abatches(patience=ENGINE_PATIENCE):
+            for event in batch:
+                texts[event.index] += event.text
+                if event.token is not None:
+                    clock.tokens(event.index)
+                if event.logprob is not None and logprobs is not None:
+                    logprobs[event.index].append(event.logprob)
+                if event.finish_reason:
+                    reasons[event.index] = event.finish_reason
         client_stayed = not engine_request.cancelled  # read before serving() cancels whatever is left on the way out
     if engine_request.error is not None:
         raise ApiError(engine_request.error.status, engine_request.error.message, kind="server_error")
@@ -359,14 +365,10 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
     async with serving(service, engine_request, watcher):
         for opening in dialect.opening(engine_request.n):
             yield opening
-        async for event in engine_request.aevents(patience=ENGINE_PATIENCE):
-            if event.token is not None:
-                clock.token(event.index)
-            logprob = None if engine_request.params.logprobs is None else [event.logprob] if event.logprob else []
-            if event.text or logprob:
-                yield dialect.chunk([dialect.delta(event.index, event.text, None, logprob)])
-            if event.finish_reason in ("stop", "length"):
-                yield dialect.chunk([dialect.delta(event.index, "", event.finish_reason, None)])
+        async for batch in engine_request.abatches(ENGINE_PATIENCE, service.settings.stream_interval):
+            chunks = batch_chunks(dialect, batch, clock, engine_request.params.logprobs is not None)
+            if chunks:  # a token whose text is held back (half a character) sends nothing yet
+                yield "".join(chunks)
     error = engine_request.error
     if error is not None:  # never a finish_reason that would pass a truncated answer off as complete
         yield sse(ApiError(error.status, error.message, kind="server_error").body())
@@ -375,6 +377,28 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
     yield sse("[DONE]")
     if error is None:
         service.served += 1
+
+
+def batch_chunks(dialect: Dialect, batch: list, clock: TokenClock, with_logprobs: bool) -> list[str]:
+    """The chunks for what arrived at once: per sample, its text (and logprobs) in one chunk, then its
+    finish. When the client or this loop fell behind the engine, one chunk carries several tokens and the
+    whole batch leaves in one socket write: the per-chunk cost, not the model, is what limits a stream."""
+    samples: dict[int, list] = {}
+    for event in batch:
+        samples.setdefault(event.index, []).append(event)
+    chunks = []
+    for index, events in samples.items():
+        tokens = sum(e.token is not None for e in events)
+        if tokens:
+            clock.tokens(index, tokens)
+        text = "".join(e.text for e in events)
+        logprobs = [e.logprob for e in events if e.logprob] if with_logprobs else None
+        if text or logprobs:
+            chunks.append(dialect.chunk([dialect.delta(index, text, None, logprobs)]))
+        reason = events[-1].finish_reason
+        if reason in ("stop", "length"):
+            chunks.append(dialect.chunk([dialect.delta(index, "", reason, None)]))
+    return chunks
 
 
 def usage(engine_request: EngineRequest) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -18,7 +19,7 @@ import uvicorn
 
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.cli_args import add_model_args, device_and_dtype, warm_up
-from nanochat.engine import Engine
+from nanochat.engine import Engine, EngineWorker
 from nanochat.flags import FlagParser
 from nanochat.http_guard import guarded_protocol
 from nanochat.server import ServerSettings, create_app
@@ -42,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queueing included (default %(default)s)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive before 408 (default %(default)s)")
+    p.add_argument("--stream-interval", type=float, default=0.0, metavar="MS",
+                   help="a stream sends at most one chunk per MS milliseconds, with every token since the last "
+                        "(the first token and the end at once); fewer, larger chunks cost the server and client less (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=256, help="connections served at once; one more gets 503 (default %(default)s)")
     p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
     return p.parse_args(argv)
@@ -88,17 +92,53 @@ def main(argv=None) -> int:
         api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,
         max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
         temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
-        body_timeout=args.body_timeout,
+        body_timeout=args.body_timeout, stream_interval=args.stream_interval / 1000,
     )
     info = {"source": meta["source"], "model_tag": meta["model_tag"], "step": meta["step"],
             "parameters": model.num_params(), "device": str(device), "context": engine.max_len}
-    app = create_app(engine, settings, info)
+    worker = EngineWorker(engine)
+    app = create_app(engine, settings, info, worker)
     print(banner(args, meta, device), flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                             http=guarded_protocol(args.max_connections, KEEP_ALIVE_SECONDS),
                             timeout_keep_alive=KEEP_ALIVE_SECONDS, timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS)
-    Server(config, engine).run()
-    return 0
+    return serve(Server(config, engine), worker)
+
+
+def serve(server: Server, worker: EngineWorker) -> int:
+    """uvicorn in a thread, the engine's steps in this one: the thread that loaded and warmed up the model
+    (EngineWorker says why). Signals arrive here and go to uvicorn; however uvicorn ends, the engine is
+    closed and the steps end with it. Returns 1 when uvicorn could not start (the port is taken, say);
+    after a signal, the process ends by that signal, as it would have without a handler."""
+    failed = []
+    caught = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except SystemExit as exc:  # how uvicorn reports that it could not start
+            failed.append(exc.code)
+        finally:
+            if worker.engine.closed is None:
+                worker.engine.close(503, "the server is shutting down")
+
+    def on_signal(sig, frame) -> None:
+        caught.append(sig)
+        server.handle_exit(sig, frame)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="http")
+    thread.start()
+    try:
+        worker.run()
+    finally:  # a dead engine leaves the server answering 503 (and /health saying why) until it is stopped
+        thread.join()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if caught:
+        signal.signal(caught[0], signal.SIG_DFL)
+        signal.raise_signal(caught[0])
+    return 1 if failed else 0
 
 
 class Server(uvicorn.Server):
