@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 
 import pytest
 import torch
 
-from nanochat.engine import Engine, EngineWorker, collect
+from nanochat.engine import Engine, EngineWorker, Event, Request, collect
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams
@@ -152,6 +154,68 @@ def test_worker_serves_concurrent_submitters(model, tokenizer):
         t.join(timeout=60)
     worker.stop()
     assert results == expected
+
+
+def test_a_worker_can_step_in_the_callers_thread_until_stopped(model, tokenizer):
+    """chat_service's way: the thread that loaded the model steps it; requests come from other threads."""
+    engine = Engine(model, tokenizer, max_batch=2)
+    prompt = tokenizer.encode("hello", prepend="<|bos|>")
+    worker = EngineWorker(engine)
+    results = []
+    client = threading.Thread(target=lambda: (results.append(collect(engine.submit(prompt, GREEDY), 1)[0].tokens), worker.stop()))
+    client.start()
+    worker.run()  # returns once the client has its answer and stopped it
+    client.join(timeout=10)
+    assert results == [Engine(model, tokenizer).generate(prompt, GREEDY)[0].tokens]
+    assert not worker.is_alive()
+
+
+def _batches(events_at: list[tuple[float, Event]], interval: float, n: int = 1) -> list[tuple[float, list[Event]]]:
+    """What abatches yields, with when, for events put from another thread at the given offsets (seconds)."""
+
+    async def consume():
+        loop = asyncio.get_running_loop()
+        request = Request([1], GREEDY, n=n, loop=loop)
+        started = time.monotonic()
+
+        def produce():
+            for at, event in events_at:
+                time.sleep(max(0.0, started + at - time.monotonic()))
+                request.put(event)
+
+        threading.Thread(target=produce, daemon=True).start()
+        return [(time.monotonic() - started, batch) async for batch in request.abatches(patience=None, interval=interval)]
+
+    return asyncio.run(consume())
+
+
+def test_abatches_gives_what_arrived_together_in_one_list():
+    events = [Event(0, "ab"[i % 2], token=i) for i in range(6)] + [Event(0, "", None, "stop")]
+
+    async def consume():
+        request = Request([1], GREEDY, loop=asyncio.get_running_loop())
+        for event in events:  # all there before the consumer looks, as when it fell behind the engine
+            request.put(event)
+        return [batch async for batch in request.abatches()]
+
+    assert asyncio.run(consume()) == [events]
+
+
+def test_abatches_holds_tokens_for_the_interval_but_never_the_first_or_the_end():
+    first, later = Event(0, "a", token=1), [Event(0, "b", token=i) for i in range(2, 6)]
+    end = Event(0, "", None, "length")
+    got = _batches([(0.0, first)] + [(0.05 * i, e) for i, e in enumerate(later, 1)] + [(1.3, Event(0, "c", token=9)), (1.35, end)],
+                   interval=1.0)
+    (t0, b0), (t1, b1), (t2, b2) = got
+    assert b0 == [first] and t0 < 0.5  # the first token at once
+    assert b1 == later and 0.9 < t1 < 1.3  # the next four together, one interval after the first
+    assert b2 == [Event(0, "c", token=9), end] and t2 < 1.9  # the end goes out when it comes, not an interval later
+
+
+def test_abatches_waits_for_every_sample_to_finish():
+    events = [(0.0, Event(1, "x", token=5)), (0.0, Event(1, "", None, "stop")), (0.2, Event(0, "y", token=6)), (0.2, Event(0, "", None, "stop"))]
+    got = _batches(events, interval=0.0, n=2)
+    assert [e for _, batch in got for e in batch] == [e for _, e in events]
 
 
 def test_tool_call_output_comes_from_the_calculator(tokenizer):

@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ import uvicorn
 from nanochat.engine import Engine
 from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import Tokenizer
-from serving import ServerProcess, free_port, make_served_model
+from serving import ROOT, ServerProcess, free_port, make_served_model
 from test_engine import random_model
 from test_engine_faults import Crash, Faulty
 
@@ -137,6 +139,47 @@ def test_sigterm_tells_answers_in_flight_and_stops_within_seconds(long_dir):
     srv.proc.wait(timeout=10)
     assert time.monotonic() - started < 5
     assert events[-1] == "[DONE]" and "shutting down" in json.loads(events[-2])["error"]["message"]
+    assert srv.proc.returncode == -signal.SIGTERM  # it ends by the signal, as a process without a handler would
+
+
+def test_a_taken_port_ends_the_server_with_status_1(long_dir):
+    """uvicorn runs beside the engine's thread: when it cannot start, the process must end, not wait on the engine."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "NANOCHAT_BASE_DIR": str(long_dir), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "address already in use" in done.stderr.lower()
+
+
+def test_a_stream_interval_sends_several_tokens_per_chunk_and_the_same_answer(long_dir):
+    srv = ServerProcess(long_dir, "--stream-interval", "400")
+    try:
+        asked = long_body(max_tokens=60, logprobs=True)
+        whole = httpx.post(srv.url + "/v1/chat/completions", json=asked, timeout=30).json()
+        before = per_token_count(srv)
+        started = time.monotonic()
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**asked, "stream": True}, timeout=30) as resp:
+            chunks = [json.loads(e) for e in read_events(resp)[:-1]]
+        seconds = time.monotonic() - started
+        content = [c["choices"][0] for c in chunks[1:] if c["choices"][0]["delta"].get("content")]
+        assert "".join(c["delta"]["content"] for c in content) == whole["choices"][0]["message"]["content"]
+        assert [e["token"] for c in content for e in c["logprobs"]["content"]] == [e["token"] for e in whole["choices"][0]["logprobs"]["content"]]
+        assert len(content) <= 2 + seconds / 0.4 < whole["usage"]["completion_tokens"]  # the first token, then one chunk per interval
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
+        assert per_token_count(srv) - before == whole["usage"]["completion_tokens"] - 1  # one histogram entry per token still
+    finally:
+        srv.close()
+
+
+def per_token_count(srv) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(srv.url + "/metrics", timeout=5).text
+    return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "nanochat_time_per_output_token_seconds_count")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
