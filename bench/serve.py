@@ -8,10 +8,13 @@ The run, in order, never two of these busy at once:
   1. the model: a fresh random one (written to a temp folder as our checkpoint
      layout and as a HuggingFace export with our chat template), or --source's
      checkpoint, exported the same way;
-  2. the Engine's own batch-1 decode rate, in this process, on the first prompt;
+  2. the Engine as the server runs it, in this process, one row, its compiled
+     step warmed up;
   3. ours: `python -m scripts.chat_service` on a free 127.0.0.1 port; each
      --clients level, then 16 clients again while one more client sends
-     malformed requests (bad JSON, wrong types) in a loop; then stopped;
+     malformed requests (bad JSON, wrong types) in a loop, then --engine-repeats
+     turns of one in-process Engine answer and one streamed answer on the first
+     prompt; then stopped;
   4. theirs: `transformers serve <export> --continuous-batching`, the same levels.
 Servers are subprocesses, killed on the way out whatever happened.
 
@@ -27,8 +30,9 @@ warns when an answer came back shorter.
 
 Per level: aggregate tokens/s (all tokens / wall time), time to first token
 (request sent -> first non-empty content chunk) p50 and p95 (nearest rank).
-Our one-stream decode rate is (tokens - 1) / (first to last content chunk) at
-1 client, beside the Engine's rate measured the same way.
+Our one-stream decode rate is (tokens - 2) / (first to last content chunk) of
+a streamed answer, beside the in-process Engine's decode rate on the same
+prompt and length, the two taken in turns (medians).
 
 Targets from the issue "Benchmarks that run their rival in the same run":
 8 clients >= 4x one client; ours >= 2x transformers serve at 8 clients; one
@@ -102,7 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=4, help="answers each client asks for, one after another (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=None, help="sequences our server decodes together, and full-context sequences the rival's cache holds (default: the largest --clients level)")
-    p.add_argument("--engine-repeats", type=int, default=3, help="in-process Engine runs, the median is kept (default %(default)s)")
+    p.add_argument("--engine-repeats", type=int, default=3, help="turns of one in-process Engine answer then one HTTP stream, for the one-stream ratio; medians kept (default %(default)s)")
     add_device_arg(p, help_text="device for both servers and the Engine (default: autodetect)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="weights and compute dtype for both (default: bfloat16 on a GPU that runs it natively, float32 elsewhere)")
     p.add_argument("--startup-timeout", type=float, default=900,
@@ -389,24 +393,48 @@ def garbage_level(url: str, client: OpenAI, args, tokenizer: Tokenizer, clients:
 # ---------------------------------------------------------------- the engine in-process
 
 
-def engine_decode_rate(model: GPT, tokenizer: Tokenizer, prompt: list[int], max_tokens: int, repeats: int,
-                       compile: bool) -> tuple[float, int]:
-    """Median decode tokens/s of the Engine at batch 1, greedy, after its first step (the prefill), and the
-    tokens of the last run. A first run, not counted, warms the allocator up."""
+def in_process_engine(model: GPT, tokenizer: Tokenizer, compile: bool) -> Engine:
+    """The Engine as the server runs it (its compiled step warmed up), one row, in this process."""
     engine = Engine(model, tokenizer, max_batch=1, decode="compiled" if compile else "eager")
     engine.warm_up()
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
-    rates, tokens = [], 0
-    for _ in range(repeats + 1):
-        request = engine.submit(prompt, params)
-        engine.step()  # the prefill samples the first token, and the same step already decodes the second
-        first, first_tokens = time.perf_counter(), request.completion_tokens
-        while engine.has_work():
-            engine.step()
-        seconds = time.perf_counter() - first
-        tokens = len(collect(request, 1)[0].tokens)
-        rates.append((tokens - first_tokens) / seconds if seconds > 0 else float("nan"))
-    return statistics.median(rates[1:]), tokens
+    return engine
+
+
+def engine_run(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+    """Decode tokens/s of one greedy answer after its first step (the prefill), and its tokens."""
+    request = engine.submit(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    engine.step()  # the prefill samples the first token, and the same step already decodes the second
+    first, first_tokens = time.perf_counter(), request.completion_tokens
+    while engine.has_work():
+        engine.step()
+    seconds = time.perf_counter() - first
+    tokens = len(collect(request, 1)[0].tokens)
+    return ((tokens - first_tokens) / seconds if seconds > 0 else float("nan")), tokens
+
+
+@dataclass
+class DecodePairs:
+    """One stream over HTTP against the in-process Engine, taken in turns on the same prompt and length."""
+
+    engine: list[float]
+    served: list[float]
+    engine_tokens: int
+
+
+def decode_pairs(engine: Engine, client: OpenAI, args, tokenizer: Tokenizer) -> DecodePairs:
+    """--engine-repeats rounds of one in-process answer, then one streamed from the server (which is idle
+    while the Engine runs, and the Engine while it serves): this VM's speed drifts over minutes, so rates
+    taken apart would compare two machines. A first round warms both up and is not counted."""
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": prompt_text(0)}]})
+    pairs, tokens = DecodePairs([], [], 0), 0
+    for i in range(args.engine_repeats + 1):
+        rate, tokens = engine_run(engine, prompt, args.max_tokens)
+        answer = stream_answer(client, "nanochat", prompt_text(0), args.max_tokens, tokenizer)
+        if i:
+            pairs.engine.append(rate)
+            pairs.served.append(stream_decode_rate([answer]))
+    pairs.engine_tokens = tokens
+    return pairs
 
 
 def as_served(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
@@ -416,11 +444,11 @@ def as_served(model: GPT, device: torch.device, dtype: torch.dtype) -> GPT:
     return model.eval()
 
 
-def stream_decode_rate(level: Level) -> float:
-    """(tokens - 2) / (first to last content chunk), over the answers of one level: the Engine's first step
-    yields two tokens (the prefill's sample, then a decode), whose chunks leave together, so the time from
-    the first chunk covers tokens - 2 decode steps, as engine_decode_rate counts them."""
-    timed = [a for a in level.answers if a.first is not None and a.last > a.first]
+def stream_decode_rate(answers: list[Answer]) -> float:
+    """(tokens - 2) / (first to last content chunk), over answers: the Engine's first step yields two tokens
+    (the prefill's sample, then a decode), whose chunks leave together, so the time from the first chunk
+    covers tokens - 2 decode steps, as engine_run counts them."""
+    timed = [a for a in answers if a.first is not None and a.last > a.first]
     return sum(a.tokens - 2 for a in timed) / sum(a.last - a.first for a in timed) if timed else float("nan")
 
 
@@ -469,21 +497,18 @@ def print_garbage(clean: Level, dirty: Level, sent: int, statuses: dict[str, int
           f"{dirty.rate:,.0f} vs {clean.rate:,.0f} tokens/s; it sent {sent:,} requests, answered {seen}")
 
 
-def print_decode(level: Level | None, engine_rate: float, engine_tokens: int, max_tokens: int) -> None:
-    if level is None:
-        print(f"one stream: not measured (no 1-client level); Engine batch-1 decode {engine_rate:,.0f} tokens/s")
-        return
-    served = stream_decode_rate(level)
-    print(f"one stream: ours decodes {served:,.0f} tokens/s over HTTP, the Engine in-process {engine_rate:,.0f} tokens/s "
-          f"at batch 1 on the same prompt and length ({served / engine_rate * 100:.0f}%)")
-    if engine_tokens != max_tokens:
-        print(f"warning: the in-process Engine produced {engine_tokens} tokens, not {max_tokens}")
+def print_decode(pairs: DecodePairs, max_tokens: int) -> None:
+    served, engine = statistics.median(pairs.served), statistics.median(pairs.engine)
+    print(f"one stream: ours decodes {served:,.0f} tokens/s over HTTP, the Engine in-process {engine:,.0f} tokens/s "
+          f"at batch 1 on the same prompt and length, medians of {len(pairs.served)} turns each ({served / engine * 100:.0f}%)")
+    if pairs.engine_tokens != max_tokens:
+        print(f"warning: the in-process Engine produced {pairs.engine_tokens} tokens, not {max_tokens}")
 
 
 # ---------------------------------------------------------------- the run
 
 
-def run_ours(args, prepared: Prepared, dtype: str, device: str, workdir: Path):
+def run_ours(args, prepared: Prepared, engine: Engine, dtype: str, device: str, workdir: Path):
     port = free_port()
     command = our_command(args, port, prepared.source, dtype, device)
     print("ours: python " + " ".join(command[1:]))
@@ -494,7 +519,8 @@ def run_ours(args, prepared: Prepared, dtype: str, device: str, workdir: Path):
         busy = min(GARBAGE_LEVEL, args.clients[-1])
         clean = levels.get(busy) or run_level(client, "nanochat", busy, args.requests, args.max_tokens, prepared.tokenizer)
         garbage = garbage_level(url, client, args, prepared.tokenizer, busy)
-    return levels, clean, garbage
+        pairs = decode_pairs(engine, client, args, prepared.tokenizer)
+    return levels, clean, garbage, pairs
 
 
 def run_theirs(args, prepared: Prepared, dtype: str, device: str, workdir: Path) -> dict[int, Level] | str:
@@ -534,10 +560,10 @@ def main(argv=None) -> int:
               f"{dtype_name} on {device}; prompts ~{len(prompt)} tokens, greedy, {args.max_tokens} tokens per answer, "
               f"{args.requests} answer(s) per client per level", flush=True)
         served_model = as_served(prepared.model, device, dtype)
-        engine_rate, engine_tokens = engine_decode_rate(served_model, prepared.tokenizer, prompt, args.max_tokens,
-                                                        args.engine_repeats, args.compile)
-        served_model.to(device="cpu")  # in place: the GPU's memory is the servers' from here
-        ours, clean, (dirty, sent, statuses) = run_ours(args, prepared, dtype_name, device.type, workdir)
+        engine = in_process_engine(served_model, prepared.tokenizer, args.compile)
+        ours, clean, (dirty, sent, statuses), pairs = run_ours(args, prepared, engine, dtype_name, device.type, workdir)
+        del engine
+        served_model.to(device="cpu")  # in place: the GPU's memory is the rival's from here
         theirs = None if args.no_rival else run_theirs(args, prepared, dtype_name, device.type, workdir)
     rival = theirs if isinstance(theirs, dict) else None
     if isinstance(theirs, str):
@@ -547,7 +573,7 @@ def main(argv=None) -> int:
     warn_short("ours", [*ours.values(), clean, dirty], args.max_tokens)
     if rival:
         warn_short("transformers", list(rival.values()), args.max_tokens)
-    print_decode(ours.get(1), engine_rate, engine_tokens, args.max_tokens)
+    print_decode(pairs, args.max_tokens)
     print_garbage(clean, dirty, sent, statuses)
     return 0
 
