@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -85,7 +84,8 @@ class Completion:
 
 
 class Request:
-    """One prompt being answered; its events arrive through a queue."""
+    """One prompt being answered; the engine's thread puts its events, a consumer takes them: blocking
+    (`events()`), without waiting (`drain()`), or in an event loop (`abatches()`, given `loop`)."""
 
     _ids = itertools.count()
 
@@ -95,11 +95,14 @@ class Request:
         self.prompt, self.params, self.n = list(prompt), params, n
         self.cancelled = False
         self.loop = loop
-        self._queue: queue.Queue | asyncio.Queue = asyncio.Queue() if loop else queue.Queue()
         self.completion_tokens = 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.error: RequestError | None = None
         self.finished: set[int] = set()  # sample indices that have ended
+        self._events: deque[Event] = deque()
+        self._ready = threading.Condition()  # guards _events, _ends and _waiter
+        self._ends = 0  # finish events put so far
+        self._waiter: tuple[asyncio.Future, bool] | None = None  # the loop's consumer waiting, and whether any event wakes it
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -109,28 +112,38 @@ class Request:
         if self.error is None:
             self.error = RequestError(status, message)
 
-    def put(self, item) -> None:
-        if self.loop is None:
-            self._queue.put(item)
-            return
-        try:
-            self.loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
-            self.cancelled = True
+    def put(self, event: Event) -> None:
+        """From the engine's thread. The event loop is woken only when its consumer waits for this event:
+        one holding tokens for its stream interval sleeps through them (a wake-up is a syscall and a
+        turn of the GIL, per token and request)."""
+        with self._ready:
+            self._events.append(event)
+            self._ends += event.finish_reason is not None
+            self._ready.notify()
+            future = None
+            if self._waiter is not None and (self._waiter[1] or event.finish_reason is not None):
+                (future, _), self._waiter = self._waiter, None
+        if future is not None:
+            try:
+                self.loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
+                self.cancelled = True
 
     def events(self):
         """Blocking iterator of Events until every sample finished."""
         finished = 0
         while finished < self.n:
-            event = self._queue.get()
+            with self._ready:
+                self._ready.wait_for(lambda: self._events)
+                event = self._events.popleft()
             finished += event.finish_reason is not None
             yield event
 
     def drain(self) -> list[Event]:
         """The events available now, without waiting (for callers that step the engine themselves)."""
-        out = []
-        while not self._queue.empty():
-            out.append(self._queue.get_nowait())
+        with self._ready:
+            out = list(self._events)
+            self._events.clear()
         return out
 
     async def abatches(self, patience: float | None = None, interval: float = 0.0):
@@ -140,31 +153,43 @@ class Request:
         Raises TimeoutError if `patience` seconds pass past the deadline with no event (the engine is stuck)."""
         finished, due = 0, 0.0
         while finished < self.n:
-            batch = []
-            while finished < self.n and not (batch and batch[-1].finish_reason):
-                if not self._queue.empty():
-                    event = self._queue.get_nowait()
-                elif batch and time.monotonic() >= due:
-                    break
-                else:
-                    wait = self._patience_left(patience)
-                    if batch:
-                        wait = due - time.monotonic() if wait is None else min(wait, due - time.monotonic())
-                    try:
-                        event = await asyncio.wait_for(self._queue.get(), wait)
-                    except asyncio.TimeoutError:
-                        if batch:
-                            break
-                        raise
-                batch.append(event)
-                finished += event.finish_reason is not None
+            if not await self._until(lambda: self._events, any_event=True, timeout=self._patience_left(patience)):
+                raise asyncio.TimeoutError
+            hold = due - time.monotonic()
+            if hold > 0:  # only a finish ends the hold early
+                await self._until(lambda: self._ends > finished, any_event=False, timeout=hold)
+            batch = self.drain()
+            finished += sum(e.finish_reason is not None for e in batch)
             yield batch
             due = time.monotonic() + interval
+
+    async def _until(self, ready, any_event: bool, timeout: float | None) -> bool:
+        """Wait in the event loop until `ready()` (checked under the lock, so no put slips between the check
+        and the wait); False if `timeout` seconds passed first."""
+        future = self.loop.create_future()
+        with self._ready:
+            if ready():
+                return True
+            self._waiter = (future, any_event)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._ready:
+                self._waiter = None
+        with self._ready:
+            return ready()
 
     def _patience_left(self, patience: float | None) -> float | None:
         if self.deadline is None or patience is None:
             return None
         return max(self.deadline - time.monotonic(), 0) + patience
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 @dataclass(eq=False)  # identity: a sequence is found in the running list by what it is, not by comparing its tokens
