@@ -19,7 +19,9 @@ The run, in order, never two of these busy at once:
 Servers are subprocesses, killed on the way out whatever happened.
 
 Each client is a thread with the real `openai` client streaming chat
-completions, --requests answers one after another. Both servers get the same
+completions; --requests rounds, in each of which every level in turn has each
+of its clients stream one answer (levels measured one after the other would
+compare different speeds of this VM). Both servers get the same
 prompts and greedy decoding (temperature 0) for --max-tokens tokens; tokens
 are what each server reports in `usage`. Each server streams as it does by
 default: ours one chunk per 20 ms (chat_service --stream-interval; this
@@ -103,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=4, help="depth of the fresh model (default %(default)s: the CPU reference config)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the fresh model (default %(default)s)")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8, 16], help="concurrency levels (default 1 4 8 16)")
-    p.add_argument("--requests", type=int, default=4, help="answers each client asks for, one after another (default %(default)s)")
+    p.add_argument("--requests", type=int, default=4, help="rounds; in each, every --clients level in turn has each client stream one answer (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per answer (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=None, help="sequences our server decodes together, and full-context sequences the rival's cache holds (default: the largest --clients level)")
     p.add_argument("--engine-repeats", type=int, default=3, help="turns of one in-process Engine answer then one HTTP stream, for the one-stream ratio; medians kept (default %(default)s)")
@@ -327,11 +329,14 @@ def stream_answer(client: OpenAI, model_id: str, prompt: str, max_tokens: int, t
     return Answer(sent, first, last, tokens, from_usage=True)
 
 
-def run_level(client: OpenAI, model_id: str, clients: int, requests: int, max_tokens: int, tokenizer: Tokenizer) -> Level:
-    """`clients` threads, each streaming `requests` answers back to back; client c asks prompts c*requests..."""
+def run_level(client: OpenAI, model_id: str, clients: int, requests: int, max_tokens: int, tokenizer: Tokenizer,
+              first_prompt: int = 0) -> Level:
+    """`clients` threads, each streaming `requests` answers back to back; client c asks prompts
+    first_prompt + c*requests..."""
 
     def one_client(c: int) -> list[Answer]:
-        return [stream_answer(client, model_id, prompt_text(c * requests + r), max_tokens, tokenizer) for r in range(requests)]
+        return [stream_answer(client, model_id, prompt_text(first_prompt + c * requests + r), max_tokens, tokenizer)
+                for r in range(requests)]
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -351,7 +356,12 @@ def openai_client(url: str) -> OpenAI:
 
 
 def measure_levels(client: OpenAI, model_id: str, args, tokenizer: Tokenizer) -> dict[int, Level]:
-    return {n: run_level(client, model_id, n, args.requests, args.max_tokens, tokenizer) for n in args.clients}
+    """--requests rounds of one answer per client at every level in turn, each level's rounds summed:
+    this VM's speed drifts within seconds, so levels measured one after the other compared different
+    speeds (8 clients / 1 came out 1.98x to 3.82x in three runs of the same code)."""
+    rounds = [{n: run_level(client, model_id, n, 1, args.max_tokens, tokenizer, first_prompt=r * n) for n in args.clients}
+              for r in range(args.requests)]
+    return {n: Level(n, [a for got in rounds for a in got[n].answers], sum(got[n].seconds for got in rounds)) for n in args.clients}
 
 
 # ---------------------------------------------------------------- the garbage client
