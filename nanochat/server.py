@@ -4,8 +4,10 @@
     POST /v1/completions        plain text in and out (for base models)
     GET  /v1/models, /health (and HEAD), /config, /stats, /metrics (Prometheus), and / (the chat page)
 
-Requests share the engine's continuous batching through an EngineWorker
-thread. Every client mistake gets a 4xx with OpenAI's error object, every
+Requests share the engine's continuous batching through an EngineWorker (a
+thread the app starts, or the caller's own: chat_service steps the engine in
+its main thread). A stream sends what arrived since its last chunk, at most
+one chunk per `stream_interval`. Every client mistake gets a 4xx with OpenAI's error object, every
 server-side failure ends that request alone (an error object, or an error
 event and [DONE] in a stream), a client that leaves cancels its work, and
 the server keeps serving whatever it is sent.
