@@ -72,15 +72,18 @@ class TokenClock:
         self.last: dict[int, float] = {}
 
     def tokens(self, index: int, count: int = 1) -> None:
-        """`count` tokens of sample `index` arrived together (a consumer that fell behind reads several at
-        once): the gap since that sample's last arrival is spread over them, so the time-per-token histogram
-        keeps one entry per token after a sample's first arrival and its mean stays the true time per token."""
+        """`count` tokens of sample `index` arrived together (a stream holding them for its interval, or a
+        consumer that fell behind): the gap since that sample's last arrival is spread over them, so the
+        time-per-token histogram gets one entry for every token but each sample's first, and its mean and
+        quantiles stay those of the time per token."""
         now = time.monotonic()
         self.metrics.tokens.inc(count)
-        if not self.last:
-            self.metrics.ttft.observe(now - self.started)
-        elif index in self.last:
-            gap = (now - self.last[index]) / count
-            for _ in range(count):
-                self.metrics.per_token.observe(gap)
+        if index in self.last:
+            gaps = [(now - self.last[index]) / count] * count
+        else:  # the sample's first token starts its clock (the request's first also times TTFT); the rest came with it
+            if not self.last:
+                self.metrics.ttft.observe(now - self.started)
+            gaps = [0.0] * (count - 1)
+        for gap in gaps:
+            self.metrics.per_token.observe(gap)
         self.last[index] = now

@@ -10,8 +10,8 @@ evaluates expr and <|output_start|> result <|output_end|> is forced into the
 stream (the model's own predictions for those steps are discarded).
 
 Two ways to drive it: call `step()` / `generate()` from your own thread (CLI,
-evaluation, RL), or start an `EngineWorker` thread and `submit()` from anywhere
-(the server). Consumers read `Request.events()` (blocking) or `abatches()`
+evaluation, RL), or let an `EngineWorker` step it (in its own thread, or in
+yours: chat_service) and `submit()` from anywhere (the server). Consumers read `Request.events()` (blocking) or `abatches()`
 (asyncio); `cancel()` frees the request's slots at the next step.
 
 Faults stay with their request: an exception while one request is admitted,

@@ -26,8 +26,6 @@ from nanochat.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 KEEP_ALIVE_SECONDS = 5  # a connection with no request in progress is closed after this, so idle clients cannot hold --max-connections
-# 50 chunks/s reads as smooth as one per token; measured: one stream +7% tokens/s, the client's CPU a quarter (bench/README "Serving")
-STREAM_INTERVAL_MS = 20
 SHUTDOWN_GRACE_SECONDS = 3  # after SIGTERM / Ctrl-C, how long answers in flight get to end before they are cut
 
 
@@ -45,9 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queueing included (default %(default)s)")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive before 408 (default %(default)s)")
-    p.add_argument("--stream-interval", type=float, default=STREAM_INTERVAL_MS, metavar="MS",
+    p.add_argument("--stream-interval", type=float, default=ServerSettings.stream_interval * 1000, metavar="MS",
                    help="a stream sends at most one chunk per MS milliseconds, with every token since the last "
-                        "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0: one per token (default %(default)s)")
+                        "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0: one per token (default %(default)g)")
     p.add_argument("--max-connections", type=int, default=256, help="connections served at once; one more gets 503 (default %(default)s)")
     p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
     args = p.parse_args(argv)
@@ -113,15 +111,15 @@ def main(argv=None) -> int:
 def serve(server: Server, worker: EngineWorker) -> int:
     """uvicorn in a thread, the engine's steps in this one: the thread that loaded and warmed up the model
     (EngineWorker says why). Signals arrive here and go to uvicorn; however uvicorn ends, the engine is
-    closed and the steps end with it. Returns 1 when uvicorn could not start (the port is taken, say);
-    after a signal, the process ends by that signal, as it would have without a handler."""
-    failed = []
+    closed and the steps end with it. Returns uvicorn's status when it could not start (3: the port is
+    taken, say), as before it ran in a thread; after a signal, the process ends by that signal, as it would have without a handler."""
+    failed = []  # uvicorn's exit status when it could not start
     caught = []
 
     def http() -> None:
         try:
             server.run()
-        except SystemExit as exc:  # how uvicorn reports that it could not start
+        except SystemExit as exc:  # how uvicorn reports that it could not start, in its own thread too
             failed.append(exc.code)
         finally:
             if worker.engine.closed is None:
@@ -143,7 +141,7 @@ def serve(server: Server, worker: EngineWorker) -> int:
     if caught:
         signal.signal(caught[0], signal.SIG_DFL)
         signal.raise_signal(caught[0])
-    return 1 if failed else 0
+    return failed[0] if failed else 0
 
 
 class Server(uvicorn.Server):

@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from nanochat.engine import Engine
 from nanochat.server import ServerSettings, create_app
@@ -142,7 +143,7 @@ def test_sigterm_tells_answers_in_flight_and_stops_within_seconds(long_dir):
     assert srv.proc.returncode == -signal.SIGTERM  # it ends by the signal, as a process without a handler would
 
 
-def test_a_taken_port_ends_the_server_with_status_1(long_dir):
+def test_a_taken_port_ends_the_server_with_uvicorns_startup_status(long_dir):
     """uvicorn runs beside the engine's thread: when it cannot start, the process must end, not wait on the engine."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -151,7 +152,7 @@ def test_a_taken_port_ends_the_server_with_status_1(long_dir):
         env = {**os.environ, "NANOCHAT_BASE_DIR": str(long_dir), "OMP_NUM_THREADS": "1"}
         done = subprocess.run([sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "address already in use" in done.stderr.lower()
+    assert done.returncode == STARTUP_FAILURE and "address already in use" in done.stderr.lower()
 
 
 def test_a_stream_interval_sends_several_tokens_per_chunk_and_the_same_answer(long_dir):
