@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.rivals import machine_line, profile_table, transformers_model  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.cpu_memory import keep_freed_memory  # noqa: E402
 from nanochat.fake_step import PeakTracker  # noqa: E402
 from nanochat.gpt import build_model, config_for_depth  # noqa: E402
 from nanochat.hardware import peak_flops  # noqa: E402
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
         return run_quality(args.quality, device, *((2, 1, 512) if args.smoke else ()))
     dtype = compute_dtype(device.type, args.dtype)
     print(machine_line(device))
+    if device.type == "cpu" and keep_freed_memory():
+        # process-wide, as scripts.base_train runs: the rival in this process gets it too
+        print("allocator: freed memory kept for reuse (nanochat.cpu_memory), for both sides")
     print(f"config: depth {args.depth}, seq {args.seq_len}, batch {args.batch_size}, vocab {args.vocab_size:,}, "
           f"{str(dtype).removeprefix('torch.')}, {args.steps} timed rounds after {max(args.warmup, 1)} warm-up step(s) each")
     sides = [("ours", ours)] + ([] if args.no_rival else [("transformers", theirs)])

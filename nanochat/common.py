@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from nanochat.cpu_memory import keep_freed_memory
+
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 
 
@@ -111,11 +113,14 @@ def _torchrun_env() -> tuple[int, int, int] | None:
 
 
 def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
-    """Pick the device, seed torch, and join the process group when under torchrun.
+    """Pick the device, seed torch, and join the process group when under torchrun;
+    on CPU, keep freed memory for reuse (nanochat.cpu_memory).
 
     nccl on CUDA, gloo otherwise. Each CUDA rank takes the GPU of its local rank.
     """
     device_type = autodetect_device_type(device_type)
+    if device_type == "cpu":
+        keep_freed_memory()
     torch.manual_seed(seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
