@@ -10,6 +10,7 @@ import subprocess
 
 import torch
 
+from nanochat.common import cpu_bf16_native
 from nanochat.conversation import SPECIAL_TOKENS
 from nanochat.gpt import GPT
 from nanochat.hf_export import architecture_fields, to_hf_state_dict
@@ -56,8 +57,7 @@ def profile_table(run, steps: int, device: torch.device, rows: int = 12) -> str:
 def machine_line(device: torch.device) -> str:
     """What the figures were measured on: CPU model and cores (lscpu), GPU, torch."""
     cpu = _lscpu_field("Model name") or platform.processor() or "unknown CPU"
-    flags = _lscpu_field("Flags") or ""
-    bf16 = "avx512_bf16" in flags.split() or "amx_bf16" in flags.split()
+    bf16 = cpu_bf16_native()
     gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"machine: {cpu}, {torch.get_num_threads()} threads / {_lscpu_field('CPU(s)') or '?'} CPUs"
             f"{' (native bf16)' if bf16 else ''}{gpu}; torch {torch.__version__}")

@@ -77,6 +77,15 @@ def bf16_supported(device_type: str) -> bool:
     return major >= 8
 
 
+def cpu_bf16_native() -> bool:
+    """This CPU runs bf16 matmuls natively: x86 with AVX512-BF16 or AMX (oneDNN uses them);
+    others emulate bf16 slowly."""
+    try:  # private helpers of torch.cpu; absent on older torch builds
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:
+        return False
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -196,9 +205,15 @@ def environment_report() -> dict[str, str]:
         "torch": torch.__version__,
         "torch cuda": torch.version.cuda or "none (CPU build)",
         "device": device,
-        "bf16": "yes" if bf16_supported(device_type) else "no (fp32 compute)",
+        "bf16": "yes" if bf16_supported(device_type) else _cpu_bf16_line(device_type),
         "artifacts": str(get_base_dir()),
     }
+
+
+def _cpu_bf16_line(device_type: str) -> str:
+    if device_type == "cpu" and cpu_bf16_native():
+        return "no (fp32 compute; this CPU runs bf16 natively: --dtype bfloat16 asks for it)"
+    return "no (fp32 compute)"
 
 
 if __name__ == "__main__":

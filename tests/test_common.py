@@ -81,8 +81,18 @@ def test_environment_report_on_cpu(monkeypatch, base_dir):
     monkeypatch.setattr(common, "autodetect_device_type", lambda override=None: "cpu")
     report = common.environment_report()
     assert report["python"] == platform.python_version() and report["torch"] == torch.__version__
-    assert report["device"] == f"cpu ({os.cpu_count()} cores)" and report["bf16"] == "no (fp32 compute)"
+    assert report["device"] == f"cpu ({os.cpu_count()} cores)" and report["bf16"].startswith("no (fp32 compute")
+    assert ("runs bf16 natively" in report["bf16"]) == common.cpu_bf16_native()
     assert report["artifacts"] == str(base_dir)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_bf16_native_reads_torchs_cpu_capabilities(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert common.cpu_bf16_native() is native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert common.cpu_bf16_native() is False  # a torch without the helper: the safe answer
 
 
 def test_setup_script_help_and_bad_flag():

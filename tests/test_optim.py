@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.muon import Muon, aspect_scale, newton_schulz
+from nanochat import muon
+from nanochat.muon import Muon, aspect_scale, newton_schulz, newton_schulz_dtype
 from nanochat.optim import build_optimizers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +161,16 @@ def test_muon_update_is_scaled_by_aspect_ratio():
     # momentum 0: the update is the orthogonalised gradient itself
     Muon([tall, wide], lr=0.1, momentum=0.0).step()
     assert aspect_scale(tall) == 2.0 and aspect_scale(wide) == 1.0
-    torch.testing.assert_close(before[0] - tall.detach(), 0.1 * 2.0 * newton_schulz(tall.grad))
-    torch.testing.assert_close(before[1] - wide.detach(), 0.1 * newton_schulz(wide.grad))
+    ns = newton_schulz_dtype("cpu")
+    torch.testing.assert_close(before[0] - tall.detach(), 0.1 * 2.0 * newton_schulz(tall.grad, dtype=ns).float())
+    torch.testing.assert_close(before[1] - wide.detach(), 0.1 * newton_schulz(wide.grad, dtype=ns).float())
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_newton_schulz_runs_in_bf16_where_the_cpu_has_it(monkeypatch, native):
+    monkeypatch.setattr(muon, "cpu_bf16_native", lambda: native)
+    assert newton_schulz_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
+    assert newton_schulz_dtype("mps") == torch.float32  # the CPU's bf16 says nothing about another device
 
 
 def test_muon_rejects_non_matrices():
