@@ -411,9 +411,9 @@ def compare_head_loss(ctx: Context, dtype: torch.dtype) -> dict:
 def check_chunked_loss(ctx: Context) -> Outcome:
     s = ctx.sizes
     full_logits = s.loss_rows * s.loss_vocab * 4  # one (N, V) fp32 tensor
-    chunks = math.ceil(s.loss_rows / max(1, s.head_chunk_elements // s.loss_vocab))
     statuses, words, figures = [], [], {}
     with head_chunk_elements(s.head_chunk_elements):
+        chunks = math.ceil(s.loss_rows / ops._chunk_rows(s.loss_vocab, ctx.device))  # as head_loss chunks (CPU: capped)
         for dtype in (torch.float32, BF16):
             r = compare_head_loss(ctx, dtype)
             loss_tol, grad_tol = HEAD_TOLERANCES[dtype]

@@ -46,4 +46,5 @@ def _apply() -> bool:
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on
     libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return all(libc.mallopt(param, value) == 1 for param, value in SETTINGS.items())
+    accepted = [libc.mallopt(param, value) == 1 for param, value in SETTINGS.items()]  # each one, even after a refusal
+    return all(accepted)

@@ -86,11 +86,11 @@ def test_environment_report_on_cpu(monkeypatch, base_dir):
     assert report["artifacts"] == str(base_dir)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_cpu_bf16_native_reads_torchs_cpu_capabilities(monkeypatch, native):
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert common.cpu_bf16_native() is native
+@pytest.mark.parametrize("avx512_bf16, amx", [(True, False), (False, True), (False, False)])
+def test_cpu_bf16_native_reads_torchs_cpu_capabilities(monkeypatch, avx512_bf16, amx):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert common.cpu_bf16_native() is (avx512_bf16 or amx)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert common.cpu_bf16_native() is False  # a torch without the helper: the safe answer
 

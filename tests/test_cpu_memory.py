@@ -45,7 +45,7 @@ def faults(mode: str) -> int:
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 def test_kept_memory_spares_the_page_faults_of_each_step():
     default, kept = faults("default"), faults("keep")
-    # at glibc's defaults these four steps fault tens of thousands of pages (76,609 on Xeon-3); kept: none
+    # at glibc's defaults these four steps fault tens of thousands of pages (76,609 on Xeon-3); kept: 0 there
     assert default > 10_000
     assert kept < default / 10
 

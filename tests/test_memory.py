@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat import ops
 from nanochat.fake_step import track_training_peak
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth
 from nanochat.memory import (
@@ -74,6 +75,15 @@ def real_peak(config: GPTConfig, batch: int, dtype: torch.dtype, checkpoint_bloc
     model = build_model(config, CPU)
     model.compute_dtype, model.checkpoint_blocks = dtype, checkpoint_blocks
     return sum(track_training_peak(model, build_optimizers(model, world_size=1), batch, config.sequence_len).values())
+
+def test_the_estimate_chunks_the_head_as_a_gpu_does():
+    """The fake tensors live on the CPU, whose head chunks are smaller (ops.CPU_HEAD_CHUNK_ELEMENTS);
+    the estimate plans GPU runs, so it holds the GPU's chunk: here all 4,096 rows at once."""
+    estimate = measure_training_memory(SMALL, 16, 256, torch.float32)
+    one_chunk = 16 * 256 * SMALL.vocab_size * 4  # fp32 (rows, V)
+    assert estimate.activations >= 2 * one_chunk  # the squashed logits and their exp
+    assert ops.CPU_HEAD_CHUNK_ELEMENTS == 2**22  # and the CPU's cap is back afterwards
+
 
 
 @pytest.mark.parametrize("dtype, checkpoint_blocks", [
