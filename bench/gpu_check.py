@@ -349,17 +349,6 @@ def check_compile_vs_eager(ctx: Context) -> Outcome:
 # ---------------------------------------------------------------- 3. chunked loss
 
 
-@contextlib.contextmanager
-def head_chunk_elements(elements: int):
-    """head_loss reads ops.HEAD_CHUNK_ELEMENTS at each call; set it for a while."""
-    saved = ops.HEAD_CHUNK_ELEMENTS
-    ops.HEAD_CHUNK_ELEMENTS = elements
-    try:
-        yield
-    finally:
-        ops.HEAD_CHUNK_ELEMENTS = saved
-
-
 def chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: int, cap: float) -> float:
     loss = ops.head_loss(x, weight, targets, torch.full_like(targets, 1.0 / counted, dtype=torch.float32), cap)
     loss.backward()
@@ -412,7 +401,7 @@ def check_chunked_loss(ctx: Context) -> Outcome:
     s = ctx.sizes
     full_logits = s.loss_rows * s.loss_vocab * 4  # one (N, V) fp32 tensor
     statuses, words, figures = [], [], {}
-    with head_chunk_elements(s.head_chunk_elements):
+    with ops.head_chunk_elements(gpu=s.head_chunk_elements):
         chunks = math.ceil(s.loss_rows / ops._chunk_rows(s.loss_vocab, ctx.device))  # as head_loss chunks (CPU: capped)
         for dtype in (torch.float32, BF16):
             r = compare_head_loss(ctx, dtype)

@@ -28,7 +28,6 @@ torch.distributed modules that the memory readers do not need.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import itertools
 
@@ -136,26 +135,16 @@ def materialise_fake(model: torch.nn.Module) -> None:
         raise RuntimeError(f"{', '.join(real)} would be really allocated: not fake after to_empty under FakeTensorMode")
 
 
-@contextlib.contextmanager
-def gpu_head_chunks():
-    """Chunk the head as on a GPU while measuring: the fake tensors live on the CPU, where
-    ops caps the chunk (ops.CPU_HEAD_CHUNK_ELEMENTS), but the estimate plans GPU runs. For a
-    CPU run it errs on the safe side, by at most two chunks the size of the GPU's."""
-    saved = ops.CPU_HEAD_CHUNK_ELEMENTS
-    ops.CPU_HEAD_CHUNK_ELEMENTS = ops.HEAD_CHUNK_ELEMENTS
-    try:
-        yield
-    finally:
-        ops.CPU_HEAD_CHUNK_ELEMENTS = saved
-
-
 def measure_fake_step(config: GPTConfig, device_batch_size: int, seq_len: int, dtype: torch.dtype,
                       stage: str = "base", checkpoint_blocks: bool = False) -> dict[str, int]:
     """Peak bytes by part of the measured steps, one rank, on fake tensors: nothing is allocated."""
     model = build_model(config, "meta")  # outside the mode: see materialise_fake
     # Non-fake inputs are allowed only so that to_empty can read the meta
     # tensors' shapes; materialise_fake checks that nothing real is left.
-    with FakeTensorMode(allow_non_fake_inputs=True), gpu_head_chunks():
+    # The head chunked as on a GPU: these fake tensors live on the CPU, whose chunks are
+    # capped (ops.CPU_HEAD_CHUNK_ELEMENTS), but the estimate plans GPU runs. For a CPU run
+    # it errs on the safe side, by at most two chunks of the GPU's size.
+    with FakeTensorMode(allow_non_fake_inputs=True), ops.head_chunk_elements(cpu=ops.HEAD_CHUNK_ELEMENTS):
         materialise_fake(model)
         # as training sets them up (runtime.prepare_model): no autocast, the model casts itself
         model.compute_dtype, model.checkpoint_blocks = dtype, checkpoint_blocks

@@ -17,6 +17,8 @@ accumulate statistics in fp32.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -88,6 +90,19 @@ class ReluSquaredLinear(torch.autograd.Function):
 
 def relu_squared_linear(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return ReluSquaredLinear.apply(h, weight)
+
+
+@contextlib.contextmanager
+def head_chunk_elements(gpu: int | None = None, cpu: int | None = None):
+    """Set HEAD_CHUNK_ELEMENTS (gpu) and/or CPU_HEAD_CHUNK_ELEMENTS (cpu) for a while; the
+    head reads them at each call. For measurements and checks, not for training."""
+    global HEAD_CHUNK_ELEMENTS, CPU_HEAD_CHUNK_ELEMENTS
+    saved = HEAD_CHUNK_ELEMENTS, CPU_HEAD_CHUNK_ELEMENTS
+    HEAD_CHUNK_ELEMENTS, CPU_HEAD_CHUNK_ELEMENTS = gpu or HEAD_CHUNK_ELEMENTS, cpu or CPU_HEAD_CHUNK_ELEMENTS
+    try:
+        yield
+    finally:
+        HEAD_CHUNK_ELEMENTS, CPU_HEAD_CHUNK_ELEMENTS = saved
 
 
 def _chunk_rows(vocab_size: int, device: torch.device) -> int:
