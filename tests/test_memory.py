@@ -76,6 +76,7 @@ def real_peak(config: GPTConfig, batch: int, dtype: torch.dtype, checkpoint_bloc
     model.compute_dtype, model.checkpoint_blocks = dtype, checkpoint_blocks
     return sum(track_training_peak(model, build_optimizers(model, world_size=1), batch, config.sequence_len).values())
 
+
 def test_the_estimate_chunks_the_head_as_a_gpu_does():
     """The fake tensors live on the CPU, whose head chunks are smaller (ops.CPU_HEAD_CHUNK_ELEMENTS);
     the estimate plans GPU runs, so it holds the GPU's chunk: here all 4,096 rows at once."""
@@ -83,7 +84,6 @@ def test_the_estimate_chunks_the_head_as_a_gpu_does():
     one_chunk = 16 * 256 * SMALL.vocab_size * 4  # fp32 (rows, V)
     assert estimate.activations >= 2 * one_chunk  # the squashed logits and their exp
     assert ops.CPU_HEAD_CHUNK_ELEMENTS == 2**22  # and the CPU's cap is back afterwards
-
 
 
 @pytest.mark.parametrize("dtype, checkpoint_blocks", [
