@@ -1,7 +1,8 @@
 """Inference: KV-cached generation with continuous batching, sampling and tool use.
 
 A request (a prompt, sampling parameters, n samples) is prefilled once into a
-free cache slot and copied to n-1 more; after that its sequences decode in the
+free cache slot and copied to n-1 more (requests waiting together share one
+prefill pass, right-padded, in batches of up to one context of tokens); after that its sequences decode in the
 same batch as every other running sequence, one token per step. Requests join
 and leave between steps, so a long answer never holds up a short one.
 
@@ -335,28 +336,55 @@ class Engine:
         return True
 
     def _admit(self) -> None:
-        while True:
-            with self.lock:
-                if not self.waiting or len(self.free_slots) < self.waiting[0].n:
-                    return
+        """Take every waiting request that fits, in order, and prefill them in batches."""
+        admitted = []
+        with self.lock:
+            while self.waiting and len(self.free_slots) >= self.waiting[0].n:
                 request = self.waiting.popleft()
-                slots = [self.free_slots.pop(0) for _ in range(request.n)]
-            try:
-                self._prefill(request, sorted(slots))
-            except Exception as exc:  # this request alone: a bad parameter, a prompt too long for memory
-                log.exception("request %d failed while being admitted", request.id)
-                self.fail_request(request, *_status_of(exc), slots=slots)
+                admitted.append((request, sorted(self.free_slots.pop(0) for _ in range(request.n))))
+        for group in prefill_groups(admitted, self.max_len):
+            self._prefill_isolated(group)
 
-    def _prefill(self, request: Request, slots: list[int]) -> None:
-        seqs = [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
-        first = slots[0]
-        ids = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(ids, kv_cache=self.cache.prefill_view(first), last_only=True)[0, -1]
-        for slot in slots[1:]:
-            self.cache.copy_slot(first, slot)
+    def _prefill_isolated(self, group: list[tuple[Request, list[int]]]) -> None:
+        try:
+            logits, seqs = self._prefill(group)
+        except Exception as exc:
+            if len(group) > 1:  # find the request at fault: each alone, from empty slots again
+                for _, slots in group:
+                    for slot in slots:
+                        self.cache.release(slot)
+                for one in group:
+                    self._prefill_isolated([one])
+                return
+            request, slots = group[0]  # this request alone: a bad parameter, a prompt too long for memory
+            log.exception("request %d failed while being admitted", request.id)
+            self.fail_request(request, *_status_of(exc), slots=slots)
+            return
         self.active.extend(seqs)
         self.active.sort(key=lambda s: s.slot)
-        self._sample_and_accept(logits.expand(len(seqs), -1), seqs)
+        try:
+            self._sample_and_accept(logits, seqs)
+        except Exception as exc:  # not one row's fault (those are caught inside): the whole group
+            log.exception("sampling the first tokens failed")
+            for request, _ in group:
+                self.fail_request(request, *_status_of(exc))
+
+    def _prefill(self, group: list[tuple[Request, list[int]]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward pass over the group's prompts (right-padded), into each request's first slot;
+        its other samples get copies. Returns the last-position logits, one row per new sequence."""
+        lengths = [len(request.prompt) for request, _ in group]
+        width = max(lengths)
+        ids = torch.tensor([request.prompt + [0] * (width - len(request.prompt)) for request, _ in group], device=self.device)
+        view = self.cache.prefill_view([slots[0] for _, slots in group], lengths)
+        last = torch.tensor(lengths, device=self.device) - 1
+        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        seqs, rows = [], []
+        for row, (request, slots) in enumerate(group):
+            for slot in slots[1:]:
+                self.cache.copy_slot(slots[0], slot)
+            seqs += [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
+            rows += [row] * len(slots)
+        return (logits if len(rows) == len(group) else logits[rows]), seqs
 
     def _decode(self) -> None:
         rows = max(s.slot for s in self.active) + 1
@@ -517,6 +545,19 @@ class Engine:
             self.fail_request(request, status, message)
         for request in waiting:
             self.fail_request(request, status, message)
+
+
+def prefill_groups(admitted: list[tuple[Request, list[int]]], budget: int) -> list[list[tuple[Request, list[int]]]]:
+    """Admitted requests in batches for one prefill each: shortest prompts first, a batch growing while
+    its padded size (rows x longest prompt) stays within `budget` tokens (the engine's context, so a batch
+    never needs more memory than one full-length prompt would; a longer prompt goes alone)."""
+    groups: list[list] = []
+    for item in sorted(admitted, key=lambda item: len(item[0].prompt)):
+        if groups and (len(groups[-1]) + 1) * len(item[0].prompt) <= budget:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 def _status_of(exc: Exception) -> tuple[int, str]:

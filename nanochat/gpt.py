@@ -307,7 +307,7 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         loss_reduction: str = "mean",
         loss_weights: torch.Tensor | None = None,
-        last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) in fp32, or the cross-entropy loss when targets are given.
 
@@ -319,14 +319,17 @@ class GPT(nn.Module):
         with gradient (policy-gradient losses).
         kv_cache: see KVCache; idx then holds the tokens after the kv_cache.pos
         already cached ones, and the cache is advanced by T.
-        last_only: logits (B, 1, V) of the last position only (prefill needs no more).
+        logits_at: (B,) one position per row whose logits alone are wanted, as (B, 1, V): a prefill
+        needs only each prompt's last token, and right-padded prompts end at different positions.
         """
         if loss_reduction not in ("mean", "none"):
             raise ValueError(f"loss_reduction must be 'mean' or 'none', got {loss_reduction!r}")
         x = self.hidden_states(idx, kv_cache)
         cap, head = self.config.logit_softcap, self.lm_head.weight
         if targets is None:
-            return self.logits(x[:, -1:] if last_only else x)
+            if logits_at is not None:
+                x = x[torch.arange(x.size(0), device=x.device), logits_at][:, None]
+            return self.logits(x)
         x, flat_targets = x.flatten(0, 1), targets.flatten()
         if loss_weights is not None:
             return head_loss(x, head, flat_targets, loss_weights.flatten(), cap)

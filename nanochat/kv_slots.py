@@ -2,8 +2,9 @@
 
 Each slot holds one sequence and has its own length, so a request can join
 (prefill into a free slot) or leave (free its slot) between decode steps. The
-views below are what GPT.forward sees as its `kv_cache`: one slot during a
-prefill, the first `rows` slots (with per-row positions) during a decode step.
+views below are what GPT.forward sees as its `kv_cache`: the slots being
+prefilled (new prompts, right-padded to one length), or the first `rows`
+slots (with per-row positions) during a decode step.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ class SlotKVCache:
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
         self.slots, self.max_len = slots, max_len
 
-    def prefill_view(self, slot: int) -> "_PrefillView":
-        """Append tokens to one slot (its cached prefix stays)."""
-        return _PrefillView(self, slot)
+    def prefill_view(self, slots: list[int], lengths: list[int] | None = None) -> "_PrefillView":
+        """Append one row of tokens to each of `slots` (their cached prefixes, all of one length, stay);
+        row i's first lengths[i] tokens are real, the rest padding (default: all real)."""
+        return _PrefillView(self, slots, lengths)
 
     def decode_view(self, rows: int, active: torch.Tensor) -> "_DecodeView":
         """One new token for each of slots 0..rows-1; only rows where `active` is set advance."""
@@ -56,21 +58,32 @@ class SlotKVCache:
 
 
 class _PrefillView:
-    def __init__(self, cache: SlotKVCache, slot: int):
-        self.cache, self.slot = cache, slot
-        self.pos = int(cache.lengths[slot])
+    """Right-padded prompts, one per slot: their keys are written whole (padding too, past each slot's
+    length, where every reader ignores them) and each slot advances by its real length only."""
+
+    def __init__(self, cache: SlotKVCache, slots: list[int], lengths: list[int] | None):
+        self.cache = cache
+        self.index = torch.tensor(slots, device=cache.lengths.device)
+        held = cache.lengths[self.index].unique().tolist()
+        if len(held) != 1:
+            raise ValueError(f"slots prefilled together must hold prefixes of one length, not {held}")
+        self.pos = held[0]
+        self.lengths = None if lengths is None else torch.tensor(lengths, device=cache.lengths.device)
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.pos + k.size(2)
         if end > self.cache.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.cache.max_len}")
-        s = self.slot
-        self.cache.k[layer_idx, s : s + 1, :, self.pos : end] = k
-        self.cache.v[layer_idx, s : s + 1, :, self.pos : end] = v
-        return self.cache.k[layer_idx, s : s + 1, :, :end], self.cache.v[layer_idx, s : s + 1, :, :end]
+        keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        keys[self.index, :, self.pos : end] = k
+        values[self.index, :, self.pos : end] = v
+        if self.pos == 0:  # nothing cached before: the new keys are all there is (no gather)
+            return k, v
+        return keys[self.index, :, :end], values[self.index, :, :end]
 
     def advance(self, num_tokens: int) -> None:
-        self.cache.lengths[self.slot] = self.pos + num_tokens
+        grown = num_tokens if self.lengths is None else self.lengths
+        self.cache.lengths[self.index] = self.pos + grown
 
 
 class _DecodeView:

@@ -33,7 +33,7 @@ def prefill(model, cache: SlotKVCache, prompts: list[list[int]]) -> None:
     with torch.no_grad():
         for slot, prompt in enumerate(prompts):
             if prompt:
-                model(torch.tensor([prompt]), kv_cache=cache.prefill_view(slot))
+                model(torch.tensor([prompt]), kv_cache=cache.prefill_view([slot]))
 
 
 def test_one_step_matches_the_eager_decode_view(model):

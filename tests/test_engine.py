@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from nanochat.engine import Engine, EngineWorker, Event, Request, collect
+from nanochat.engine import Engine, EngineWorker, Event, Request, collect, prefill_groups
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams
@@ -39,13 +39,22 @@ def model(tokenizer):
     return random_model(tokenizer.get_vocab_size())
 
 
-def test_batched_decode_logits_equal_uncached_recomputation(model):
+@pytest.mark.parametrize("together", [False, True], ids=["prefilled-alone", "prefilled-together-right-padded"])
+def test_batched_decode_logits_equal_uncached_recomputation(model, together):
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     cache = SlotKVCache(model.config, slots=4, max_len=32)
     seqs = [list(p) for p in prompts]
     with torch.no_grad():
-        for slot, p in enumerate(prompts):
-            model(torch.tensor([p]), kv_cache=cache.prefill_view(slot))
+        if together:  # the padding's keys land past each slot's length, where nothing reads them
+            lengths = [len(p) for p in prompts]
+            ids = torch.tensor([p + [0] * (max(lengths) - len(p)) for p in prompts])
+            last = model(ids, kv_cache=cache.prefill_view([0, 1, 2], lengths), logits_at=torch.tensor(lengths) - 1)
+            assert cache.lengths.tolist() == lengths + [0]
+            for i, p in enumerate(prompts):
+                torch.testing.assert_close(last[i, 0], model(torch.tensor([p]))[0, -1], atol=1e-5, rtol=1e-5)
+        else:
+            for slot, p in enumerate(prompts):
+                model(torch.tensor([p]), kv_cache=cache.prefill_view([slot]))
         for step in range(5):
             inputs = torch.tensor([[10 + step + i] for i in range(3)])
             active = torch.tensor([True, True, True])
@@ -65,6 +74,33 @@ def test_batched_greedy_equals_one_at_a_time(model, tokenizer):
         engine.step()
     together = [collect(r, 1)[0].tokens for r in requests]
     assert together == alone and all(len(t) == 12 for t in alone)
+
+
+def test_waiting_prompts_are_prefilled_in_one_forward_pass(model, tokenizer):
+    """Shortest first, a batch only as wide as the context holds (rows x longest prompt)."""
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("hello world " * 4, "a", "the sum is", "seven " * 35)]
+    shapes = []
+    hook = model.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        engine = Engine(model, tokenizer, max_batch=4)
+        requests = [engine.submit(p, GREEDY) for p in prompts]
+        engine.step()
+    finally:
+        hook.remove()
+    short = sorted(len(p) for p in prompts[:3])
+    assert 3 * short[-1] <= engine.max_len < 2 * len(prompts[3])  # the long one cannot join them
+    assert shapes == [(3, short[-1]), (1, len(prompts[3])), (4, 1)]  # two prefills, then one decode step
+    assert all(r.completion_tokens == 2 for r in requests)
+
+
+def test_prefill_groups_batch_by_padded_size():
+    def request(length):
+        return Request(list(range(length)), GREEDY)
+
+    admitted = [(request(n), [slot]) for slot, n in enumerate((30, 5, 100, 6, 21))]
+    groups = prefill_groups(admitted, budget=64)
+    assert [[len(r.prompt) for r, _ in g] for g in groups] == [[5, 6, 21], [30], [100]]
+    assert [[slots for _, slots in g] for g in groups] == [[[1], [3], [4]], [[0]], [[2]]]
 
 
 def test_more_requests_than_slots_wait_their_turn(model, tokenizer):

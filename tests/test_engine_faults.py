@@ -94,9 +94,13 @@ def test_a_bad_seed_fails_its_request_alone_and_a_full_width_request_still_runs(
 
 
 def test_a_prefill_out_of_memory_ends_that_request_with_503(model, tokenizer):
+    """The two are prefilled together first; when that fails, each alone, so only the long one fails."""
     long_prompt = prompt(tokenizer, "the answer is " * 10)
+    prefills = []
 
     def rule(ids):
+        if ids.size(1) > 1:
+            prefills.append(ids.size(0))
         if ids.size(1) == len(long_prompt):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -107,6 +111,7 @@ def test_a_prefill_out_of_memory_ends_that_request_with_503(model, tokenizer):
     assert collect(doomed, 1)[0].finish_reason == "error"
     assert doomed.error.status == 503 and "memory" in doomed.error.message
     assert collect(ok, 1)[0].tokens == alone(model, tokenizer, "hello")
+    assert prefills == [2, 1, 1]
     assert_clean(engine)
 
 

@@ -143,7 +143,7 @@ def decode_with_cache(model: GPT, idx: torch.Tensor, chunks: list[int], max_len:
     for r in range(rows):
         start, pieces = 0, []
         for size in chunks:
-            pieces.append(model(idx[r : r + 1, start : start + size], kv_cache=cache.prefill_view(r)))
+            pieces.append(model(idx[r : r + 1, start : start + size], kv_cache=cache.prefill_view([r])))
             start += size
         prefilled.append(torch.cat(pieces, dim=1))
     logits = [torch.cat(prefilled, dim=0)]
@@ -177,13 +177,13 @@ def test_kv_cache_release_and_overflow():
     cache = SlotKVCache(model.config, slots=1, max_len=6)
     idx = random_ids(1, 6)
     with torch.no_grad():
-        first = model(idx, kv_cache=cache.prefill_view(0))
+        first = model(idx, kv_cache=cache.prefill_view([0]))
         cache.release(0)
-        torch.testing.assert_close(model(idx, kv_cache=cache.prefill_view(0)), first)
+        torch.testing.assert_close(model(idx, kv_cache=cache.prefill_view([0])), first)
         with pytest.raises(ValueError, match="reached the cache's 6 tokens"):
             model(idx[:, :1], kv_cache=cache.decode_view(1, torch.ones(1, dtype=torch.bool)))
         with pytest.raises(ValueError, match="exceeds the cache's 6"):
-            model(idx[:, :1], kv_cache=cache.prefill_view(0))
+            model(idx[:, :1], kv_cache=cache.prefill_view([0]))
 
 
 # ---------------------------------------------------------------- sizing and accounting
@@ -271,12 +271,13 @@ def test_init_weights_statistics():
         assert not block.attn.o_proj.weight.any() and not block.mlp.fc2.weight.any()
 
 
-def test_last_only_logits_and_the_skinny_cpu_matmul_match_the_full_pass():
-    """Prefill asks for the last position only; decode-sized inputs take Linear's (W @ x.T).T path."""
+def test_logits_at_one_position_per_row_and_the_skinny_cpu_matmul_match_the_full_pass():
+    """Prefill asks for each row's last prompt token only; decode-sized inputs take Linear's (W @ x.T).T path."""
     model = make_model()
     idx = random_ids(2, 20)
     full = model(idx)
-    torch.testing.assert_close(model(idx, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    at = model(idx, logits_at=torch.tensor([19, 7]))  # row 1 as if padded after its 8th token
+    torch.testing.assert_close(at, torch.stack((full[0, 19:], full[1, 7:8])), atol=1e-5, rtol=1e-5)
     one_row = model(idx[:1])  # 20 rows: the skinny path in the head (256 outputs for 128 inputs is not wide)
     torch.testing.assert_close(one_row, full[:1], atol=1e-5, rtol=1e-5)
     layer = GPT(tiny_config(vocab_size=2048)).lm_head  # 2048 outputs for 128 inputs: wide
