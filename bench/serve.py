@@ -24,9 +24,10 @@ of its clients stream one answer (levels measured one after the other would
 compare different speeds of this VM). Both servers get the same
 prompts and greedy decoding (temperature 0) for --max-tokens tokens; tokens
 are what each server reports in `usage`. Each server streams as it does by
-default: ours one chunk per 20 ms (chat_service --stream-interval; this
-script's --stream-interval 0 for one per token), transformers serve one per
-token. The fresh model's lm_head rows for the special tokens are zero, so no
+default: ours one chunk per 20 ms per stream and at most 100 a second for all
+streams together (chat_service --stream-interval, --stream-chunk-rate; this
+script's --stream-interval 0 --stream-chunk-rate 0 for one per token),
+transformers serve one per token. The fresh model's lm_head rows for the special tokens are zero, so no
 stop token ever wins the argmax and every answer runs to --max-tokens; a line
 warns when an answer came back shorter.
 
@@ -118,6 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "default: on, off for --smoke, where compiling would take minutes)")
     p.add_argument("--stream-interval", type=float, default=None, metavar="MS",
                    help="our server's chat_service --stream-interval (default: the server's own, 20 ms; 0 sends a chunk per token as the rival does)")
+    p.add_argument("--stream-chunk-rate", type=float, default=None, metavar="N",
+                   help="our server's chat_service --stream-chunk-rate, chunks a second for all streams together (default: the server's own, 100; 0 with --stream-interval 0 sends a chunk per token as the rival does)")
     p.add_argument("--no-rival", action="store_true", help="measure ours only")
     p.add_argument("--smoke", action="store_true", help="seconds-long run of every code path: depth 1, vocab 512, 1 and 2 clients, 8 tokens")
     args = p.parse_args(argv)
@@ -234,7 +237,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
 def our_command(args, port: int, source: str, dtype: str, device: str) -> list[str]:
     return [sys.executable, "-m", "scripts.chat_service", "--host", "127.0.0.1", "--port", str(port), "--source", source,
             "--max-batch", str(args.max_batch), "--dtype", dtype, "--device", device] + (["--compile"] if args.compile else []) + \
-           ([] if args.stream_interval is None else ["--stream-interval", f"{args.stream_interval:g}"])
+           ([] if args.stream_interval is None else ["--stream-interval", f"{args.stream_interval:g}"]) + \
+           ([] if args.stream_chunk_rate is None else ["--stream-chunk-rate", f"{args.stream_chunk_rate:g}"])
 
 
 def rival_command(args, port: int, hf_dir: Path, context: int, dtype: str, device: str) -> list[str]:

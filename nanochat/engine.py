@@ -35,6 +35,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -147,10 +148,11 @@ class Request:
             self._events.clear()
         return out
 
-    async def abatches(self, patience: float | None = None, interval: float = 0.0):
+    async def abatches(self, patience: float | None = None, interval: Callable[[], float] = lambda: 0.0):
         """Lists of events until every sample finished, each what arrived since the list before, and at most
-        one list per `interval` seconds: a consumer with a cost per list (an HTTP chunk) pays it once for
-        several tokens instead of falling behind the engine. The first event and every finish go out at once.
+        one list per `interval()` seconds (asked after each list: it may change as load does): a consumer with
+        a cost per list (an HTTP chunk) pays it once for several tokens instead of falling behind the engine.
+        The first event and every finish go out at once.
         Raises TimeoutError if `patience` seconds pass past the deadline with no event (the engine is stuck)."""
         finished, due = 0, 0.0
         while finished < self.n:
@@ -162,7 +164,7 @@ class Request:
             batch = self.drain()
             finished += sum(e.finish_reason is not None for e in batch)
             yield batch
-            due = time.monotonic() + interval
+            due = time.monotonic() + interval()
 
     async def _until(self, ready, any_event: bool, timeout: float | None) -> bool:
         """Wait in the event loop until `ready()` (checked under the lock, so no put slips between the check

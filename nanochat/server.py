@@ -7,7 +7,9 @@
 Requests share the engine's continuous batching through an EngineWorker (a
 thread the app starts, or the caller's own: chat_service steps the engine in
 its main thread). A stream sends what arrived since its last chunk, at most
-one chunk per `stream_interval`. Every client mistake gets a 4xx with OpenAI's error object, every
+one chunk per `stream_interval`, and all streams together at most
+`stream_chunk_rate` chunks a second (so the cost of chunks stays a fixed share of the CPU however
+many clients stream). Every client mistake gets a 4xx with OpenAI's error object, every
 server-side failure ends that request alone (an error object, or an error
 event and [DONE] in a stream), a client that leaves cancels its work, and
 the server keeps serving whatever it is sent.
@@ -67,6 +69,10 @@ class ServerSettings:
     # seconds: a stream sends at most one chunk per interval, its tokens since the last; 50 chunks/s reads as
     # smooth as one per token, and cost a quarter of the client's CPU (bench/README "Serving", Xeon-3)
     stream_interval: float = 0.02
+    # chunks a second, all streams together: each chunk costs the server and its client about 0.6 ms of CPU
+    # (2-core Xeon, bench/README "Serving"), so 8 streams at 50 chunks/s each spent a quarter of the machine on
+    # chunks; at 100, 8 streams get a chunk per 80 ms each (12 a second), still smooth to read. 0: no limit
+    stream_chunk_rate: float = 100.0
 
     @property
     def max_body_bytes(self) -> int:
@@ -91,6 +97,7 @@ class ChatService:
         self.started = time.time()
         self.served = 0
         self.in_flight = 0
+        self.streams = 0
         self.worker: EngineWorker | None = None
         self.watchers: set[asyncio.Task] = set()
 
@@ -98,6 +105,11 @@ class ChatService:
         key = self.settings.api_key
         if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
             raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+
+    def chunk_interval(self) -> float:
+        """Seconds between one stream's chunks now: its own interval, or its share of the chunk rate."""
+        s = self.settings
+        return max(s.stream_interval, self.streams / s.stream_chunk_rate if s.stream_chunk_rate else 0.0)
 
     def unavailable(self) -> str | None:
         """Why no request can be served now, or None."""
@@ -370,12 +382,16 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
     async with serving(service, engine_request, watcher):
         for opening in dialect.opening(engine_request.n):
             yield opening
-        async for batch in engine_request.abatches(ENGINE_PATIENCE, service.settings.stream_interval):
-            for index, count in Counter(e.index for e in batch if e.token is not None).items():
-                clock.tokens(index, count)
-            chunks = batch_chunks(dialect, batch, engine_request.params.logprobs is not None)
-            if chunks:  # a token whose text is held back (half a character) sends nothing yet
-                yield "".join(chunks)
+        service.streams += 1
+        try:
+            async for batch in engine_request.abatches(ENGINE_PATIENCE, service.chunk_interval):
+                for index, count in Counter(e.index for e in batch if e.token is not None).items():
+                    clock.tokens(index, count)
+                chunks = batch_chunks(dialect, batch, engine_request.params.logprobs is not None)
+                if chunks:  # a token whose text is held back (half a character) sends nothing yet
+                    yield "".join(chunks)
+        finally:
+            service.streams -= 1
     error = engine_request.error
     if error is not None:  # never a finish_reason that would pass a truncated answer off as complete
         yield sse(ApiError(error.status, error.message, kind="server_error").body())

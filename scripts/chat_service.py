@@ -46,11 +46,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream-interval", type=float, default=ServerSettings.stream_interval * 1000, metavar="MS",
                    help="a stream sends at most one chunk per MS milliseconds, with every token since the last "
                         "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0: one per token (default %(default)g)")
+    p.add_argument("--stream-chunk-rate", type=float, default=ServerSettings.stream_chunk_rate, metavar="N",
+                   help="all streams together send at most N chunks a second (each stream still at most one per "
+                        "--stream-interval), so many streams wait longer between chunks instead of spending the CPU on them; "
+                        "0: no limit (default %(default)g)")
     p.add_argument("--max-connections", type=int, default=256, help="connections served at once; one more gets 503 (default %(default)s)")
     p.add_argument("--banner", default="api", choices=["api", "web"], help="what the startup message explains (chat.sh uses web)")
     args = p.parse_args(argv)
-    if args.stream_interval < 0:
+    if not args.stream_interval >= 0:  # NaN too
         p.error(f"--stream-interval must be 0 or more milliseconds, not {args.stream_interval:g}")
+    if not args.stream_chunk_rate >= 0:
+        p.error(f"--stream-chunk-rate must be 0 (no limit) or more chunks a second, not {args.stream_chunk_rate:g}")
     return args
 
 
@@ -96,6 +102,7 @@ def main(argv=None) -> int:
         max_message_chars=args.max_message_chars, max_total_chars=args.max_total_chars, max_queue=args.max_queue,
         temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens, request_timeout=args.request_timeout,
         body_timeout=args.body_timeout, stream_interval=args.stream_interval / 1000,
+        stream_chunk_rate=args.stream_chunk_rate,
     )
     info = {"source": meta["source"], "model_tag": meta["model_tag"], "step": meta["step"],
             "parameters": model.num_params(), "device": str(device), "context": engine.max_len}

@@ -220,7 +220,7 @@ def _batches(events_at: list[tuple[float, Event]], interval: float, n: int = 1) 
                 request.put(event)
 
         threading.Thread(target=produce, daemon=True).start()
-        return [(time.monotonic() - started, batch) async for batch in request.abatches(patience=None, interval=interval)]
+        return [(time.monotonic() - started, batch) async for batch in request.abatches(patience=None, interval=lambda: interval)]
 
     return asyncio.run(consume())
 

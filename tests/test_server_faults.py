@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -173,6 +174,37 @@ def test_a_stream_interval_sends_several_tokens_per_chunk_and_the_same_answer(lo
         assert per_token_count(srv) - before == whole["usage"]["completion_tokens"] - 1  # one histogram entry per token still
     finally:
         srv.close()
+
+
+def test_streams_share_the_chunk_rate(long_dir):
+    srv = ServerProcess(long_dir, "--stream-interval", "0", "--stream-chunk-rate", "10")
+    try:
+        asked = long_body(max_tokens=60)
+        whole = httpx.post(srv.url + "/v1/chat/completions", json=asked, timeout=30).json()["choices"][0]["message"]["content"]
+
+        def stream(_):
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", json={**asked, "stream": True}, timeout=60) as resp:
+                chunks = [json.loads(e)["choices"][0] for e in read_events(resp)[:-1]]
+            return [c["delta"]["content"] for c in chunks if c["delta"].get("content")]
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            streams = list(pool.map(stream, range(2)))
+        seconds = time.monotonic() - started
+        assert ["".join(s) for s in streams] == [whole, whole]
+        # without the shared rate, interval 0 sends a chunk per token: 120 of them
+        assert sum(map(len, streams)) <= 4 + seconds * 10 < 120
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("flag, value", [("--stream-chunk-rate", "-1"), ("--stream-chunk-rate", "nan"), ("--stream-interval", "nan")])
+def test_stream_pacing_flags_refuse_what_is_not_a_rate(flag, value, capsys):
+    from scripts.chat_service import parse_args
+
+    with pytest.raises(SystemExit) as refused:
+        parse_args([flag, value])
+    assert refused.value.code == 2 and f"{flag} must be 0" in capsys.readouterr().err
 
 
 def per_token_count(srv) -> float:
