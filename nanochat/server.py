@@ -382,16 +382,18 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
     async with serving(service, engine_request, watcher):
         for opening in dialect.opening(engine_request.n):
             yield opening
-        service.streams += 1
+        counted = False  # from its first token: a stream still queued sends nothing, so takes no share of the rate
         try:
             async for batch in engine_request.abatches(ENGINE_PATIENCE, service.chunk_interval):
+                if not counted:
+                    service.streams, counted = service.streams + 1, True
                 for index, count in Counter(e.index for e in batch if e.token is not None).items():
                     clock.tokens(index, count)
                 chunks = batch_chunks(dialect, batch, engine_request.params.logprobs is not None)
                 if chunks:  # a token whose text is held back (half a character) sends nothing yet
                     yield "".join(chunks)
         finally:
-            service.streams -= 1
+            service.streams -= counted
     error = engine_request.error
     if error is not None:  # never a finish_reason that would pass a truncated answer off as complete
         yield sse(ApiError(error.status, error.message, kind="server_error").body())
