@@ -215,6 +215,7 @@ class ChatService:
             "uptime_seconds": round(time.time() - self.started, 1),
             "requests_served": self.served,
             "requests_in_flight": self.in_flight,
+            "streams_sending": self.streams,  # the streams sharing --stream-chunk-rate now
             "queue_depth": self.engine.queue_depth(),
             "slots_in_use": self.engine.slots_in_use(),
             "tokens_generated": self.engine.tokens_generated,

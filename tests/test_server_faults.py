@@ -198,6 +198,22 @@ def test_streams_share_the_chunk_rate(long_dir):
         srv.close()
 
 
+def test_a_queued_stream_takes_no_share_of_the_chunk_rate(long_dir):
+    srv = ServerProcess(long_dir, "--max-batch", "1")
+    try:
+        first = raw_request(srv, long_body(stream=True))
+        assert wait_for(lambda: stats(srv)["streams_sending"] == 1)
+        queued = raw_request(srv, long_body(stream=True))
+        assert wait_for(lambda: stats(srv)["queue_depth"] == 1)
+        assert stats(srv)["streams_sending"] == 1  # the queued one sends nothing yet
+        first.close()  # leaving frees the slot: the queued stream starts sending
+        assert wait_for(lambda: stats(srv)["queue_depth"] == 0 and stats(srv)["streams_sending"] == 1)
+        queued.close()
+        assert wait_for(lambda: stats(srv)["streams_sending"] == 0 and stats(srv)["requests_in_flight"] == 0)
+    finally:
+        srv.close()
+
+
 @pytest.mark.parametrize("flag, value", [("--stream-chunk-rate", "-1"), ("--stream-chunk-rate", "nan"), ("--stream-interval", "nan")])
 def test_stream_pacing_flags_refuse_what_is_not_a_rate(flag, value, capsys):
     from scripts.chat_service import parse_args
