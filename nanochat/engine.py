@@ -2,9 +2,10 @@
 
 A request (a prompt, sampling parameters, n samples) is prefilled once into a
 free cache slot and copied to n-1 more (requests waiting together share one
-prefill pass, right-padded, in batches of up to one context of tokens); after that its sequences decode in the
-same batch as every other running sequence, one token per step. Requests join
-and leave between steps, so a long answer never holds up a short one.
+prefill pass, right-padded, in batches of up to one context of tokens); after
+that its sequences decode in the same batch as every other running sequence,
+one token per step. Requests join and leave between steps, so a long answer
+never holds up a short one.
 
 When a sequence emits <|python_start|> expr <|python_end|>, the calculator
 evaluates expr and <|output_start|> result <|output_end|> is forced into the
@@ -22,7 +23,7 @@ if the batched forward pass itself fails (a GPU out of memory, say), the
 newest request is failed and the step retried without it, so the others
 carry on. A request past its deadline ends the same way.
 
-Why one module of about 500 lines: the scheduler, its request and sequence records and
+Why one module of about 650 lines: the scheduler, its request and sequence records and
 the worker thread share one lock and one state machine; split apart, each half would
 reach into the other's fields.
 """

@@ -115,6 +115,31 @@ def test_a_prefill_out_of_memory_ends_that_request_with_503(model, tokenizer):
     assert_clean(engine)
 
 
+def test_a_failure_sampling_a_prefilled_group_ends_that_group_and_frees_its_slots(model, tokenizer):
+    """Not one row's fault (a bug past the per-row guards): the requests prefilled together end, the engine goes on."""
+    engine = Engine(model, tokenizer, max_batch=2)
+    real, calls = engine._logprobs, []
+
+    def broken(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in logprobs")
+        return real(*args)
+
+    engine._logprobs = broken
+    params = dataclasses.replace(GREEDY, logprobs=1)
+    group = [engine.submit(prompt(tokenizer, text), params) for text in ("hello", "sum")]
+    run_dry(engine)
+    for request in group:
+        assert collect(request, 1)[0].finish_reason == "error"
+        assert request.error.status == 500 and "RuntimeError" in request.error.message
+    assert_clean(engine)
+    later = engine.submit(prompt(tokenizer, "hello"), params)
+    run_dry(engine)
+    assert collect(later, 1)[0].tokens == alone(model, tokenizer, "hello")
+    assert_clean(engine)
+
+
 def test_a_failed_decode_step_drops_the_newest_request_and_the_older_one_is_unharmed(model, tokenizer):
     failures = []
 
