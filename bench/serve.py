@@ -118,7 +118,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our server and in-process Engine decode through the compiled step (chat_service --compile; "
                         "default: on, off for --smoke, where compiling would take minutes)")
     p.add_argument("--stream-interval", type=float, default=None, metavar="MS",
-                   help="our server's chat_service --stream-interval (default: the server's own, 20 ms; 0 sends a chunk per token as the rival does)")
+                   help="our server's chat_service --stream-interval (default: the server's own, 20 ms; 0 with --stream-chunk-rate 0 sends a chunk per token as the rival does)")
     p.add_argument("--stream-chunk-rate", type=float, default=None, metavar="N",
                    help="our server's chat_service --stream-chunk-rate, chunks a second for all streams together (default: the server's own, 100; 0 with --stream-interval 0 sends a chunk per token as the rival does)")
     p.add_argument("--no-rival", action="store_true", help="measure ours only")

@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive before 408 (default %(default)s)")
     p.add_argument("--stream-interval", type=float, default=ServerSettings.stream_interval * 1000, metavar="MS",
                    help="a stream sends at most one chunk per MS milliseconds, with every token since the last "
-                        "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0: one per token (default %(default)g)")
+                        "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0 (with --stream-chunk-rate 0): one per token (default %(default)g)")
     p.add_argument("--stream-chunk-rate", type=float, default=ServerSettings.stream_chunk_rate, metavar="N",
                    help="all streams together send at most N chunks a second (each stream still at most one per "
                         "--stream-interval), so many streams wait longer between chunks instead of spending the CPU on them; "
