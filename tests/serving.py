@@ -22,18 +22,19 @@ SCRIPT_ANSWER = "<script>alert('pwned')</script> **bold** and `code`"
 FENCED_ANSWER = "Run this:\n\n```python\nprint('hi')\n```\n\nDone."
 
 
-def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER) -> None:
-    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`.
+def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER, endless: bool = False) -> None:
+    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`; an `endless` one
+    never learns the end of the answer, so it goes on until max_tokens or its context.
     Trained on one thread: on 2 busy cores, two threads took 90 s where one took 7 s (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_served_model(base, sequence_len, answer)
+        _train_served_model(base, sequence_len, answer, endless)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_served_model(base: Path, sequence_len: int, answer: str) -> None:
+def _train_served_model(base: Path, sequence_len: int, answer: str, endless: bool) -> None:
     words = ["hello", "world", "script", "alert", "bold", "code", "and", "the", "answer", "is"]
     texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + " <script> **x** `y`" for i in range(200)]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
@@ -42,6 +43,8 @@ def _train_served_model(base: Path, sequence_len: int, answer: str) -> None:
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=4, n_embd=64)
     model = build_model(config, "cpu")
     ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]})
+    if endless:  # where a long answer ends is a guess for so small a model, and it guessed differently on another CPU
+        ids = ids[:-1]  # no <|assistant_end|> target: greedy decoding never picks it
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):

@@ -25,14 +25,14 @@ from serving import ROOT, ServerProcess, free_port, make_served_model
 from test_engine import random_model
 from test_engine_faults import Crash, Faulty
 
-LONG_ANSWER = "hello world " * 400  # ~800 tokens: seconds of decoding, so a client can leave midway
+LONG_ANSWER = "hello world " * 400  # ~800 tokens, and endless: seconds of decoding, so a client can leave midway
 GO = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
 def long_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("long")
-    make_served_model(base, sequence_len=2048, answer=LONG_ANSWER)
+    make_served_model(base, sequence_len=2048, answer=LONG_ANSWER, endless=True)
     return base
 
 
@@ -95,7 +95,7 @@ def test_a_client_that_leaves_cancels_its_work(server, mode):
             sock.close()
     assert wait_for(lambda: stats(server)["slots_in_use"] == 0 and stats(server)["requests_in_flight"] == 0, timeout=3)
     spent = stats(server)["tokens_generated"] - before
-    assert spent < (len(blockers) + 1) * 600  # each answer would be ~800 tokens had it run on
+    assert spent < (len(blockers) + 1) * 600  # each answer would be 2,042 tokens (the context) had it run on
 
 
 def test_an_idle_server_uses_no_cpu(server):
