@@ -44,6 +44,7 @@ def _train_served_model(base: Path, sequence_len: int, answer: str, endless: boo
     model = build_model(config, "cpu")
     ids, _ = tokenizer.render_conversation({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]})
     if endless:  # where a long answer ends is a guess for so small a model, and it guessed differently on another CPU
+        assert ids[-1] == tokenizer.encode_special("<|assistant_end|>"), "the rendered answer no longer ends with its end token"
         ids = ids[:-1]  # no <|assistant_end|> target: greedy decoding never picks it
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
