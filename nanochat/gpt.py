@@ -401,6 +401,15 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def scaling_params(self) -> int:
+        """The parameters a training horizon is counted in (Kaplan et al. style): the
+        block matrices plus the lm_head, not the embedding, which is a lookup. With
+        this count the public nanochat scaling sweep (log, 2026-01-27; 1e18..1e19
+        FLOPs) found parameters and tokens both growing as ~C^0.5 and a stable
+        optimum near 10.5 tokens per parameter."""
+        counts = self.param_counts()
+        return counts["matrices"] + counts["lm_head"]
+
     def estimate_flops(self) -> float:
         """Training FLOPs per token (forward + backward), the nanochat convention.
 

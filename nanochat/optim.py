@@ -18,12 +18,13 @@ them on CPU (in-place all-gathers included), so no fallback is needed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from nanochat.muon import DistMuon, Muon, grad_of
+from nanochat.muon import ORTHOGONALIZERS, DistMuon, Muon, grad_of
 
 ADAMW_BETAS = (0.8, 0.95)
 ADAMW_EPS = 1e-10
@@ -31,6 +32,36 @@ MUON_MOMENTUM = 0.95  # the training loop warms it up from 0.85 by setting group
 TUNED_AT_DIM = 768  # model width at which embedding_lr and unembedding_lr were tuned
 # Learning rates as nanochat tuned them (the AdamW two at width TUNED_AT_DIM); every stage's flags default to these.
 LEARNING_RATES = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004}
+
+# Pretraining's Muon weight decay at width TUNED_AT_DIM, scaled by (TUNED_AT_DIM / width)^2 and ramped
+# linearly to 0 over the run: the public nanochat log (2026-01-10) found 0.2 at d12 and the optimum
+# falling as 1/width^2 (d20: ~0.22 x (12/20)^2). Post-training stages use none.
+PRETRAIN_WEIGHT_DECAY = 0.2
+# Total batch at which LEARNING_RATES were tuned; another batch scales every rate by sqrt(B / this)
+# (AdamW's square-root rule; "assumed the same for Muon, not studied carefully", nanochat's log).
+TUNED_AT_BATCH = 2**19
+
+
+@dataclass(frozen=True)
+class MuonOptions:
+    """How Muon updates its matrices (see nanochat.muon): the 2026 recipe's defaults, no weight decay."""
+
+    orthogonalizer: str = "polar-express"
+    normuon: bool = True
+    weight_decay: float = 0.0  # at width TUNED_AT_DIM; build_optimizers scales it by (TUNED_AT_DIM / width)^2
+    cautious: bool = True
+
+    def __post_init__(self):
+        if self.orthogonalizer not in ORTHOGONALIZERS:
+            raise ValueError(f"unknown orthogonalizer {self.orthogonalizer!r}; choose from {', '.join(ORTHOGONALIZERS)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+
+
+def batch_lr_scale(total_batch_size: int) -> float:
+    """sqrt(total batch / TUNED_AT_BATCH): the learning rates' factor for another total batch."""
+    return math.sqrt(total_batch_size / TUNED_AT_BATCH)
+
 
 # torch 2.13 renamed these collectives and deprecates the old names.
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -121,29 +152,35 @@ def build_optimizers(
     embedding_lr: float = LEARNING_RATES["embedding_lr"],
     unembedding_lr: float = LEARNING_RATES["unembedding_lr"],
     matrix_lr: float = LEARNING_RATES["matrix_lr"],
-    weight_decay: float = 0.0,
+    muon: MuonOptions = MuonOptions(),
+    lr_scale: float = 1.0,
     world_size: int = 1,
 ) -> list[torch.optim.Optimizer]:
     """[AdamW for the embedding and lm_head, Muon for the block matrices].
 
     `model.parameter_groups()` says which parameter goes where. The AdamW
     learning rates scale as (n_embd / 768) ** -0.5, since wider models need
-    smaller steps there. `weight_decay` applies to the Muon matrices only (the
-    AdamW ones take none). With world_size > 1 (process group initialised) the
-    sharded DistAdamW and DistMuon are used. Every group records `initial_lr`,
-    so a schedule can set lr = initial_lr * multiplier.
+    smaller steps there; every rate is multiplied by `lr_scale` (batch_lr_scale
+    for a total batch other than the tuned one). Weight decay applies to the
+    Muon matrices only, scaled by (768 / n_embd)^2 (AdamW takes none). With
+    world_size > 1 (process group initialised) the sharded DistAdamW and
+    DistMuon are used. Every group records `initial_lr` and
+    `initial_weight_decay`, so a schedule can set value = initial x multiplier.
     """
     groups = model.parameter_groups()
     check_covers_each_parameter_once(model, groups)
     if world_size > 1 and not (dist.is_initialized() and dist.get_world_size() == world_size):
         raise RuntimeError(f"world_size={world_size} needs an initialised process group of that size")
-    dim_scale = (model.config.n_embd / TUNED_AT_DIM) ** -0.5
+    width = model.config.n_embd
+    dim_scale = (width / TUNED_AT_DIM) ** -0.5
     adam_groups = [
-        dict(params=list(groups["embedding"]), lr=embedding_lr * dim_scale),
-        dict(params=list(groups["lm_head"]), lr=unembedding_lr * dim_scale),
+        dict(params=list(groups["embedding"]), lr=embedding_lr * dim_scale * lr_scale),
+        dict(params=list(groups["lm_head"]), lr=unembedding_lr * dim_scale * lr_scale),
     ]
     adam_options = dict(betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
-    muon_options = dict(lr=matrix_lr, momentum=MUON_MOMENTUM, weight_decay=weight_decay)
+    muon_options = dict(lr=matrix_lr * lr_scale, momentum=MUON_MOMENTUM, orthogonalizer=muon.orthogonalizer,
+                        normuon=muon.normuon, cautious=muon.cautious,
+                        weight_decay=muon.weight_decay * (TUNED_AT_DIM / width) ** 2)
     if world_size > 1:
         optimizers = [DistAdamW(adam_groups, **adam_options), DistMuon(groups["matrix"], **muon_options)]
     else:
@@ -152,6 +189,7 @@ def build_optimizers(
     for opt in optimizers:
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]
+            group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
 
 

@@ -2,11 +2,54 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 # Share of the steps over which the learning rate decays linearly to 0, after a flat start
 # (nanochat's default at the time of the seed; not re-tuned here).
 WARMDOWN_RATIO = 0.2
+
+# Power Lines (Bergsma et al., arXiv:2505.13738): the best total batch grows as D^0.383 with the
+# training tokens D. Anchored where nanochat tuned it: 2^19 tokens at depth 12's horizon.
+POWER_LINES_EXPONENT = 0.383
+BATCH_ANCHOR_DEPTH = 12
+BATCH_ANCHOR_TOKENS = 2**19
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How pretraining turns a depth into a run: horizon, batch and optimizer choices.
+    Every field is also a base_train flag, so an A/B can turn one piece off."""
+
+    tokens_per_param: float
+    param_count: str  # "scaling" (GPT.scaling_params: matrices + head) or "all" (every parameter)
+    power_lines_batch: bool  # total batch from the horizon; else BATCH_ANCHOR_TOKENS
+    lr_batch_scaling: bool  # learning rates x sqrt(batch / 2^19)
+    orthogonalizer: str
+    normuon: bool
+    weight_decay: float  # Muon's, at width 768
+    cautious: bool
+    packing: str
+
+
+RECIPES = {
+    # The public nanochat log's 2026 changes (its scaling sweep, Power Lines, Muon upgrades, BOS-aligned best-fit packing).
+    "2026": Recipe(tokens_per_param=10.5, param_count="scaling", power_lines_batch=True, lr_batch_scaling=True,
+                   orthogonalizer="polar-express", normuon=True, weight_decay=0.2, cautious=True, packing="best-fit"),
+    # What this project trained with until December 2026: Chinchilla's 20 tokens per (every) parameter,
+    # 2^19 tokens per step, the quintic Newton-Schulz, no weight decay, documents concatenated into rows.
+    "2025-10": Recipe(tokens_per_param=20, param_count="all", power_lines_batch=False, lr_batch_scaling=False,
+                      orthogonalizer="newton-schulz", normuon=False, weight_decay=0.0, cautious=False, packing="concat"),
+}
+DEFAULT_RECIPE = "2026"
+
+
+def power_lines_batch(tokens: float, anchor_tokens: float) -> int:
+    """The total batch (a power of two) for a run of `tokens` training tokens, when a run of
+    `anchor_tokens` (depth 12's horizon at the same ratio) trains best at 2^19. With our vocabulary
+    of 65,536 at seq 2,048: 2^18 to depth 7, 2^19 at 8-16, 2^20 at 18-32, 2^21 from 34."""
+    raw = BATCH_ANCHOR_TOKENS * (tokens / anchor_tokens) ** POWER_LINES_EXPONENT
+    return 2 ** round(math.log2(raw))
 
 
 class PlanError(ValueError):
@@ -52,9 +95,11 @@ def derive_plan(
     num_iterations: int = -1,
     target_flops: float = -1,
     target_param_data_ratio: float = 20,
+    param_count_name: str = "all parameters",
     warmdown_ratio: float = WARMDOWN_RATIO,
 ) -> TrainPlan:
-    """Batch geometry and the horizon: explicit steps > target FLOPs > tokens-per-parameter ratio."""
+    """Batch geometry and the horizon: explicit steps > target FLOPs > tokens-per-parameter ratio.
+    `num_params` is the count the ratio is in, `param_count_name` says which it is."""
     per_pass = device_batch_size * seq_len * world_size
     if total_batch_size % per_pass:
         raise PlanError(
@@ -68,7 +113,7 @@ def derive_plan(
         source = f"from --target-flops {target_flops:.3e}"
     else:
         steps = max(1, round(target_param_data_ratio * num_params / total_batch_size))
-        source = f"from {target_param_data_ratio:g} tokens per parameter (Chinchilla)"
+        source = f"from {target_param_data_ratio:g} tokens per parameter ({param_count_name})"
     total_tokens = steps * total_batch_size
     return TrainPlan(
         device_batch_size=device_batch_size, seq_len=seq_len, world_size=world_size,
@@ -84,6 +129,11 @@ def lr_multiplier(step: int, num_iterations: int, warmdown_ratio: float) -> floa
     if warmdown <= 0 or step <= num_iterations - warmdown:
         return 1.0
     return max(0.0, (num_iterations - step) / warmdown)
+
+
+def weight_decay_multiplier(step: int, num_iterations: int) -> float:
+    """Weight decay ramps linearly from its full value at step 0 to 0 at the last step (nanochat's log, 2026-01-10)."""
+    return max(0.0, 1.0 - step / max(1, num_iterations))
 
 
 def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, ramp_steps: int = 300) -> float:

@@ -27,7 +27,7 @@ from nanochat.memory import current_usage
 from nanochat.progress import StepTimer, format_duration
 from nanochat.report import report_dir
 from nanochat.runtime import release_cached_memory
-from nanochat.schedule import lr_multiplier, muon_momentum
+from nanochat.schedule import lr_multiplier, muon_momentum, weight_decay_multiplier
 from nanochat.signals import StopRequest
 
 
@@ -158,9 +158,11 @@ class TrainLoop:
             total += loss.detach()
             tokens += batch[0].numel()
         lrm = lr_multiplier(step, self.settings.num_iterations, self.settings.warmdown_ratio)
+        wdm = weight_decay_multiplier(step, self.settings.num_iterations)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
+                group["weight_decay"] = group.get("initial_weight_decay", 0.0) * wdm
                 if "momentum" in group and self.settings.warm_momentum:
                     group["momentum"] = muon_momentum(step)
             opt.step()
