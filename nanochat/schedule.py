@@ -47,7 +47,8 @@ DEFAULT_RECIPE = "2026"
 def power_lines_batch(tokens: float, anchor_tokens: float) -> int:
     """The total batch (a power of two) for a run of `tokens` training tokens, when a run of
     `anchor_tokens` (depth 12's horizon at the same ratio) trains best at 2^19. With our vocabulary
-    of 65,536 at seq 2,048: 2^18 to depth 7, 2^19 at 8-16, 2^20 at 18-32, 2^21 from 34."""
+    of 65,536 at seq 2,048: 2^18 at depth 3-6, 2^19 at 7-16, 2^20 at 17-33, 2^21 from 34 (the public log,
+    with its own parameter counts, has 2^18 at depth 8 and 2^21 from 32)."""
     raw = BATCH_ANCHOR_TOKENS * (tokens / anchor_tokens) ** POWER_LINES_EXPONENT
     return 2 ** round(math.log2(raw))
 
