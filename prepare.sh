@@ -7,11 +7,13 @@ usage() {
   cat <<'USAGE'
 Usage: ./prepare.sh [options]
 
-Fetches the first FineWeb-EDU shards (plus the validation shard), starts the rest of
-the pretraining download in the background, then trains and evaluates the tokenizer.
-Everything lands in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
+Fetches the first shards of the pretraining dataset (plus its validation shard), starts
+the rest of the download in the background, then trains and evaluates the tokenizer on
+them. Everything lands in $NANOCHAT_BASE_DIR (default ~/.cache/nanochat).
 
 Options:
+  --dataset NAME      fineweb-edu (the default) or climbmix; pretraining then reads it
+                      without being told again (default: the one prepared last)
   --shards N          training shards to fetch before the tokenizer is trained (default 8)
   --total-shards N    shards to fetch in the background for pretraining (default 240,
                       enough for depth 20; 0 to skip)
@@ -28,13 +30,14 @@ The download log is $NANOCHAT_BASE_DIR/logs/download.log.
 USAGE
 }
 
-SHARDS=8; TOTAL_SHARDS=240; SOURCE=""; VOCAB=65536; MAX_CHARS=2000000000; RETRAIN=0; WANDB=1; OFFLINE=0
+SHARDS=8; TOTAL_SHARDS=240; SOURCE=""; DATASET=(); VOCAB=65536; MAX_CHARS=2000000000; RETRAIN=0; WANDB=1; OFFLINE=0
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --shards) SHARDS="$2"; shift 2 ;;
     --total-shards) TOTAL_SHARDS="$2"; shift 2 ;;
     --from) SOURCE="$2"; shift 2 ;;
+    --dataset) DATASET=(--dataset "$2"); shift 2 ;;
     --vocab-size) VOCAB="$2"; shift 2 ;;
     --max-chars) MAX_CHARS="$2"; shift 2 ;;
     --retrain-tokenizer) RETRAIN=1; shift ;;
@@ -50,19 +53,15 @@ if [ "$OFFLINE" = 1 ] && [ -z "$SOURCE" ]; then
   die "--offline needs --from PATH (a local corpus)"
 fi
 if [ -n "$SOURCE" ]; then
-  if python -c "import sys; from nanochat.dataset import list_shards; sys.exit(0 if list_shards() else 1)"; then
-    echo "shards already present in $NANOCHAT_BASE_DIR/base_data; keeping them (remove the folder to re-import)"
-  else
-    python -m nanochat.dataset --from "$SOURCE"
-  fi
+  python -m nanochat.dataset --from "$SOURCE" --keep-existing "${DATASET[@]}"
 else
-  python -m nanochat.dataset -n "$SHARDS"
+  python -m nanochat.dataset -n "$SHARDS" "${DATASET[@]}"
   PIDFILE="$NANOCHAT_BASE_DIR/logs/download.pid"
   if [ "$TOTAL_SHARDS" -gt "$SHARDS" ]; then
     if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
       echo "background download already running (pid $(cat "$PIDFILE"))"
     else
-      nohup python -m nanochat.dataset -n "$TOTAL_SHARDS" > "$NANOCHAT_BASE_DIR/logs/download.log" 2>&1 &
+      nohup python -m nanochat.dataset -n "$TOTAL_SHARDS" "${DATASET[@]}" > "$NANOCHAT_BASE_DIR/logs/download.log" 2>&1 &
       echo $! > "$PIDFILE"
       echo "downloading $TOTAL_SHARDS shards in the background (pid $!, log: $NANOCHAT_BASE_DIR/logs/download.log)"
     fi
@@ -70,11 +69,9 @@ else
 fi
 
 step "tokenizer"
-if [ "$RETRAIN" = 0 ] && python -c "from nanochat.tokenizer import get_tokenizer; get_tokenizer()" 2>/dev/null; then
-  echo "tokenizer already trained in $NANOCHAT_BASE_DIR/tokenizer (--retrain-tokenizer to redo)"
-else
-  python -m scripts.tok_train --vocab-size "$VOCAB" --max-chars "$MAX_CHARS"
-fi
+# trained again when the data changed (another --dataset, or --from after a download)
+TOK_ARGS=(--vocab-size "$VOCAB" --max-chars "$MAX_CHARS"); [ "$RETRAIN" = 1 ] || TOK_ARGS+=(--skip-if-trained)
+python -m scripts.tok_train "${TOK_ARGS[@]}"
 python -m scripts.tok_eval
 
 if [ "$OFFLINE" = 0 ]; then
@@ -94,5 +91,5 @@ if [ "$WANDB" = 1 ] && [ -t 0 ] && python -c "import wandb" 2>/dev/null; then
 fi
 
 step "done"
-echo "data: $NANOCHAT_BASE_DIR/base_data   tokenizer: $NANOCHAT_BASE_DIR/tokenizer"
+echo "data: $(python -c 'from nanochat.shards import data_dir; print(data_dir())')   tokenizer: $NANOCHAT_BASE_DIR/tokenizer"
 echo "next: ./pretrain.sh"

@@ -26,12 +26,13 @@ Options:
                    is the whole pipeline)
   --data PATH      pretrain on a local corpus (.txt/.jsonl/.parquet file or folder) and use
                    generated sample task files: no network needed
+  --dataset NAME   pretrain on fineweb-edu (the default) or climbmix (prepare.sh --dataset)
   --smoke          (with --tiny) a few steps per stage of 4 rows only, for tests
   -h, --help       show this help
 USAGE
 }
 
-DEPTH=""; BATCH=""; RUN=""; SKIP_RL=0; FORCE=""; TINY=0; DATA=""; SMOKE=0
+DEPTH=""; BATCH=""; RUN=""; SKIP_RL=0; FORCE=""; TINY=0; DATA=""; DATASET=""; SMOKE=0
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,6 +43,7 @@ while [ $# -gt 0 ]; do
     --force) FORCE="$2"; shift 2 ;;
     --tiny) TINY=1; shift ;;
     --data) DATA="$2"; shift 2 ;;
+    --dataset) DATASET="$2"; shift 2 ;;
     --smoke) SMOKE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "speedrun.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
@@ -53,6 +55,9 @@ if [ -n "$FORCE" ] && [[ " $STAGES " != *" $FORCE "* ]]; then
 fi
 if [ -n "$DATA" ] && [ ! -e "$DATA" ]; then
   echo "speedrun.sh: --data $DATA: no such file or folder" >&2; exit 2
+fi
+if [ -n "$DATA" ] && [ -n "$DATASET" ]; then
+  echo "speedrun.sh: --data (your own corpus) and --dataset (one to download) exclude each other" >&2; exit 2
 fi
 
 # ---------------------------------------------------------------- sizes (one place)
@@ -110,6 +115,15 @@ if [ -n "$FORCE" ]; then
   fi
 fi
 
+# a finished prepare stage is skipped: another --dataset would silently pretrain on the one prepared before
+if [ -n "$DATASET" ] && [ -f "$MARKS/prepare.done" ]; then
+  prepared=$(python -m nanochat.dataset --which)
+  if [ "$prepared" != "$DATASET" ]; then
+    echo "speedrun.sh: prepare finished with $prepared, not $DATASET; add --force prepare to prepare $DATASET" \
+      "(it trains a new tokenizer: --force pretrain too)" >&2; exit 2
+  fi
+fi
+
 # run_stage NAME COMMAND...: skip when done, otherwise run and mark done on success
 run_stage() {
   local name="$1"; shift
@@ -124,6 +138,7 @@ run_stage() {
 prepare() {
   local args=(--vocab-size "$VOCAB" --max-chars "$TOK_CHARS" --no-wandb)
   if [ -n "$DATA" ]; then args+=(--from "$DATA" --offline); elif [ "$TINY" = 1 ]; then args+=(--shards 2 --total-shards 2); fi
+  if [ -n "$DATASET" ]; then args+=(--dataset "$DATASET"); fi
   ./prepare.sh "${args[@]}"
 }
 base_eval() {

@@ -1,20 +1,29 @@
-"""The pretraining corpus: parquet shards with one `text` column.
+"""The pretraining corpus: parquet shards with one `text` column, downloaded or imported, and read in order.
 
-Layout: `$NANOCHAT_BASE_DIR/base_data/shard_XXXXX.parquet`. The highest-numbered
-shard is the validation split, every other shard is training data. FineWeb-EDU
-shards come from `karpathy/fineweb-edu-100b-shuffle` (shard_00000 .. shard_01822);
-`-n N` fetches the first N plus the dataset's last shard, so the validation
+Layout (nanochat/shards.py): `$NANOCHAT_BASE_DIR/<folder>/shard_XXXXX.parquet`.
+The highest-numbered shard is the validation split, every other shard is
+training data. `DATASETS` is the registry of corpora to download: FineWeb-EDU
+(the default, into `base_data`) and ClimbMix (into `base_data_climbmix`).
+`-n N` fetches the first N shards plus the dataset's last one, so the validation
 split stays the same however many training shards arrive later.
+
+Downloading or importing into a dataset's own folder makes it the folder the
+readers use (tokenizer training, pretraining, evaluation), and a later download
+without `--dataset` continues that dataset: `./prepare.sh --dataset climbmix`
+once, then `./pretrain.sh` as always. Imported corpora go to `base_data`.
 
 Readers walk row groups: rank r of a world of size w reads row groups
 r, r+w, r+2w, ... of every shard, so ranks see disjoint data that together
 covers everything. Every batch comes with the `DataPosition` just after it,
 which a checkpoint stores to resume exactly there.
 
-CLI:  python -m nanochat.dataset -n 8           (download)
-      python -m nanochat.dataset --from ~/texts  (import your own corpus)
+CLI:  python -m nanochat.dataset -n 8                       (download FineWeb-EDU)
+      python -m nanochat.dataset -n 8 --dataset climbmix    (download ClimbMix)
+      python -m nanochat.dataset --from ~/texts              (import your own corpus)
+      python -m nanochat.dataset --which                     (the dataset the readers use)
 Exit codes: 0 done, 1 some shards failed (run again: finished ones are kept),
-2 a corpus that cannot be imported, 3 the server cannot be reached (offline).
+2 bad arguments (an unknown dataset) or a corpus that cannot be imported,
+3 the server cannot be reached (offline).
 """
 
 from __future__ import annotations
@@ -34,12 +43,35 @@ from tqdm import tqdm
 from nanochat.common import setup_logging
 from nanochat.corpus import CorpusError, import_corpus
 from nanochat.download import DownloadError, Unreachable, check_reachable, download_file
-from nanochat.shards import data_dir, list_shards, shard_name, split_shards  # noqa: F401 (the readers' layout, re-exported)
+from nanochat.shards import (  # noqa: F401 (data_dir, split_shards: the readers' layout, re-exported)
+    DEFAULT_FOLDER, DataChoiceError, choose_folder, data_dir, list_shards, shard_name, split_shards,
+)
 
 log = logging.getLogger("nanochat.dataset")
 
-DEFAULT_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-LAST_SHARD = 1822
+
+@dataclass(frozen=True)
+class Dataset:
+    """A corpus to download: shards 0..`last_shard` at `url`/`remote_name`.format(i), kept in `folder`."""
+
+    name: str
+    url: str
+    last_shard: int  # the validation split
+    folder: str  # under $NANOCHAT_BASE_DIR
+    remote_name: str = "shard_{:05d}.parquet"  # the file name on the server; locally it is always shards.shard_name
+
+
+DATASETS = {d.name: d for d in (
+    Dataset("fineweb-edu", "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+            last_shard=1822, folder=DEFAULT_FOLDER),
+    # karpathy/nanochat switched to it in 2026: its dataset.py names the shards shard_00000 .. shard_06542 and
+    # keeps them in base_data_climbmix. 400B tokens over 6,543 shards is about 61M tokens a shard, close to a
+    # FineWeb-EDU shard, so prepare.sh's shard counts carry over (an estimate, not measured here).
+    Dataset("climbmix", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+            last_shard=6542, folder="base_data_climbmix"),
+)}
+DEFAULT_DATASET = "fineweb-edu"
+URL_ENV = "NANOCHAT_DATA_URL"
 OFFLINE_HINT = ("No network? Pretrain on your own text files instead (.txt/.jsonl/.parquet, a file or a folder):\n"
                 "  ./speedrun.sh --tiny --data PATH    (or: ./prepare.sh --from PATH)")
 
@@ -148,8 +180,18 @@ def shards_to_fetch(num_train: int, last_shard: int) -> list[int]:
     return train + [last_shard]
 
 
+def chosen_dataset() -> Dataset:
+    """The dataset whose folder the readers use now: the last one downloaded, FineWeb-EDU before any."""
+    folder = data_dir().name
+    for dataset in DATASETS.values():
+        if dataset.folder == folder:
+            return dataset
+    raise DataChoiceError(f"the readers use {data_dir()}, the folder of no dataset; pass --dataset ({', '.join(DATASETS)})")
+
+
 def download_shards(
-    indices: list[int], *, base_url: str, directory: Path, workers: int = 4, retries: int = 5, backoff: float = 2.0
+    indices: list[int], *, base_url: str, directory: Path, workers: int = 4, retries: int = 5, backoff: float = 2.0,
+    remote_name: str = Dataset.remote_name,
 ) -> list[int]:
     """Fetch shards in parallel, skipping those present; return the indices that failed.
 
@@ -165,7 +207,7 @@ def download_shards(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(total=len(todo), unit="shard", desc="download") as bar:
         futures = {
             pool.submit(
-                download_file, f"{base_url.rstrip('/')}/{shard_name(i)}", directory / shard_name(i),
+                download_file, f"{base_url.rstrip('/')}/{remote_name.format(i)}", directory / shard_name(i),
                 retries=retries, backoff=backoff, validate=validate_shard,
             ): i
             for i in todo
@@ -183,15 +225,19 @@ def download_shards(
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m nanochat.dataset",
-        description="Download FineWeb-EDU shards, or import your own corpus, into the pretraining shard folder.",
+        description="Download a pretraining dataset's shards, or import your own corpus, into its shard folder.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("-n", "--num-shards", type=int, help="download the first N training shards (plus the validation shard); -1 for all")
     src.add_argument("--from", dest="source", type=Path, help="import a file or folder of .txt / .jsonl (field 'text') / .parquet instead")
-    p.add_argument("--data-dir", type=Path, default=None, help="shard folder (default: $NANOCHAT_BASE_DIR/base_data)")
+    src.add_argument("--which", action="store_true", help="print the name of the dataset the tokenizer and pretraining read now")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="shard folder (default: the dataset's own under $NANOCHAT_BASE_DIR, which then becomes the one pretraining reads)")
     g = p.add_argument_group("download")
-    g.add_argument("--url", default=os.environ.get("NANOCHAT_DATA_URL", DEFAULT_URL), help="base URL holding shard_XXXXX.parquet (env NANOCHAT_DATA_URL; http(s):// or file://)")
-    g.add_argument("--last-shard", type=int, default=LAST_SHARD, help="index of the dataset's last shard, used as validation (default %(default)s)")
+    g.add_argument("--dataset", choices=list(DATASETS), default=None,
+                   help=f"which dataset (default: the one downloaded last in this $NANOCHAT_BASE_DIR, {DEFAULT_DATASET} before any)")
+    g.add_argument("--url", default=None, help=f"base URL holding the dataset's shards (default: env {URL_ENV}, else the dataset's; http(s):// or file://)")
+    g.add_argument("--last-shard", type=int, default=None, help="index of the dataset's last shard, used as validation (default: the dataset's)")
     g.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads (default %(default)s)")
     g.add_argument("--retries", type=int, default=5, help="attempts per shard before giving up (default %(default)s)")
     g.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling each time (default %(default)s)")
@@ -200,38 +246,63 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     c.add_argument("--max-doc-chars", type=int, default=20_000, help="split longer documents at paragraph breaks (default %(default)s)")
     c.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out for validation (default %(default)s)")
     c.add_argument("--overwrite", action="store_true", help="replace shards already in the folder")
-    return p.parse_args(argv)
+    c.add_argument("--keep-existing", action="store_true", help="when the folder already holds shards, keep them and succeed (prepare.sh)")
+    args = p.parse_args(argv)
+    if args.source is not None and args.dataset is not None:
+        p.error("--dataset names a dataset to download; --from imports your own corpus instead (into base_data)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = _parse_args(argv)
-    directory = args.data_dir or data_dir()
-    if args.source is not None:
-        try:
-            stats = import_corpus(
-                args.source, directory, shard_chars=args.shard_chars, max_doc_chars=args.max_doc_chars,
-                val_fraction=args.val_fraction, overwrite=args.overwrite,
-            )
-        except CorpusError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"imported {stats}")
+    try:
+        if args.which:
+            print(chosen_dataset().name)
+            return 0
+        return _import(args) if args.source is not None else _download(args)
+    except DataChoiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _import(args: argparse.Namespace) -> int:
+    directory = args.data_dir or choose_folder(DEFAULT_FOLDER)
+    if args.keep_existing and list_shards(directory):
+        print(f"shards already present in {directory}; keeping them (remove the folder to re-import)")
         return 0
-    last = args.last_shard
+    try:
+        stats = import_corpus(
+            args.source, directory, shard_chars=args.shard_chars, max_doc_chars=args.max_doc_chars,
+            val_fraction=args.val_fraction, overwrite=args.overwrite,
+        )
+    except CorpusError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {stats} into {directory}")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    dataset = DATASETS[args.dataset] if args.dataset else chosen_dataset()
+    url = args.url or os.environ.get(URL_ENV) or dataset.url
+    last = dataset.last_shard if args.last_shard is None else args.last_shard
+    # chosen before fetching, not after: prepare.sh's background download ends hours later, and must not
+    # switch the readers back if another dataset was chosen meanwhile
+    directory = args.data_dir or choose_folder(dataset.folder)
     count = last if args.num_shards == -1 else args.num_shards
     try:
         failed = download_shards(
-            shards_to_fetch(count, last), base_url=args.url, directory=directory,
-            workers=args.workers, retries=args.retries, backoff=args.backoff,
+            shards_to_fetch(count, last), base_url=url, directory=directory,
+            workers=args.workers, retries=args.retries, backoff=args.backoff, remote_name=dataset.remote_name,
         )
     except Unreachable as exc:
-        print(f"error: {exc} (shards from {args.url})\n{OFFLINE_HINT}", file=sys.stderr)
+        print(f"error: {exc} (shards from {url})\n{OFFLINE_HINT}", file=sys.stderr)
         return 3
     if failed:
         print(f"error: {len(failed)} shard(s) failed: {', '.join(shard_name(i) for i in failed)}; run again to retry (finished shards are kept)", file=sys.stderr)
         return 1
-    print(f"all shards present in {directory}")
+    print(f"all {dataset.name} shards present in {directory}")
     return 0
 
 

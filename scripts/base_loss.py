@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens to evaluate per split (default %(default)s)")
     add_device_arg(p)
     add_compute_args(p)
-    p.add_argument("--data-dir", default=None, help="pretraining shard folder (default $NANOCHAT_BASE_DIR/base_data)")
+    p.add_argument("--data-dir", default=None, help="pretraining shard folder (default: the folder of the dataset prepare.sh fetched last)")
     return p.parse_args(argv)
 
 

@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-docs", type=int, default=2000, help="evaluate on at most this many validation documents (default: 2000)"
     )
     parser.add_argument(
-        "--data-dir", type=Path, default=None, help="folder of parquet shards (default: $NANOCHAT_BASE_DIR/base_data)"
+        "--data-dir", type=Path, default=None, help="folder of parquet shards (default: the folder of the dataset prepare.sh fetched last)"
     )
     return parser.parse_args(argv)
 

@@ -187,6 +187,17 @@ def test_clear_errors_without_tokenizer_or_checkpoint(base_dir, here, capsys):
     assert base_loss.main([]) == 2 and "tok_train" in capsys.readouterr().out
 
 
+def test_pretraining_reads_the_dataset_prepare_chose(workspace, here):
+    """./prepare.sh --dataset climbmix, then ./pretrain.sh as always: base_train reads base_data_climbmix
+    (there is no base_data here, so reading the default folder would fail)."""
+    from nanochat.shards import choose_folder
+
+    (workspace / "base_data").rename(workspace / "base_data_climbmix")
+    choose_folder("base_data_climbmix")
+    code, out = here("--num-iterations", "1", "--total-batch-size", str(ROWS * SEQ), "--save-every", "0")
+    assert code == 0 and "step 000001/000001" in out, out[-3000:]
+
+
 def test_batch_sizes_that_do_not_divide_are_refused(workspace, here):
     code, out = here("--num-iterations", "1", "--total-batch-size", "100")
     assert code == 2 and "not a multiple" in out

@@ -82,3 +82,19 @@ def test_cli_import_and_error_exit_code(tmp_path, capsys):
     assert dataset.main(["--from", str(src), "--data-dir", str(tmp_path / "out")]) == 0
     assert dataset.main(["--from", str(src), "--data-dir", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_an_import_after_a_climbmix_download_is_what_the_readers_use(tmp_path, base_dir, capsys):
+    """prepare.sh --from after prepare.sh --dataset climbmix: the import lands in base_data and the readers
+    turn to it; run again (--keep-existing, as prepare.sh does) it keeps the shards and still points there."""
+    write_shard(base_dir / "base_data_climbmix" / "shard_00000.parquet", ["climbmix train"])
+    write_shard(base_dir / "base_data_climbmix" / "shard_06542.parquet", ["climbmix val"])
+    dataset.choose_folder("base_data_climbmix")
+    src = tmp_path / "src"
+    _fill(src)
+    assert dataset.main(["--from", str(src), "--keep-existing"]) == 0
+    assert dataset.data_dir() == base_dir / "base_data" and "parquet doc 7" in iter_documents("train")
+    dataset.choose_folder("base_data_climbmix")
+    capsys.readouterr()
+    assert dataset.main(["--from", str(src), "--keep-existing"]) == 0
+    assert "already present" in capsys.readouterr().out and dataset.data_dir() == base_dir / "base_data"

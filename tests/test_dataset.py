@@ -1,4 +1,4 @@
-"""Document iteration: splits, distributed striding, exact resume, epochs."""
+"""Document iteration: splits, distributed striding, exact resume, epochs; which shard folder is read."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from conftest import make_shards, write_shard
 from nanochat.dataset import DataPosition, iter_document_batches, iter_documents, split_shards
+from nanochat.shards import CHOICE_FILE, DataChoiceError, choose_folder, data_dir
 
 
 @pytest.fixture
@@ -91,3 +92,23 @@ def test_bad_split_and_rank(shards):
         list(iter_documents("test", directory))
     with pytest.raises(ValueError):
         list(iter_documents("train", directory, rank=2, world_size=2))
+
+
+def test_the_readers_use_the_chosen_folder_and_base_data_before_any_choice(base_dir):
+    write_shard(base_dir / "base_data" / "shard_00000.parquet", ["fineweb train"])
+    write_shard(base_dir / "base_data" / "shard_00001.parquet", ["fineweb val"])
+    write_shard(base_dir / "base_data_climbmix" / "shard_00000.parquet", ["climbmix train"])
+    write_shard(base_dir / "base_data_climbmix" / "shard_06542.parquet", ["climbmix val"])
+    assert list(iter_documents("train")) == ["fineweb train"]  # what every earlier version read
+    assert choose_folder("base_data_climbmix") == base_dir / "base_data_climbmix"
+    assert list(iter_documents("train")) == ["climbmix train"] and list(iter_documents("val")) == ["climbmix val"]
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "/tmp", ".hidden", ""])
+def test_a_choice_outside_the_base_dir_is_refused(base_dir, name):
+    with pytest.raises(DataChoiceError, match="not a folder name"):
+        choose_folder(name)
+    base_dir.mkdir(parents=True)
+    (base_dir / CHOICE_FILE).write_text(name + "\n")
+    with pytest.raises(DataChoiceError, match=f"{CHOICE_FILE} should name a shard folder"):
+        data_dir()

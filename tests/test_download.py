@@ -226,3 +226,65 @@ def test_prepare_sh_offline_says_so_within_seconds(base_dir):
     assert time.monotonic() - started < 15
     assert done.returncode != 0 and "unreachable" in done.stderr and "./speedrun.sh --tiny --data PATH" in done.stderr
     assert "run again to retry" not in done.stderr
+
+
+# ---------------------------------------------------------------- datasets (the registry, --dataset)
+
+
+def test_climbmix_is_fetched_resumably_and_verified_into_its_own_folder_which_the_readers_then_use(server, base_dir, capsys):
+    rnd = random.Random(0)  # incompressible, so the cut shard spans many read chunks and keeps some of them
+    write_shard(server.root / "shard_00001.parquet", ["".join(rnd.choice("abcdefghij ") for _ in range(2000)) for _ in range(200)])
+    write_shard(server.root / "shard_06542.parquet", [f"climbmix validation document {d}" for d in range(50)])
+    server.faults = {"shard_00001.parquet": ["cut"], "shard_06542.parquet": ["garbage"]}
+    assert dataset.main(["-n", "2", "--dataset", "climbmix", "--url", server.url, "--backoff", "0.01"]) == 0
+    folder = base_dir / "base_data_climbmix"
+    assert sorted(dataset.list_shards(folder)) == [0, 1, dataset.DATASETS["climbmix"].last_shard] == [0, 1, 6542]
+    resumed = server.requests_for("shard_00001.parquet")
+    assert len(resumed) == 2 and resumed[1][1].startswith("bytes=")
+    assert len(server.requests_for("shard_06542.parquet")) == 2  # the garbage copy was rejected and fetched again
+    for name in ("shard_00000.parquet", "shard_00001.parquet", "shard_06542.parquet"):
+        assert same_bytes(folder / name, server.root / name)
+    assert not (base_dir / "base_data").exists()
+    # the readers (tokenizer training, pretraining) now use it without being told
+    assert dataset.data_dir() == folder and list(dataset.split_shards("val")) == [6542]
+    capsys.readouterr()
+    assert dataset.main(["--which"]) == 0 and capsys.readouterr().out == "climbmix\n"
+    # and a download without --dataset continues ClimbMix (prepare.sh again, its background download)
+    assert dataset.main(["-n", "3", "--url", server.url, "--backoff", "0.01"]) == 0
+    assert sorted(dataset.list_shards(folder)) == [0, 1, 2, 6542]
+
+
+@pytest.mark.parametrize("name, folder, url", [
+    ("fineweb-edu", "base_data", "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"),
+    ("climbmix", "base_data_climbmix", "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"),
+])
+def test_each_dataset_asks_its_hub_address_and_fineweb_stays_the_default(name, folder, url, base_dir, monkeypatch, capsys):
+    # The Hub itself is not reached: the proxy in front of it is a closed port, so the probe fails and says
+    # which address it was for. FineWeb-EDU with no --dataset, in a base dir where nothing was chosen yet.
+    monkeypatch.setenv("HTTPS_PROXY", closed_port_url())
+    for var in ("NANOCHAT_DATA_URL", "NO_PROXY", "no_proxy", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    chosen = [] if name == "fineweb-edu" else ["--dataset", name]
+    assert dataset.main(["-n", "1", *chosen]) == 3
+    assert f"(shards from {url})" in capsys.readouterr().err
+    assert dataset.data_dir() == base_dir / folder
+
+
+def test_an_unknown_dataset_is_refused_with_the_choices(base_dir, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        dataset.main(["-n", "1", "--dataset", "climbmx"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'climbmx' (choose from 'fineweb-edu', 'climbmix')" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        dataset.main(["--from", str(base_dir), "--dataset", "climbmix"])
+    assert stopped.value.code == 2 and "--from imports your own corpus instead" in capsys.readouterr().err
+    assert not base_dir.exists()  # nothing chosen, nothing fetched
+
+
+def test_prepare_sh_passes_dataset_on_and_refuses_an_unknown_one(base_dir):
+    assert "--dataset NAME" in subprocess.run(["bash", "prepare.sh", "--help"], cwd=ROOT, capture_output=True, text=True).stdout
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base_dir)}
+    done = subprocess.run(["bash", "prepare.sh", "--dataset", "bogus", "--no-wandb"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "'fineweb-edu', 'climbmix'" in done.stderr
+    assert not (base_dir / "pretraining_folder.txt").exists()

@@ -69,5 +69,8 @@ def test_bad_flags(run_dir):
     assert bad.returncode == 2 and "--force takes one of" in bad.stderr
     missing = subprocess.run(["bash", "speedrun.sh", "--tiny", "--data", str(run_dir / "nope")], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode == 2 and "no such file" in missing.stderr
+    both = subprocess.run(["bash", "speedrun.sh", "--data", str(run_dir / "corpus"), "--dataset", "climbmix"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert both.returncode == 2 and "exclude each other" in both.stderr
     helped = subprocess.run(["bash", "speedrun.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert helped.returncode == 0 and "--tiny" in helped.stdout and "--skip-rl" in helped.stdout
+    assert helped.returncode == 0 and "--tiny" in helped.stdout and "--skip-rl" in helped.stdout and "--dataset NAME" in helped.stdout

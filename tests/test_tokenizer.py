@@ -22,6 +22,7 @@ import tiktoken
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from conftest import write_shard
 from nanochat import fileio
 from nanochat.tokenizer import (
     SPECIAL_TOKENS,
@@ -436,6 +437,38 @@ def test_tok_train_without_data_fails_clearly(tmp_path, capsys):
     code, _, err = run_main(capsys, tok_train, "--vocab-size", "300", "--data-dir", str(tmp_path / "empty"))
     assert code != 0
     assert str(tmp_path / "empty") in err
+
+
+def test_tok_train_learns_from_the_chosen_dataset_and_again_when_the_choice_changes(base_dir, capsys):
+    """prepare.sh --dataset climbmix then ./prepare.sh --dataset fineweb-edu: each trains on its own shards;
+    the same dataset again keeps the tokenizer, and so does a tokenizer from before records, on base_data."""
+    from nanochat.shards import choose_folder
+
+    # each dataset's own word, of letters the made-up prose never uses: one token, or one per byte (7 with the space)
+    for folder, word in (("base_data", "dfcxwz"), ("base_data_climbmix", "zybjpw")):
+        for index in (0, 1):
+            docs = [f"{word} " * 20 + doc for doc in make_documents(seed=index, count=30)]
+            write_shard(base_dir / folder / f"shard_{index:05d}.parquet", docs)
+    train = ["--vocab-size", "300", "--skip-if-trained"]
+
+    def tokens_of(word: str) -> int:
+        return len(Tokenizer.load(base_dir / "tokenizer").encode(" " + word))
+
+    choose_folder("base_data_climbmix")
+    code, out, err = run_main(capsys, tok_train, *train)
+    assert code == 0, err
+    assert "characters of base_data_climbmix" in out and tokens_of("zybjpw") == 1 and tokens_of("dfcxwz") == 7
+    code, out, _ = run_main(capsys, tok_train, *train)
+    assert code == 0 and "already trained on base_data_climbmix" in out and "trained on 1" not in out
+
+    choose_folder("base_data")
+    code, out, _ = run_main(capsys, tok_train, *train)
+    assert code == 0 and "was trained on base_data_climbmix: training it again on base_data" in out
+    assert tokens_of("dfcxwz") == 1 and tokens_of("zybjpw") == 7
+
+    (base_dir / "tokenizer" / tok_train.RECORD_FILE).unlink()  # as trained before this record existed
+    code, out, _ = run_main(capsys, tok_train, *train)
+    assert code == 0 and "already trained on base_data" in out
 
 
 def byte_level_encoding(name: str) -> tiktoken.Encoding:
