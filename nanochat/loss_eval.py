@@ -44,10 +44,16 @@ def evaluate_bpb(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], st
 def corpus_bpb(model, tokenizer, split: str, tokens: int, rows: int, seq_len: int, info, directory=None) -> float:
     """Bits per byte on about `tokens` tokens of a pretraining split ("train" or "val"), read once
     from its start in rows x seq_len batches, every rank its own stride (base_train's validation,
-    base_loss's two splits)."""
+    base_loss's two splits).
+
+    Rows are packed best-fit whatever packing the model trained with, so every recipe is measured on
+    the same tokens, each row opening at a document's <|bos|> (a model trained on best-fit rows has
+    never seen a row open mid-document; one trained on concat rows has seen both). Figures from before
+    2026-12 were measured on concat rows and are not comparable.
+    """
     steps = max(1, tokens // (rows * seq_len * info.world_size))
     loader = PretrainLoader(tokenizer, rows, seq_len, split, device=info.device, rank=info.rank,
-                            world_size=info.world_size, loop=False, directory=directory)
+                            world_size=info.world_size, loop=False, directory=directory, packing="best-fit")
     try:
         return evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
     finally:
