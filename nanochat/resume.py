@@ -29,7 +29,7 @@ from nanochat.common import print0
 
 MODES = ("auto", "resume", "fresh")
 # saved args that must match for the checkpoint to continue this run (the model config is compared whole)
-MATCHING_ARGS = ("total_batch_size", "max_seq_len")
+MATCHING_ARGS = ("total_batch_size", "max_seq_len", "packing", "orthogonalizer", "normuon", "weight_decay", "cautious_weight_decay")
 
 
 def add_resume_args(group) -> None:
