@@ -152,8 +152,19 @@ def default_total_batch(args, vocab_size: int, tokens: float) -> int:
     return power_lines_batch(tokens, args.target_param_data_ratio * counted_params(anchor, args.param_count))
 
 
-def print_plan(model: GPT, plan, dtype, peak_source: str) -> None:
-    c = model.config
+def settle_settings(args, info, vocab: int, started: float) -> str | None:
+    """Every setting the run's shape needs, filled in: the recipe's defaults, the data folder and the depth
+    (from --time-budget when given, whose plan line is returned)."""
+    apply_recipe(args)
+    # read once: prepare.sh fetching another dataset meanwhile must not switch folders mid-run
+    args.data_dir = str(args.data_dir or data_dir())
+    budget = plan_time_budget(args, info, vocab, started) if args.time_budget else None
+    args.depth = args.depth or DEFAULT_DEPTH
+    return budget
+
+
+def print_plan(model: GPT, plan, args, peak_source: str, budget: str | None) -> None:
+    c, dtype = model.config, model.compute_dtype
     print0(f"model: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads ({c.n_kv_head} kv), vocab {c.vocab_size:,}, context {c.sequence_len}")
     counts = model.param_counts()
     print0(f"parameters: embedding {counts['embedding']:,}, matrices {counts['matrices']:,}, head {counts['lm_head']:,}; "
@@ -161,6 +172,11 @@ def print_plan(model: GPT, plan, dtype, peak_source: str) -> None:
     print0(f"FLOPs per token: {model.estimate_flops():.3e}; compute dtype {str(dtype).removeprefix('torch.')}; MFU peak: {peak_source}")
     for line in plan.describe():
         print0(line)
+    print0(f"data: {args.data_dir}")
+    print0(f"recipe {args.recipe}: {args.orthogonalizer}, NorMuon {args.normuon}, weight decay {args.weight_decay:g} "
+           f"(cautious {args.cautious_weight_decay}), {args.packing} packing, learning rates x {lr_scale(args):.3f} for the batch")
+    if budget:
+        print0(budget)
 
 
 def main(argv=None) -> int:
@@ -200,11 +216,7 @@ def train(args, info) -> int:
     device = info.device
     tokenizer = get_tokenizer()
     vocab = tokenizer.get_vocab_size()
-    apply_recipe(args)
-    # read once: prepare.sh fetching another dataset meanwhile must not switch folders mid-run
-    args.data_dir = str(args.data_dir or data_dir())
-    budget = plan_time_budget(args, info, vocab, started) if args.time_budget else None
-    args.depth = args.depth or DEFAULT_DEPTH
+    budget = settle_settings(args, info, vocab, started)
     model = build_model(model_config(args, vocab), device)
     counted = counted_params(model, args.param_count)
     if args.total_batch_size is None:
@@ -225,12 +237,7 @@ def train(args, info) -> int:
     # a budget run compiles (or not) as its probe did, so the measured speed is the speed it trains at
     step_model = prepare_model(model, args, device, None if budget else plan.num_iterations)
     peak, peak_source = peak_flops(device, model.compute_dtype)
-    print_plan(model, plan, model.compute_dtype, peak_source)
-    print0(f"data: {args.data_dir}")
-    print0(f"recipe {args.recipe}: {args.orthogonalizer}, NorMuon {args.normuon}, weight decay {args.weight_decay:g} "
-           f"(cautious {args.cautious_weight_decay}), {args.packing} packing, learning rates x {lr_scale(args):.3f} for the batch")
-    if budget:
-        print0(budget)
+    print_plan(model, plan, args, peak_source, budget)
     optimizers = build_optimizers(model, **learning_rates(args), muon=muon_options(args), lr_scale=lr_scale(args),
                                   world_size=info.world_size)
     resumed = resume_from(tag_dir, model, optimizers, info) if continuing else Resumed()
