@@ -106,12 +106,14 @@ def test_activation_checkpointing_keeps_fewer_activations():
 def optimizer_state_bytes(config: GPTConfig) -> tuple[int, int]:
     """(parameter count, optimizer state bytes) by hand from the config: AdamW
     keeps 2 fp32 moments of the embedding and lm_head (and a 4-byte step
-    counter for each of the two), Muon 1 fp32 momentum per block matrix."""
+    counter for each of the two), Muon 1 fp32 momentum per block matrix and
+    NorMuon's fp32 second moment per matrix row."""
     c = config
     adamw = 2 * c.vocab_size * c.n_embd
     attention = c.n_embd * (2 * c.n_head + 2 * c.n_kv_head) * c.head_dim  # q, o and k, v
     muon = c.n_layer * (attention + 2 * 4 * c.n_embd * c.n_embd)  # + the MLP's two 4x matrices
-    return adamw + muon, 2 * 4 * adamw + 2 * 4 + 4 * muon
+    rows = c.n_layer * ((c.n_head + 2 * c.n_kv_head) * c.head_dim + c.n_embd + 4 * c.n_embd + c.n_embd)  # q k v o fc1 fc2
+    return adamw + muon, 2 * 4 * adamw + 2 * 4 + 4 * muon + 4 * rows
 
 
 @pytest.mark.parametrize("config, batch", [(SMALL, 8), (TINY, 8)], ids=["d4", "gqa"])
@@ -128,8 +130,9 @@ def test_parts_add_up_and_match_hand_arithmetic(config, batch, world_size):
 
 
 def test_d4_hand_arithmetic():
-    # embedding and head 2 x 8192 x 256 = 4,194,304; blocks 4 x 12 x 256^2 = 3,145,728
-    assert optimizer_state_bytes(SMALL) == (7_340_032, 8 * 4_194_304 + 8 + 4 * 3_145_728)
+    # embedding and head 2 x 8192 x 256 = 4,194,304; blocks 4 x 12 x 256^2 = 3,145,728;
+    # rows 4 x (3 + 1 + 4 + 1) x 256 = 9,216
+    assert optimizer_state_bytes(SMALL) == (7_340_032, 8 * 4_194_304 + 8 + 4 * 3_145_728 + 4 * 9_216)
 
 
 def test_peak_grows_with_batch():
