@@ -87,7 +87,7 @@ class TrainLoop:
                  meta: dict, hooks: Hooks | None = None, step_model=None, tracker=None, peak_flops: float | None = None,
                  resumed: Resumed | None = None, loss_fn: Callable | None = None, memory_estimate: int | None = None):
         self.model, self.optimizers, self.batches, self.settings = model, optimizers, batches, settings
-        self.step_model = step_model or model
+        self.step_model = model if step_model is None else step_model  # "or" would ask a compiled module its len()
         # (model, batch) -> scalar loss; batches are (inputs, targets) unless a stage says otherwise (RL)
         self.loss_fn = loss_fn or (lambda m, batch: m(*batch))
         self.info, self.tag_dir, self.meta, self.hooks = info, Path(tag_dir), meta, hooks or Hooks()

@@ -326,3 +326,30 @@ def test_a_time_budget_refuses_a_step_count_and_a_bad_duration(workspace, here):
     assert code == 2 and "leave out --num-iterations" in out
     code, out = here("--time-budget", "ten minutes")
     assert code == 2 and "write it like 90m, 2.5h or 3d" in out
+
+
+def test_the_loop_takes_a_compiled_model(base_dir, one_torch_thread):
+    """The training loop steps the compiled model it is given (a truth test of a compiled module asks its
+    len() and raised, which every GPU run, always compiled, would have hit before step 1)."""
+    from nanochat.common import DistInfo
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.optim import build_optimizers
+    from nanochat.training import LoopSettings, TrainLoop
+
+    model = build_model(GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=1, n_kv_head=1, n_embd=16), "cpu")
+    compiled = torch.compile(model, backend="eager")
+    calls = []
+    batch = torch.randint(32, (2, 8), generator=torch.Generator().manual_seed(0))
+
+    class Batches:
+        def __next__(self):
+            return batch, batch
+
+        def state_dict(self):
+            return {}
+
+    loop = TrainLoop(model=model, step_model=compiled, optimizers=build_optimizers(model), batches=Batches(),
+                     settings=LoopSettings(num_iterations=2, grad_accum_steps=1), info=DistInfo(False, 0, 0, 1, torch.device("cpu")),
+                     tag_dir=base_dir / "loop", meta={}, loss_fn=lambda m, b: calls.append(m) or m(*b))
+    assert loop.run() == 0
+    assert calls and all(m is compiled for m in calls)
