@@ -15,7 +15,10 @@ it saves a checkpoint first, and running it again continues from there (a
 checkpoint made with other settings is refused; --fresh starts over).
 
 Options:
-  -d, --depth N    transformer layers; width and steps follow (default 20)
+  -d, --depth N    transformer layers; width and steps follow (default 20, or chosen by --time-budget)
+  --time-budget D  pretrain for D, evaluations included (90m, 2.5h, 3d): without --depth it measures
+                   the step at a few depths and picks the compute-optimal one; with --depth it keeps
+                   that depth and sets the steps from the time
   -b, --batch-size N
                    rows per forward pass per GPU (default: 32, or the largest power of
                    two below it whose measured training step fits in memory)
@@ -31,15 +34,17 @@ Options:
   -h, --help       show this help
 Everything after `--` goes to scripts.base_train (python -m scripts.base_train --help).
 Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
+         ./pretrain.sh --time-budget 60h
 USAGE
 }
 
-DEPTH=20; BATCH=""; RUN=""; RESUME=""; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=""; BUDGET=""; BATCH=""; RUN=""; RESUME=""; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
 EXTRA=()
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
     -d|--depth) DEPTH="$2"; shift 2 ;;
+    --time-budget) BUDGET="$2"; shift 2 ;;
     -b|--batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --resume|--fresh) [ -z "$RESUME" ] || die "--resume and --fresh exclude each other"; RESUME="$1"; shift ;;
@@ -56,13 +61,18 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# a malformed duration fails now, with base_train's message, not after the GPU count and the shard check
+[ -z "$BUDGET" ] || python -m nanochat.budget check "$BUDGET" || exit 2
 [ -n "$GPUS" ] || GPUS=$(visible_gpus)
 PIDFILE="$NANOCHAT_BASE_DIR/logs/download.pid"
 if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   echo "note: the background shard download is still running; training reads new shards as they arrive"
 fi
 
-TRAIN_ARGS=(--depth "$DEPTH"); LOSS_ARGS=()
+# with a time budget and no depth, base_train measures and picks the depth, so none is passed
+TRAIN_ARGS=(); LOSS_ARGS=()
+if [ -n "$BUDGET" ]; then TRAIN_ARGS+=(--time-budget "$BUDGET"); fi
+if [ -n "$DEPTH" ] || [ -z "$BUDGET" ]; then DEPTH=${DEPTH:-20}; TRAIN_ARGS+=(--depth "$DEPTH"); fi
 # unset: base_train measures its step and picks the batch (the log says why); base_loss keeps its own default
 [ -n "$BATCH" ] && TRAIN_ARGS+=(--device-batch-size "$BATCH") && LOSS_ARGS+=(--device-batch-size "$BATCH")
 [ -n "$RUN" ] && TRAIN_ARGS+=(--run "$RUN")
@@ -70,7 +80,7 @@ TRAIN_ARGS=(--depth "$DEPTH"); LOSS_ARGS=()
 if [ -n "$EVAL_TOKENS" ]; then TRAIN_ARGS+=(--eval-tokens "$EVAL_TOKENS"); LOSS_ARGS+=(--split-tokens "$EVAL_TOKENS"); fi
 TRAIN_ARGS+=("${EXTRA[@]}")
 
-step "pretraining: depth $DEPTH, device batch ${BATCH:-auto}, $GPUS process(es) x $NNODES node(s)"
+step "pretraining: depth ${DEPTH:-chosen by the $BUDGET time budget}, device batch ${BATCH:-auto}, $GPUS process(es) x $NNODES node(s)"
 launch scripts.base_train "${TRAIN_ARGS[@]}"
 
 step "base model loss"

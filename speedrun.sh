@@ -14,7 +14,9 @@ $NANOCHAT_BASE_DIR/speedrun/), and an interrupted training stage resumes from it
 newest checkpoint. On a DGX Spark the default depth-20 run takes days: use tmux.
 
 Options:
-  -d, --depth N    model depth (default 20; 4 with --tiny)
+  -d, --depth N    model depth (default 20; 4 with --tiny; chosen by --time-budget when it is given)
+  --time-budget D  pretrain for D, evaluations included (90m, 2.5h, 3d; pretrain.sh --time-budget);
+                   the later stages come on top, and their expected time is printed at the start
   -b, --batch-size N
                    rows per forward pass per GPU (default: measured to fit, at most 32; 16 with --tiny)
   --run NAME       log the training stages to wandb under this name
@@ -32,11 +34,12 @@ Options:
 USAGE
 }
 
-DEPTH=""; BATCH=""; RUN=""; SKIP_RL=0; FORCE=""; TINY=0; DATA=""; DATASET=""; SMOKE=0
+DEPTH=""; BUDGET=""; BATCH=""; RUN=""; SKIP_RL=0; FORCE=""; TINY=0; DATA=""; DATASET=""; SMOKE=0
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
   case "$1" in
     -d|--depth) DEPTH="$2"; shift 2 ;;
+    --time-budget) BUDGET="$2"; shift 2 ;;
     -b|--batch-size) BATCH="$2"; shift 2 ;;
     --run) RUN="$2"; shift 2 ;;
     --skip-rl) SKIP_RL=1; shift ;;
@@ -61,13 +64,16 @@ if [ -n "$DATA" ] && [ -n "$DATASET" ]; then
 fi
 
 # ---------------------------------------------------------------- sizes (one place)
+DEPTH_GIVEN=$DEPTH
 if [ "$TINY" = 1 ]; then
   if [ "$SMOKE" = 1 ]; then BATCH=${BATCH:-4}; fi
   DEPTH=${DEPTH:-4}; BATCH=${BATCH:-16}; SEQ=256; VOCAB=8192; TOK_CHARS=20000000
   PRE_STEPS=200; MID_STEPS=60; SFT_STEPS=60; RL_STEPS=8; EVAL_PROBLEMS=16; MAX_NEW=96; CORE_PER_TASK=16
   PRETRAIN_EVAL_TOKENS=(--eval-tokens 65536)
   if [ "$SMOKE" = 1 ]; then PRE_STEPS=3; MID_STEPS=2; SFT_STEPS=2; RL_STEPS=1; EVAL_PROBLEMS=2; MAX_NEW=8; CORE_PER_TASK=2; TOK_CHARS=2000000; PRETRAIN_EVAL_TOKENS=(--eval-tokens 2048); VOCAB=1024; fi
-  PRE_ARGS=(-- --max-seq-len "$SEQ" --total-batch-size $((BATCH * SEQ)) --num-iterations "$PRE_STEPS" --eval-every 100 --sample-every 0 --save-every 50)
+  PRE_ARGS=(-- --max-seq-len "$SEQ" --total-batch-size $((BATCH * SEQ)) --eval-every 100 --sample-every 0 --save-every 50)
+  # a time budget sets the steps (and, unless -d was given, the depth) itself
+  if [ -z "$BUDGET" ]; then PRE_ARGS+=(--num-iterations "$PRE_STEPS"); fi
   MID_ARGS=(--num-iterations "$MID_STEPS" --device-batch-size "$BATCH" --total-batch-size $((BATCH * SEQ)) --max-examples 4000 --eval-steps 4 --save-every 20 --no-eval)
   SFT_ARGS=(--num-iterations "$SFT_STEPS" --device-batch-size 4 --examples-per-step 8 --max-examples 1000 --eval-steps 4 --save-every 20 --no-eval)
   RL_ARGS=(--num-iterations "$RL_STEPS" --examples-per-step 4 --num-samples 4 --device-batch-size 8 --max-new-tokens "$MAX_NEW" --max-examples 200 --eval-every 0 --eval-examples 8 --no-eval)
@@ -77,14 +83,26 @@ else
   DEPTH=${DEPTH:-20}; VOCAB=65536; TOK_CHARS=2000000000; CORE_PER_TASK=""
   PRE_ARGS=(); MID_ARGS=(--no-eval); SFT_ARGS=(--no-eval); RL_ARGS=(--no-eval); EVAL_ARGS=(); PRETRAIN_EVAL_TOKENS=()
 fi
+# --depth goes to pretraining unless a time budget is to choose it
+DEPTH_ARGS=(--depth "$DEPTH"); if [ -n "$BUDGET" ] && [ -z "$DEPTH_GIVEN" ]; then DEPTH_ARGS=(); fi
+BUDGET_ARGS=(); if [ -n "$BUDGET" ]; then BUDGET_ARGS=(--time-budget "$BUDGET"); fi
 RUN_ARGS=(); [ -n "$RUN" ] && RUN_ARGS=(--run "$RUN")
 # --tiny installs the CPU build: one process, said outright, spares each stage script a Python start to count GPUs
 PROCESS_ARGS=(); if [ "$TINY" = 1 ]; then PROCESS_ARGS=(--gpus 1); fi
+
+# a malformed --time-budget fails before setup when there is a Python to ask (the estimate below needs setup)
+if [ -n "$BUDGET" ] && [ -x .venv/bin/python ]; then .venv/bin/python -m nanochat.budget check "$BUDGET" || exit 2; fi
 
 # ---------------------------------------------------------------- environment
 echo "== setup ($(date '+%H:%M:%S'))"
 if [ "$TINY" = 1 ]; then ./setup.sh --cpu; else ./setup.sh; fi
 source scripts/common.sh
+if [ -n "$BUDGET" ]; then
+  # the budget is pretraining's only: say what comes on top (nanochat.budget.later_stages_line has the arithmetic)
+  LATER_ARGS=(); [ -n "$DEPTH_GIVEN" ] && LATER_ARGS+=(--depth "$DEPTH_GIVEN")
+  [ "$SKIP_RL" = 1 ] && LATER_ARGS+=(--skip-rl); [ "$TINY" = 1 ] && LATER_ARGS+=(--tiny)
+  python -m nanochat.budget later-stages "$BUDGET" "${LATER_ARGS[@]}" || exit 2
+fi
 MARKS="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$MARKS"
 if [ -n "$DATA" ]; then
@@ -162,7 +180,7 @@ if [ -z "$(ls "$MARKS"/*.done 2>/dev/null)" ]; then
 fi
 run_stage prepare prepare
 # --no-core: CORE is the base-eval stage below, once, with the --tiny limit
-run_stage pretrain ./pretrain.sh --no-core "${PROCESS_ARGS[@]}" --depth "$DEPTH" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" "${PRE_ARGS[@]}"
+run_stage pretrain ./pretrain.sh --no-core "${PROCESS_ARGS[@]}" "${DEPTH_ARGS[@]}" "${BUDGET_ARGS[@]}" ${BATCH:+--batch-size "$BATCH"} "${RUN_ARGS[@]}" "${PRETRAIN_EVAL_TOKENS[@]}" "${PRE_ARGS[@]}"
 run_stage base-eval base_eval
 run_stage mid ./midtrain.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" -- "${MID_ARGS[@]}"
 run_stage sft ./sft.sh "${PROCESS_ARGS[@]}" "${RUN_ARGS[@]}" -- "${SFT_ARGS[@]}"

@@ -155,3 +155,98 @@ def evaluation_seconds(train_tokens: float, tokens_per_second: float, total_batc
     steps = max(1, round(train_tokens / total_batch_size))
     passes = (steps // eval_every if eval_every > 0 else 0) + 1
     return passes * eval_tokens / (EVAL_SPEEDUP * tokens_per_second)
+
+
+# The stages after pretraining, which a time budget does not cover, as measured in upstream nanochat's depth-20
+# speedrun on 8xH100 (its report.md of 2025-11-11, the gaps between section timestamps): pretraining 172.57 min
+# for 11,219,763,200 tokens, then CORE 3m42s, midtraining 10m02s, chat evaluation of mid 7m49s, SFT 2m26s,
+# chat evaluation of SFT 6m48s. It did not run RL, so RL is not estimated here. Our mid and SFT mixtures are its
+# mixtures, so they do the same work at any depth. Each stage is converted to the pretraining tokens that same
+# machine would have trained in that time; the estimate assumes every stage's cost per token grows with the
+# model as pretraining's does (forward and backward both scale with the parameters), which holds for the
+# training stages and only roughly for evaluation, where generation is latency- rather than FLOP-bound.
+UPSTREAM_PRETRAIN_TOKENS_PER_SECOND = 11_219_763_200 / (172.57 * 60)
+UPSTREAM_LATER_MINUTES = {"CORE": 3 + 42 / 60, "mid": 10 + 2 / 60, "SFT": 2 + 26 / 60, "chat eval": (7 + 49 / 60 + 6 + 48 / 60) / 2}
+# depths shown when the budget chooses: its choice depends on this machine's speed, measured only when pretraining starts
+SHOWN_DEPTHS = (12, 20, 26)
+
+
+def later_stage_tokens(chat_evals: int) -> float:
+    """The stages after pretraining (CORE, mid, SFT, `chat_evals` chat evaluations; RL not counted), in
+    pretraining tokens' worth of time: the time they took upstream x its pretraining speed."""
+    minutes = sum(m for stage, m in UPSTREAM_LATER_MINUTES.items() if stage != "chat eval")
+    minutes += chat_evals * UPSTREAM_LATER_MINUTES["chat eval"]
+    return minutes * 60 * UPSTREAM_PRETRAIN_TOKENS_PER_SECOND
+
+
+def later_stages_line(budget_text: str, pretrain_tokens: dict[int, float], *, with_rl: bool, depth_given: bool) -> str:
+    """The speedrun's opening line for a time budget: what the budget leaves out, and how long that should take.
+
+    pretrain_tokens: depth -> the tokens pretraining trains at that depth (the recipe's compute-optimal horizon).
+    When the budget picks the depth it trains about those tokens in about the budget, so the later stages take
+    (their tokens' worth / those tokens) x the budget; a depth the budget keeps (depth_given) is only compared
+    with its own horizon."""
+    seconds = parse_duration(budget_text)
+    extra = later_stage_tokens(chat_evals=3 if with_rl else 2)
+    shares = []
+    for depth, tokens in pretrain_tokens.items():
+        share = extra / tokens
+        # a kept depth trains for the budget, not to its horizon: only the share of its horizon is known
+        shares.append(f"{share:.0%} of the time a compute-optimal depth-{depth} pretraining takes here" if depth_given
+                      else f"+{share:.0%} of the budget ({format_duration(share * seconds)}) if it picks depth {depth}")
+    stages = "CORE, midtraining, SFT, RL and chat evaluation" if with_rl else "CORE, midtraining, SFT and chat evaluation"
+    source = "upstream nanochat's measured depth-20 run" + (", which had no RL: RL is not counted" if with_rl else "")
+    return (f"time budget {budget_text} covers pretraining with its evaluations; {stages} come after it: about "
+            f"{extra / 1e9:.1f}B pretraining tokens' worth of time ({source}), so " + ", ".join(shares)
+            + (" (a bigger model makes them a smaller share)" if len(shares) > 1 else ""))
+
+
+def compute_optimal_tokens(depth: int, vocab_size: int) -> float:
+    """The default recipe's horizon at this depth: its tokens per parameter x the parameters it counts."""
+    import torch
+
+    from nanochat.gpt import GPT, config_for_depth
+    from nanochat.schedule import DEFAULT_RECIPE, RECIPES
+
+    recipe = RECIPES[DEFAULT_RECIPE]
+    with torch.device("meta"):
+        model = GPT(config_for_depth(depth, vocab_size))
+    counted = model.scaling_params() if recipe.param_count == "scaling" else model.num_params()
+    return recipe.tokens_per_param * counted
+
+
+def main(argv=None) -> int:
+    """`check DURATION`: exit 2 with the reason when it is not one (for the stage scripts, before anything runs).
+    `later-stages DURATION [--depth N] [--skip-rl] [--tiny]`: speedrun.sh's opening line for a time budget."""
+    import sys
+
+    from nanochat.flags import FlagParser
+
+    p = FlagParser(prog="python -m nanochat.budget", description="Time budget helpers for the stage scripts.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="exit 2 with the reason when DURATION is not one").add_argument("duration")
+    later = sub.add_parser("later-stages", help="what the budget leaves out, and how long that should take")
+    later.add_argument("duration")
+    later.add_argument("--depth", type=int, default=None, help="the depth pretraining keeps (default: the budget chooses)")
+    later.add_argument("--vocab-size", type=int, default=65536, help="the tokenizer's vocabulary (default %(default)s)")
+    later.add_argument("--skip-rl", action="store_true", help="the speedrun stops after SFT")
+    later.add_argument("--tiny", action="store_true", help="speedrun --tiny: its later stages are cut short, not estimated")
+    args = p.parse_args(argv)
+    try:
+        parse_duration(args.duration)
+        if args.command == "later-stages":
+            if args.tiny:
+                print(f"time budget {args.duration} covers pretraining with its evaluations; the --tiny later stages "
+                      "(CORE, mid, SFT, RL, chat evaluation) are cut to a few minutes in all, not estimated")
+            else:
+                depths = (args.depth,) if args.depth else SHOWN_DEPTHS
+                print(later_stages_line(args.duration, {d: compute_optimal_tokens(d, args.vocab_size) for d in depths},
+                                        with_rl=not args.skip_rl, depth_given=args.depth is not None))
+    except BudgetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -108,3 +108,40 @@ def test_evaluation_seconds_counts_passes():
     # 100 steps, an evaluation every 25 -> 4 + the last = 5 passes of 3,000 tokens at 3 x 1,000 tok/s
     assert evaluation_seconds(100 * 64, 1000.0, 64, 25, 3000) == pytest.approx(5.0)
     assert evaluation_seconds(100 * 64, 1000.0, 64, 0, 3000) == pytest.approx(1.0)
+
+
+def test_later_stages_are_upstreams_measured_minutes_at_its_pretraining_speed():
+    from datetime import datetime
+
+    from nanochat.budget import later_stage_tokens
+
+    # upstream nanochat's depth-20 report (2025-11-11): section timestamps, and its pretraining's tokens and minutes
+    t = {k: datetime.strptime(v, "%H:%M:%S") for k, v in {"loss": "12:20:17", "core": "12:23:59", "mid": "12:34:01",
+                                                          "eval mid": "12:41:50", "sft": "12:44:16", "eval sft": "12:51:04"}.items()}
+    minutes = {stage: (t[stage] - t[before]).seconds / 60 for stage, before in
+               [("core", "loss"), ("mid", "core"), ("eval mid", "mid"), ("sft", "eval mid"), ("eval sft", "sft")]}
+    speed = 11_219_763_200 / (172.57 * 60)
+    two_evals = sum(minutes.values()) * 60 * speed
+    assert later_stage_tokens(chat_evals=2) == pytest.approx(two_evals)
+    # a third evaluation (of RL) costs the mean of the two measured ones
+    assert later_stage_tokens(chat_evals=3) - two_evals == pytest.approx((minutes["eval mid"] + minutes["eval sft"]) / 2 * 60 * speed)
+
+
+def test_later_stages_line_states_their_share_of_the_budget():
+    from nanochat.budget import later_stage_tokens, later_stages_line
+
+    extra = later_stage_tokens(chat_evals=3)
+    line = later_stages_line("10h", {12: 2 * extra, 20: 8 * extra}, with_rl=True, depth_given=False)
+    # the later stages take extra / tokens of the budget: half of 10h at the small depth, an eighth at the big one
+    assert "+50% of the budget (5h00m) if it picks depth 12" in line and "+12% of the budget (1h15m) if it picks depth 20" in line
+    assert line.startswith("time budget 10h covers pretraining") and "RL is not counted" in line
+    kept = later_stages_line("10h", {12: 4 * later_stage_tokens(chat_evals=2)}, with_rl=False, depth_given=True)
+    assert "25% of the time a compute-optimal depth-12 pretraining takes here" in kept and "RL" not in kept
+
+
+def test_budget_command_checks_durations():
+    from nanochat.budget import main
+
+    assert main(["check", "2.5h"]) == 0
+    assert main(["check", "1h30m"]) == 2
+    assert main(["later-stages", "90m", "--tiny"]) == 0

@@ -74,3 +74,48 @@ def test_bad_flags(run_dir):
     assert both.returncode == 2 and "exclude each other" in both.stderr
     helped = subprocess.run(["bash", "speedrun.sh", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert helped.returncode == 0 and "--tiny" in helped.stdout and "--skip-rl" in helped.stdout and "--dataset NAME" in helped.stdout
+
+
+def traced(script: str, base: Path, *args: str) -> subprocess.CompletedProcess:
+    """`bash -x SCRIPT ARGS` with nothing prepared: it runs until base_train stops for want of a tokenizer,
+    and the trace shows the command lines the script built (only its own: -x does not reach child scripts)."""
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    return subprocess.run(["bash", "-x", script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def launched(out: subprocess.CompletedProcess, command: str) -> list[str]:
+    lines = [line for line in out.stderr.splitlines() if line.startswith(f"+ {command} ")]
+    assert len(lines) == 1, out.stdout[-2000:] + out.stderr[-2000:]
+    return lines[0].split()[2:]
+
+
+@pytest.mark.parametrize("given,depth", [((), None), (("-d", "6"), "6")])
+def test_pretrain_time_budget_leaves_the_depth_to_base_train_unless_given(tmp_path, given, depth):
+    out = traced("pretrain.sh", tmp_path, "--time_budget=90m", "--gpus", "1", *given)
+    args = launched(out, "launch scripts.base_train")
+    assert args[args.index("--time-budget") + 1] == "90m"
+    assert (args[args.index("--depth") + 1] if "--depth" in args else None) == depth
+    assert f"pretraining: depth {depth or 'chosen by the 90m time budget'}," in out.stdout
+    without = launched(traced("pretrain.sh", tmp_path, "--gpus", "1"), "launch scripts.base_train")
+    assert "--time-budget" not in without and without[without.index("--depth") + 1] == "20"
+
+
+def test_tiny_speedrun_with_a_time_budget_leaves_steps_and_depth_to_it(tmp_path):
+    (tmp_path / "speedrun").mkdir()
+    (tmp_path / "speedrun" / "prepare.done").write_text("")  # straight to pretraining, which stops at the tokenizer
+    out = traced("speedrun.sh", tmp_path, "--tiny", "--time-budget", "2.5h")
+    args = launched(out, "./pretrain.sh")
+    assert args[args.index("--time-budget") + 1] == "2.5h"
+    assert "--depth" not in args and "--num-iterations" not in args
+    assert args[args.index("--max-seq-len") + 1] == "256"  # the tiny model's shape stays
+    assert "time budget 2.5h covers pretraining with its evaluations" in out.stdout
+    plain = launched(traced("speedrun.sh", tmp_path, "--tiny"), "./pretrain.sh")
+    assert "--time-budget" not in plain and plain[plain.index("--depth") + 1] == "4" and "--num-iterations" in plain
+
+
+@pytest.mark.parametrize("script", ["pretrain.sh", "speedrun.sh"])
+def test_a_malformed_time_budget_stops_before_anything_runs(tmp_path, script):
+    out = subprocess.run(["bash", script, "--time-budget", "1h30m"], cwd=ROOT, env={**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "time budget '1h30m' is not a duration: write it like 90m" in out.stderr
+    assert "==" not in out.stdout  # no stage (nor setup) started
