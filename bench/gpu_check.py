@@ -1,12 +1,14 @@
 """The one prepared GPU check: correctness of the bf16 and compiled paths, then
-speed and memory at depth 20, in one command.
+speed and memory at depth 20, then the two pretraining recipes at equal time, in one command.
 
-    python bench/gpu_check.py                         # on a GPU, full sizes (meant to take under 8 min on an H100/H200)
+    python bench/gpu_check.py --data DIR --tokenizer DIR   # on a GPU, full sizes (meant to take under 14 min on an
+                                                           # H100/H200: ~8 for the first seven checks, ~6 for recipe_ab)
     python bench/gpu_check.py --device cpu --smoke    # tiny sizes for every check, on CPU, in about a minute
     python bench/gpu_check.py --only chunked_loss,d20_decode    # rerun some checks
+    python bench/gpu_check.py --only recipe_ab --data DIR --tokenizer DIR   # only the recipe A/B
 
 Prints a header (device, torch, CUDA) and then one line per check, in this
-order (the cheap correctness checks first, the two depth-20 compiles last):
+order (the cheap correctness checks first, then depth 20, the recipe A/B last):
 
     STATUS name  seconds (running total)  figures
 
@@ -25,6 +27,12 @@ order (the cheap correctness checks first, the two depth-20 compiles last):
   d20_decode              depth 20, bf16: Engine decode tokens/s at batch 1, 8, 32
   d20_compiled            depth 20, compiled, bf16, batch 32 and 16: tokens/s, MFU, and
                           measured peak memory vs the estimate
+  recipe_ab               scripts.base_train --depth 12 --time-budget 2.5m twice, as
+                          subprocesses, same seed and data: --recipe 2025-10, then 2026;
+                          each one's final validation bpb, steps, tokens/s, and the ratio
+                          new/old. PASS when both finish: the ratio is a figure to
+                          record, not a criterion. SKIP without --data; without
+                          --tokenizer one is trained from --data first
 
 STATUS is PASS, FAIL or SKIP. Every result is also written to
 bench/gpu_check.json (--out PATH) after each check, so a run cut short keeps
@@ -33,15 +41,15 @@ and figures (numbers only; what could not be measured is said in the
 message). Exit status: 0 when no check FAILed, 1 when one did, 2 for bad
 usage.
 
-Everything is made in-process (random weights, random or rule-generated
-tokens, a tokenizer trained on generated text); nothing is downloaded. Each
-check runs in its own try/except, so one failure does not stop the rest.
+Everything but recipe_ab is made in-process (random weights, random or
+rule-generated tokens, a tokenizer trained on generated text); recipe_ab
+reads the text of --data and writes each run's whole log beside --out.
+Nothing is downloaded. Each check runs in its own try/except, so one failure
+does not stop the rest.
 
-One file of ~800 lines on purpose: it is what someone with a rented GPU and
-a few minutes runs and reads, start to end, in the order it runs.
-
-Why one file of about 800 lines: a bench is one runnable file that whoever gets a GPU
-for a few minutes copies and runs; what the benches share is in bench/rivals.py.
+One file of ~1,000 lines on purpose: it is what someone with a rented GPU and
+a few minutes copies, runs and reads, start to end, in the order it runs;
+what the benches share is in bench/rivals.py.
 """
 
 from __future__ import annotations
@@ -56,7 +64,10 @@ import math
 import os
 import platform
 import random
+import re
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,9 +79,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 from nanochat import ops  # noqa: E402
+from nanochat.budget import parse_duration  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth  # noqa: E402
@@ -135,18 +148,36 @@ class Sizes:
     decode_batches: tuple[int, ...]
     decode_prompt: int
     decode_new_tokens: int
+    ab_depth: int  # recipe_ab: the depth both recipes train at
+    ab_budget: str  # --time-budget of each run
+    ab_flags: tuple[str, ...]  # further base_train flags (model shape, batch)
+    ab_eval_every: int
+    ab_eval_tokens: int
+    ab_vocab: int  # the tokenizer recipe_ab trains when no --tokenizer is given
+    ab_tokenizer_chars: int
+    ab_startup_s: int  # a run may take its budget plus this (interpreter, final save) before it counts as hung
 
 
 FULL = Sizes(depth=4, vocab=8192, seq=512, batch=8, steps=10,
              loss_rows=65536, loss_vocab=65536, loss_width=1280, head_chunk_elements=ops.HEAD_CHUNK_ELEMENTS,
              big_depth=20, big_vocab=65536, big_seq=2048, compiled_batches=(32, 16), eager_batch=8, warmup=3, timed=5,
-             decode_batches=(1, 8, 32), decode_prompt=16, decode_new_tokens=128)
+             decode_batches=(1, 8, 32), decode_prompt=16, decode_new_tokens=128,
+             # recipe_ab: depth 12 trains ~60 steps of 2^19 tokens in 2.5 min on an H100 (an estimate from ~400k
+             # tok/s, not yet measured), so an evaluation every 20 steps gives about 3 before the last; 2^21
+             # tokens each is ~2 s of forward passes, a few percent of the run
+             ab_depth=12, ab_budget="2.5m", ab_flags=(), ab_eval_every=20, ab_eval_tokens=2**21,
+             ab_vocab=65536, ab_tokenizer_chars=10**8, ab_startup_s=180)
 # Smoke: the same code paths at toy sizes; the head's chunk is shrunk so
 # head_loss still loops over several chunks (8 here, 16 at full size).
 SMOKE = Sizes(depth=2, vocab=512, seq=64, batch=4, steps=10,
               loss_rows=2048, loss_vocab=1024, loss_width=64, head_chunk_elements=2**18,
               big_depth=2, big_vocab=512, big_seq=128, compiled_batches=(4, 2), eager_batch=2, warmup=1, timed=2,
-              decode_batches=(1, 2, 4), decode_prompt=8, decode_new_tokens=16)
+              decode_batches=(1, 2, 4), decode_prompt=8, decode_new_tokens=16,
+              # a fixed batch: the 2025-10 recipe's 2^19 tokens per step would be one step of minutes on a CPU
+              ab_depth=2, ab_budget="10s", ab_eval_every=100, ab_eval_tokens=1024, ab_vocab=300,
+              ab_tokenizer_chars=10**6, ab_startup_s=60,
+              ab_flags=("--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "8",
+                        "--total-batch-size", "512"))
 
 
 @dataclass
@@ -156,6 +187,9 @@ class Context:
     smoke: bool
     compile_backend: str
     workdir: Path = Path(".")
+    data: Path | None = None  # recipe_ab: --data, a folder of parquet shards
+    tokenizer: Path | None = None  # recipe_ab: --tokenizer, or None to train one
+    log_dir: Path = Path(".")  # recipe_ab writes each run's whole log here (beside --out)
 
 
 @dataclass
@@ -660,6 +694,148 @@ def check_d20_decode(ctx: Context) -> Outcome:
     return Outcome(verdict(complete), message, figures)
 
 
+# ---------------------------------------------------------------- 8. the two pretraining recipes, at equal time
+
+
+RECIPE_AB = (("old", "2025-10"), ("new", "2026"))
+AB_SEED = 42
+VAL_BPB_RE = re.compile(r"^step (\d+) \| validation bits per byte: ([\d.]+)$", re.MULTILINE)
+DONE_RE = re.compile(r"^training done: ([\d,]+) steps", re.MULTILINE)
+STEP_TOK_RE = re.compile(r"^step \d+/\d+ .*\| tok/s ([\d,]+) \|", re.MULTILINE)
+TAIL_LINES = 6  # of a failed run's output, in the FAIL message (the whole output is in its log)
+
+
+def tail(output: str) -> str:
+    """The last lines of a child's output on one line, as every check's message is (a traceback's ^^^ markers left out)."""
+    lines = [line.strip() for line in output.splitlines() if set(line) - set(" ^~")]
+    return " // ".join(lines[-TAIL_LINES:]) or "(no output)"
+
+
+@dataclass
+class RecipeRun:
+    recipe: str
+    code: int | None  # None: it ran past its time limit
+    seconds: float
+    output: str
+    log: Path
+
+    def figures(self) -> dict:
+        """Final validation bpb, evaluations, steps and the median step's tokens/s, read from the log."""
+        evaluations = VAL_BPB_RE.findall(self.output)
+        done = DONE_RE.search(self.output)
+        speeds = [float(v.replace(",", "")) for v in STEP_TOK_RE.findall(self.output)]
+        if not evaluations or not done or not speeds:
+            return {}
+        # the first step compiles; the median of the rest is the speed the run trained at
+        return {"bpb": float(evaluations[-1][1]), "evaluations": len(evaluations), "steps": int(done.group(1).replace(",", "")),
+                "tok_per_s": statistics.median(speeds[1:] or speeds), "seconds": self.seconds}
+
+    def failure(self) -> str:
+        if self.code is None:
+            why = f"was stopped after {self.seconds:.0f} s, past its budget and start-up allowance"
+        elif self.code:
+            why = f"exited {self.code}"
+        else:
+            why = "finished without a final validation bpb, a 'training done' line or a step's tok/s"
+        return f"recipe {self.recipe} {why} (log {self.log}): {tail(self.output)}"
+
+
+def ab_data_missing() -> str:
+    """What to pass when recipe_ab has no --data: the message names this machine's prepared folders when there are any."""
+    message = ("needs real text: pass --data DIR (a folder of parquet shards shard_00000.parquet, ... with a `text` "
+               "column, at least 2, the last is validation) and --tokenizer DIR (a folder as python -m scripts.tok_train "
+               "writes it; left out, one is trained from --data)")
+    try:
+        from nanochat.common import get_base_dir
+        from nanochat.shards import data_dir, list_shards
+
+        prepared, tokenizer = data_dir(), get_base_dir() / "tokenizer"
+    except Exception:  # only a hint; the message above stands without it
+        return message
+    if len(list_shards(prepared)) >= 2:
+        message += f"; this machine has: --data {prepared}" + (f" --tokenizer {tokenizer}" if tokenizer.is_dir() else "")
+    return message
+
+
+def child_env(ctx: Context, base: Path) -> dict:
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "PYTHONUNBUFFERED": "1"}
+    if ctx.smoke and ctx.device.type == "cpu":
+        env["OMP_NUM_THREADS"] = "1"  # as smoke_threads, for the same reason
+    return env
+
+
+def run_logged(ctx: Context, cmd: list[str], base: Path, log: Path, timeout: float) -> tuple[int | None, float, str]:
+    """(exit code or None when it ran past `timeout`, seconds, output) of a child in the repository root; the
+    output, stdout and stderr interleaved, is also written to `log`."""
+    base.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, env=child_env(ctx, base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=timeout)
+        code, output = done.returncode, done.stdout
+    except subprocess.TimeoutExpired as err:
+        code, output = None, err.stdout.decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(output)
+    return code, time.perf_counter() - t0, output
+
+
+def ab_tokenizer(ctx: Context) -> tuple[Path | None, str]:
+    """(the tokenizer folder, words on where it came from): --tokenizer, or one trained here from --data's
+    train shards (None and the reason when that failed)."""
+    if ctx.tokenizer is not None:
+        return ctx.tokenizer, f"tokenizer {ctx.tokenizer}"
+    s, base = ctx.sizes, ctx.workdir / "recipe_ab" / "tokenizer"
+    log = ctx.log_dir / "gpu_check.recipe_ab.tok_train.log"
+    cmd = [sys.executable, "-m", "scripts.tok_train", "--data-dir", str(ctx.data), "--vocab-size", str(s.ab_vocab),
+           "--max-chars", str(s.ab_tokenizer_chars)]
+    code, seconds, output = run_logged(ctx, cmd, base, log, timeout=600)
+    if code != 0:
+        return None, f"training a tokenizer on {ctx.data} failed (log {log}): {tail(output)}"
+    return base / "tokenizer", f"a {s.ab_vocab:,}-token tokenizer trained here on {s.ab_tokenizer_chars:.0e} characters in {seconds:.0f} s"
+
+
+def train_recipe(ctx: Context, recipe: str, tokenizer: Path) -> RecipeRun:
+    """scripts.base_train with this recipe for the budget, in a fresh $NANOCHAT_BASE_DIR holding a copy of the tokenizer."""
+    s = ctx.sizes
+    base = ctx.workdir / "recipe_ab" / recipe
+    shutil.copytree(tokenizer, base / "tokenizer")
+    cmd = [sys.executable, "-m", "scripts.base_train", "--recipe", recipe, "--depth", str(s.ab_depth), *s.ab_flags,
+           "--time-budget", s.ab_budget, "--seed", str(AB_SEED), "--data-dir", str(ctx.data), "--device", ctx.device.type,
+           "--eval-every", str(s.ab_eval_every), "--eval-tokens", str(s.ab_eval_tokens), "--sample-every", "0",
+           "--save-every", "0"]
+    log = ctx.log_dir / f"gpu_check.recipe_ab.{recipe}.log"
+    code, seconds, output = run_logged(ctx, cmd, base, log, timeout=parse_duration(s.ab_budget) + s.ab_startup_s)
+    return RecipeRun(recipe, code, seconds, output, log)
+
+
+def check_recipe_ab(ctx: Context) -> Outcome:
+    if ctx.data is None:
+        return Outcome("SKIP", ab_data_missing())
+    tokenizer, source = ab_tokenizer(ctx)
+    if tokenizer is None:
+        return Outcome("FAIL", source)
+    s, runs = ctx.sizes, {}
+    for label, recipe in RECIPE_AB:
+        run = train_recipe(ctx, recipe, tokenizer)
+        runs[label] = run.figures() if run.code == 0 else {}
+        if not runs[label]:
+            return Outcome("FAIL", run.failure(), {f"{k}_{lb}": v for lb, f in runs.items() for k, v in f.items()})
+    old, new = runs["old"], runs["new"]
+    figures = {f"{k}_{label}": v for label, f in runs.items() for k, v in f.items()}
+    figures.update({"bpb_ratio_new_over_old": new["bpb"] / old["bpb"], "bpb_diff_new_minus_old": new["bpb"] - old["bpb"]})
+
+    def words(recipe: str, f: dict) -> str:
+        return (f"{recipe} {f['bpb']:.4f} bpb ({f['steps']:,} steps, {f['tok_per_s']:,.0f} tok/s, "
+                f"{f['evaluations']} evaluations, {f['seconds']:.0f} s)")
+
+    message = (f"depth {s.ab_depth}, --time-budget {s.ab_budget} each, seed {AB_SEED}, data {ctx.data}, {source}: "
+               f"{words(RECIPE_AB[0][1], old)} vs {words(RECIPE_AB[1][1], new)}; "
+               f"new/old {figures['bpb_ratio_new_over_old']:.4f} ({figures['bpb_diff_new_minus_old']:+.4f} bpb); "
+               f"logs in {ctx.log_dir}")
+    return Outcome("PASS", message, figures)
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -671,6 +847,7 @@ CHECKS: list[tuple[str, Callable[[Context], Outcome]]] = [
     ("d20_eager_memory", check_d20_eager_memory),
     ("d20_decode", check_d20_decode),
     ("d20_compiled", check_d20_compiled),
+    ("recipe_ab", check_recipe_ab),
 ]
 
 
@@ -736,6 +913,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny sizes for every check, seconds on a CPU (the full sizes need a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write the JSON of all results (default: %(default)s)")
     p.add_argument("--only", default=None, help=f"comma-separated checks to run, in the usual order (default: all of {names})")
+    p.add_argument("--data", type=Path, default=None, help="recipe_ab: a folder of parquet shards (a `text` column, at least 2; "
+                   "the last is validation); without it recipe_ab is skipped")
+    p.add_argument("--tokenizer", type=Path, default=None, help="recipe_ab: a tokenizer folder as python -m scripts.tok_train "
+                   "writes it (default: train one from --data's train shards)")
     return p.parse_args(argv)
 
 
@@ -757,7 +938,19 @@ def make_context(args: argparse.Namespace) -> Context:
         raise ValueError("the full sizes need a GPU (depth 20 at batch 32 would take hours on a CPU); on CPU add --smoke")
     # inductor needs ~40 s per compile on a 2-core CPU, too slow for a smoke run
     backend = "aot_eager" if device.type == "cpu" else "inductor"
-    return Context(device, SMOKE if args.smoke else FULL, args.smoke, backend)
+    check_ab_folders(args.data, args.tokenizer)
+    return Context(device, SMOKE if args.smoke else FULL, args.smoke, backend, data=args.data and args.data.resolve(),
+                   tokenizer=args.tokenizer and args.tokenizer.resolve(), log_dir=args.out.resolve().parent)
+
+
+def check_ab_folders(data: Path | None, tokenizer: Path | None) -> None:
+    """A mistyped --data or --tokenizer is refused before any check runs, not found minutes later."""
+    if data is not None and len(list(data.glob("shard_*.parquet"))) < 2:
+        raise ValueError(f"--data {data} holds no shard_NNNNN.parquet files or only one; recipe_ab needs at least 2 "
+                         "(the last is validation)")
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise ValueError(f"--tokenizer {tokenizer} is not a folder; give the one python -m scripts.tok_train writes "
+                         "($NANOCHAT_BASE_DIR/tokenizer), or leave it out to train one from --data")
 
 
 @contextlib.contextmanager

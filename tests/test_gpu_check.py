@@ -1,7 +1,9 @@
 """bench/gpu_check.py: the smoke run on CPU (every check PASS or SKIP, a JSON
 entry with finite figures per check; the quick checks in-process, the whole run
-in the slow set), how failures, out-of-memory and a missing estimator are
-reported, usage errors, and the MFU peak table."""
+in the slow set), the recipe A/B on fixture shards (both runs' bpb and their
+ratio, a failing run, no data, the tokenizer it trains), how failures,
+out-of-memory and a missing estimator are reported, usage errors, and the MFU
+peak table."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_shard
 from nanochat import hardware
+from nanochat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ holds scripts, not an installed package
@@ -63,10 +67,22 @@ def test_smoke_run_of_the_quick_checks_in_process(tmp_path, capsys):
     check_results(capsys.readouterr().out, out, QUICK)
 
 
-@pytest.mark.slow  # ~50 s: torch.compile twice and a transformers model; `pytest -m slow`
-def test_smoke_run_on_cpu_passes_every_check(tmp_path):
-    out = tmp_path / "x.json"
-    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out)],
+@pytest.fixture
+def ab_workspace(tmp_path) -> tuple[Path, Path]:
+    """(data, tokenizer) for recipe_ab: 3 shards of short sentences from a small vocabulary (a text a tiny model
+    learns within seconds, so bits per byte fall) and a byte-level tokenizer (no merges, nothing to train)."""
+    words = "the cat sat on a mat and dog ran far away from home".split()
+    for shard in range(3):
+        docs = [" ".join(words[(shard + d * 7 + i * i) % len(words)] for i in range(10 + d % 50)) for d in range(400)]
+        write_shard(tmp_path / "data" / f"shard_{shard:05d}.parquet", docs)
+    return tmp_path / "data", Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer")
+
+
+@pytest.mark.slow  # ~90 s: torch.compile twice, a transformers model and two 10 s pretraining runs; `pytest -m slow`
+def test_smoke_run_on_cpu_passes_every_check(tmp_path, ab_workspace):
+    out, (data, tokenizer) = tmp_path / "x.json", ab_workspace
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
+                           "--data", str(data), "--tokenizer", str(tokenizer)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     check_results(done.stdout, out, [name for name, _ in gpu_check.CHECKS])
@@ -95,12 +111,75 @@ def test_only_runs_the_named_checks(tmp_path, monkeypatch, capsys):
     assert ran == ["a", "c"]  # in the usual order, not the order asked
 
 
-@pytest.mark.parametrize("argv", [["--device", "cpu"], ["--device", "cpu", "--smoke", "--only", "nonsense"]],
-                         ids=["full-sizes-on-cpu", "unknown-check"])
-def test_usage_errors_exit_2(argv, tmp_path, capsys):
+@pytest.mark.parametrize("argv, says", [
+    (["--device", "cpu"], "on CPU add --smoke"),
+    (["--device", "cpu", "--smoke", "--only", "nonsense"], "unknown check(s) nonsense"),
+    (["--device", "cpu", "--smoke", "--data", "."], "needs at least 2"),
+    (["--device", "cpu", "--smoke", "--tokenizer", "no-such-folder"], "is not a folder"),
+], ids=["full-sizes-on-cpu", "unknown-check", "data-without-shards", "tokenizer-not-a-folder"])
+def test_usage_errors_exit_2(argv, says, tmp_path, capsys):
     assert gpu_check.main([*argv, "--out", str(tmp_path / "x.json")]) == 2
-    assert "gpu_check:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "gpu_check:" in err and says in err
     assert not (tmp_path / "x.json").exists()
+
+
+# ---------------------------------------------------------------- recipe_ab
+
+
+def run_recipe_ab(tmp_path, capsys, *extra: str) -> tuple[int, str, dict]:
+    """(exit code, stdout, recipe_ab's JSON entry) of gpu_check --smoke --only recipe_ab."""
+    out = tmp_path / "out" / "x.json"
+    code = gpu_check.main(["--device", "cpu", "--smoke", "--only", "recipe_ab", "--out", str(out), *extra])
+    [entry] = json.loads(out.read_text())["checks"]
+    return code, capsys.readouterr().out, entry
+
+
+def test_recipe_ab_trains_both_recipes_and_reports_their_bpb_ratio(tmp_path, capsys, ab_workspace):
+    data, tokenizer = ab_workspace
+    code, stdout, entry = run_recipe_ab(tmp_path, capsys, "--data", str(data), "--tokenizer", str(tokenizer))
+    assert code == 0 and status_lines(stdout) == {"recipe_ab": "PASS"}, stdout
+    f = entry["figures"]
+    # below log2(265) = 8.05, a uniform guess over the byte-level vocabulary: both runs learned something
+    assert all(math.isfinite(f[k]) and 0 < f[k] < 8 for k in ("bpb_old", "bpb_new")), f
+    assert f["bpb_ratio_new_over_old"] == f["bpb_new"] / f["bpb_old"]
+    assert f["bpb_diff_new_minus_old"] == f["bpb_new"] - f["bpb_old"]
+    assert f["steps_old"] > 1 and f["steps_new"] > 1 and f["tok_per_s_old"] > 0 and f["tok_per_s_new"] > 0
+    assert f["evaluations_old"] >= 1 and f["evaluations_new"] >= 1
+    assert f"2025-10 {f['bpb_old']:.4f} bpb" in entry["message"] and f"2026 {f['bpb_new']:.4f} bpb" in entry["message"]
+    assert f"new/old {f['bpb_ratio_new_over_old']:.4f}" in entry["message"]
+    for recipe in ("2025-10", "2026"):  # each run's whole log beside the JSON
+        log = (tmp_path / "out" / f"gpu_check.recipe_ab.{recipe}.log").read_text()
+        assert f"recipe {recipe}:" in log and "training done:" in log
+
+
+def test_recipe_ab_fails_with_the_run_s_output_when_training_fails(tmp_path, capsys, ab_workspace):
+    _, tokenizer = ab_workspace
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for shard in range(2):  # named like shards, but not parquet: reading them fails
+        (broken / f"shard_{shard:05d}.parquet").write_bytes(b"not a parquet file")
+    code, stdout, entry = run_recipe_ab(tmp_path, capsys, "--data", str(broken), "--tokenizer", str(tokenizer))
+    assert code == 1 and status_lines(stdout) == {"recipe_ab": "FAIL"}, stdout
+    assert entry["message"].startswith("recipe 2025-10 exited ") and "gpu_check.recipe_ab.2025-10.log" in entry["message"]
+    assert "parquet" in entry["message"].lower()  # the tail of the run's output says what went wrong
+    assert not (tmp_path / "out" / "gpu_check.recipe_ab.2026.log").exists()  # the second run is not started after a failure
+
+
+def test_recipe_ab_without_data_skips_saying_what_to_pass(tmp_path, capsys):
+    code, stdout, entry = run_recipe_ab(tmp_path, capsys)
+    assert code == 0 and status_lines(stdout) == {"recipe_ab": "SKIP"}
+    assert "pass --data DIR" in entry["message"] and "--tokenizer DIR" in entry["message"]
+
+
+def test_recipe_ab_trains_a_tokenizer_from_the_data_when_none_is_given(tmp_path, ab_workspace):
+    data, _ = ab_workspace
+    ctx = gpu_check.Context(torch.device("cpu"), gpu_check.SMOKE, True, "aot_eager", workdir=tmp_path / "work",
+                            data=data, log_dir=tmp_path)
+    folder, words = gpu_check.ab_tokenizer(ctx)
+    assert folder is not None, words
+    assert Tokenizer.load(folder).get_vocab_size() == gpu_check.SMOKE.ab_vocab
+    assert f"a {gpu_check.SMOKE.ab_vocab:,}-token tokenizer trained here" in words
 
 
 # ---------------------------------------------------------------- memory items
