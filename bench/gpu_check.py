@@ -792,7 +792,7 @@ def ab_tokenizer(ctx: Context) -> tuple[Path | None, str]:
     code, seconds, output = run_logged(ctx, cmd, base, log, timeout=600)
     if code != 0:
         return None, f"training a tokenizer on {ctx.data} failed (log {log}): {tail(output)}"
-    return base / "tokenizer", f"a {s.ab_vocab:,}-token tokenizer trained here on {s.ab_tokenizer_chars:.0e} characters in {seconds:.0f} s"
+    return base / "tokenizer", f"a {s.ab_vocab:,}-token tokenizer trained here on up to {s.ab_tokenizer_chars:,} characters in {seconds:.0f} s"
 
 
 def train_recipe(ctx: Context, recipe: str, tokenizer: Path) -> RecipeRun:
@@ -816,13 +816,17 @@ def check_recipe_ab(ctx: Context) -> Outcome:
     if tokenizer is None:
         return Outcome("FAIL", source)
     s, runs = ctx.sizes, {}
+
+    def flat() -> dict:  # {"bpb_old": ..., "steps_new": ...}
+        return {f"{key}_{label}": value for label, found in runs.items() for key, value in found.items()}
+
     for label, recipe in RECIPE_AB:
         run = train_recipe(ctx, recipe, tokenizer)
         runs[label] = run.figures() if run.code == 0 else {}
-        if not runs[label]:
-            return Outcome("FAIL", run.failure(), {f"{k}_{lb}": v for lb, f in runs.items() for k, v in f.items()})
+        if not runs[label]:  # the other recipe alone would compare with nothing: not started
+            return Outcome("FAIL", run.failure(), flat())
     old, new = runs["old"], runs["new"]
-    figures = {f"{k}_{label}": v for label, f in runs.items() for k, v in f.items()}
+    figures = flat()
     figures.update({"bpb_ratio_new_over_old": new["bpb"] / old["bpb"], "bpb_diff_new_minus_old": new["bpb"] - old["bpb"]})
 
     def words(recipe: str, f: dict) -> str:

@@ -78,7 +78,7 @@ def ab_workspace(tmp_path) -> tuple[Path, Path]:
     return tmp_path / "data", Tokenizer({bytes([i]): i for i in range(256)}).save(tmp_path / "tokenizer")
 
 
-@pytest.mark.slow  # ~90 s: torch.compile twice, a transformers model and two 10 s pretraining runs; `pytest -m slow`
+@pytest.mark.slow  # ~60 s: torch.compile twice, a transformers model and two 10 s pretraining runs; `pytest -m slow`
 def test_smoke_run_on_cpu_passes_every_check(tmp_path, ab_workspace):
     out, (data, tokenizer) = tmp_path / "x.json", ab_workspace
     done = subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", "--smoke", "--out", str(out),
