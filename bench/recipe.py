@@ -12,10 +12,12 @@ shape is small enough for a CPU to reach the whole compute-optimal horizon
 
 1. Scaling series: each recipe trains every --depths to its own horizon (2026:
    10.5 tokens per scaling parameter and the Power-Lines batch; 2025-10: 20 per
-   parameter and the fixed batch). For each old run, the time the new recipe
-   needs to reach the old run's final bpb is read off the new recipe's runs
-   (final bpb against training seconds, interpolated in log time): the ratio
-   new / old time is the recipe's speed-up at equal quality (target <= 0.8).
+   parameter and the fixed batch; "2026, fixed batch": the 2026 recipe at the
+   2025-10 batch, since the Power-Lines rule, anchored at depth 12, is far from
+   its anchor here). For each old run, the time a new recipe needs to reach the
+   old run's final bpb is read off that recipe's runs (final bpb against
+   training seconds, interpolated in log time): the ratio new / old time is
+   the recipe's speed-up at equal quality (target <= 0.8).
 2. A larger model (--large-depth) for --large-minutes per recipe: bpb at equal time.
 3. Ablation at --ablation-depth, --ablation-minutes each: the 2026 recipe, then
    with each piece off in turn, bpb at equal time (the horizon is then set by the
@@ -57,6 +59,9 @@ PIECES = {
     "best-fit packing": ["--packing", "concat"],
 }
 
+# the scaling series' recipes: (base_train --recipe, whether it trains at --old-batch)
+SERIES = {"2025-10": ("2025-10", True), "2026": ("2026", False), "2026, fixed batch": ("2026", True)}
+
 
 @dataclass
 class Run:
@@ -76,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="folder of parquet shards with a text column (the last is validation)")
     p.add_argument("--depths", type=int, nargs="+", default=[2, 3, 4], help="scaling series depths (default %(default)s)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default %(default)s)")
+    p.add_argument("--first-seed", type=int, default=1, help="seeds are first-seed, first-seed + 1, ... (default %(default)s)")
     p.add_argument("--large-depth", type=int, default=6, help="the larger model (default %(default)s)")
     p.add_argument("--large-minutes", type=float, default=10, help="its wall-clock per recipe and seed (default %(default)s)")
     p.add_argument("--ablation-depth", type=int, default=3, help="depth of the ablation (default %(default)s)")
@@ -86,6 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--old-batch", type=int, default=None, help="the 2025-10 recipe's tokens per step (default: device batch x seq len)")
     p.add_argument("--eval-tokens", type=int, default=2**17, help="validation tokens per evaluation (default %(default)s)")
     p.add_argument("--parts", default="series,large,ablation", help="which parts to run (default %(default)s)")
+    p.add_argument("--series", nargs="+", default=list(SERIES), choices=SERIES, help="the series' recipes (default: all)")
     p.add_argument("--out", default=None, help="also write every run and the summary as JSON here")
     p.add_argument("--smoke", action="store_true", help="about a minute: depth 1 only, tiny budgets, one seed, one ablated piece")
     args = p.parse_args(argv)
@@ -112,11 +119,12 @@ def seconds_of(text: str) -> float:
     return float(sum(int(n) * units[u] for n, u in re.findall(r"(\d+)([dhms])", text)))
 
 
-def train(args, env: dict, part: str, recipe: str, depth: int, seed: int, variant: str, extra: list[str]) -> Run:
-    tag = f"{part}-{recipe}-{variant}-d{depth}-s{seed}".replace(" ", "_")
+def train(args, env: dict, part: str, recipe: str, depth: int, seed: int, variant: str, extra: list[str],
+          name: str | None = None) -> Run:
+    tag = re.sub(r"[^\w.-]+", "_", f"{part}-{name or recipe}-{variant}-d{depth}-s{seed}")
     cmd = [sys.executable, "-m", "scripts.base_train", *shape_flags(args, depth, seed), "--recipe", recipe,
            "--model-tag", tag, *args.extra, *extra]
-    print(f"  {part}: {recipe} {variant} depth {depth} seed {seed} ...", end="", flush=True)
+    print(f"  {part}: {name or recipe} {variant} depth {depth} seed {seed} ...", end="", flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -124,7 +132,7 @@ def train(args, env: dict, part: str, recipe: str, depth: int, seed: int, varian
     bpbs, finished = BPB_LINE.findall(log), DONE_LINE.search(log)
     if done.returncode or not bpbs or not finished:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{log[-3000:]}")
-    run = Run(part, recipe, depth, seed, variant, int(finished.group(1).replace(",", "")), seconds_of(finished.group(2)),
+    run = Run(part, name or recipe, depth, seed, variant, int(finished.group(1).replace(",", "")), seconds_of(finished.group(2)),
               wall, float(bpbs[-1][1]))
     print(f" {run.steps} steps, {run.train_seconds:.0f}s training, bpb {run.final_bpb:.4f}", flush=True)
     return run
@@ -152,23 +160,25 @@ def mean(values: list[float]) -> str:
 
 def series_summary(runs: list[Run]) -> list[str]:
     lines = ["| recipe | depth | steps | training s | final bpb (mean ± sd over seeds) |", "|---|---|---|---|---|"]
-    for recipe in ("2025-10", "2026"):
+    names = list(dict.fromkeys(r.recipe for r in runs))
+    for name in names:
         for depth in sorted({r.depth for r in runs}):
-            rs = [r for r in runs if r.recipe == recipe and r.depth == depth]
-            lines.append(f"| {recipe} | {depth} | {rs[0].steps:,} | {statistics.mean(r.train_seconds for r in rs):.0f} | "
-                         f"{mean([r.final_bpb for r in rs])} |")
-    ratios = []
-    for old in (r for r in runs if r.recipe == "2025-10"):
-        new_runs = [r for r in runs if r.recipe == "2026" and r.seed == old.seed]
-        reach = time_to_reach(old.final_bpb, new_runs)
-        if reach is not None:
-            ratios.append(reach / old.train_seconds)
-        lines.append(f"time for 2026 to reach 2025-10's depth-{old.depth} bpb {old.final_bpb:.4f} (seed {old.seed}): "
-                     + (f"{reach:.0f}s vs {old.train_seconds:.0f}s = {reach / old.train_seconds:.2f}x" if reach else
-                        "not reached within the series (its runs are all worse, or all better than the next)"))
-    if ratios:
-        lines.append(f"time ratio at equal quality (2026 / 2025-10): mean {statistics.mean(ratios):.2f}x over {len(ratios)} "
-                     "run(s) (target <= 0.80x)")
+            rs = [r for r in runs if r.recipe == name and r.depth == depth]
+            if rs:
+                lines.append(f"| {name} | {depth} | {rs[0].steps:,} | {statistics.mean(r.train_seconds for r in rs):.0f} | "
+                             f"{mean([r.final_bpb for r in rs])} |")
+    for name in (n for n in names if n != "2025-10"):
+        ratios = []
+        for old in (r for r in runs if r.recipe == "2025-10"):
+            reach = time_to_reach(old.final_bpb, [r for r in runs if r.recipe == name and r.seed == old.seed])
+            if reach is not None:
+                ratios.append(reach / old.train_seconds)
+            lines.append(f"time for {name} to reach 2025-10's depth-{old.depth} bpb {old.final_bpb:.4f} (seed {old.seed}): "
+                         + (f"{reach:.0f}s vs {old.train_seconds:.0f}s = {reach / old.train_seconds:.2f}x" if reach else
+                            "not reached within the series (every run of it is worse)"))
+        if ratios:
+            lines.append(f"time ratio at equal quality ({name} / 2025-10): mean {statistics.mean(ratios):.2f}x over "
+                         f"{len(ratios)} run(s) (target <= 0.80x)")
     return lines
 
 
@@ -198,12 +208,12 @@ def main(argv=None) -> int:
             print(f"error: prepare.sh failed:\n{prepared.stdout[-2000:]}{prepared.stderr[-2000:]}", file=sys.stderr)
             return 1
         old_batch = ["--total-batch-size", str(args.old_batch)]
-        for seed in range(1, args.seeds + 1):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             if "series" in parts:
                 for depth in args.depths:
-                    for recipe in ("2025-10", "2026"):
-                        runs.append(train(args, env, "series", recipe, depth, seed, "horizon",
-                                          old_batch if recipe == "2025-10" else []))
+                    for name in args.series:
+                        recipe, fixed = SERIES[name]
+                        runs.append(train(args, env, "series", recipe, depth, seed, "horizon", old_batch if fixed else [], name))
             if "large" in parts:
                 budget = ["--time-budget", f"{args.large_minutes * 60:.0f}s"]
                 for recipe in ("2025-10", "2026"):

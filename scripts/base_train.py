@@ -284,7 +284,8 @@ def plan_time_budget(args, info, vocab: int, started: float) -> str:
     so it continues the same model to the same step."""
     seconds = parse_duration(args.time_budget)
     saved_file = stage_dir("base") / BUDGET_PLAN_FILE
-    saved = _read_saved_plan(saved_file, seconds, args)
+    # every rank must take the same path (the probes are collective): rank 0's file decides
+    saved = _from_rank0(_read_saved_plan(saved_file, seconds, args) if info.is_master else None, info)
     if saved is not None and args.resume_mode != "fresh":
         args.depth, args.num_iterations, args.total_batch_size = saved["depth"], saved["num_iterations"], saved["total_batch_size"]
         return f"{saved['line']} (the plan this run made at its start)"
@@ -303,7 +304,7 @@ def plan_time_budget(args, info, vocab: int, started: float) -> str:
     plan = plan_budget(seconds, ratio=args.target_param_data_ratio, cost_of=cost_of,
                        probe=lambda depth: probe_depth(args, info, vocab, depth), eval_seconds=eval_seconds,
                        start_depth=fixed or 4, min_depth=fixed or 1, max_depth=fixed or 64,
-                       spent_seconds=time.perf_counter() - started)
+                       spent_seconds=_slowest(time.perf_counter() - started, info))
     args.depth = plan.depth
     args.total_batch_size = batch_for(plan.depth)
     args.num_iterations = max(1, round(plan.train_tokens / args.total_batch_size))
@@ -354,12 +355,28 @@ def probe_depth(args, info, vocab: int, depth: int) -> Probe:
             times.append(time.perf_counter() - t0)
     del step_model, model, optimizers, tokens
     release_cached_memory(device)
-    speed = torch.tensor(batch * args.max_seq_len * info.world_size / sorted(times)[len(times) // 2], dtype=torch.float64)
-    if info.world_size > 1:
-        dist.all_reduce(speed, op=dist.ReduceOp.MIN)
-    print0(f"time budget: depth {depth} measured at {speed.item():,.0f} tok/s (device batch {batch}) "
-           f"in {time.perf_counter() - began:.1f}s")
-    return Probe(depth, speed.item(), time.perf_counter() - began)
+    # the slowest rank's speed and the longest probe, so that every rank plans the same next probe
+    speed = -_slowest(-batch * args.max_seq_len * info.world_size / sorted(times)[len(times) // 2], info)
+    took = _slowest(time.perf_counter() - began, info)
+    print0(f"time budget: depth {depth} measured at {speed:,.0f} tok/s (device batch {batch}) in {took:.1f}s")
+    return Probe(depth, speed, took)
+
+
+def _slowest(value: float, info) -> float:
+    """The largest value over all ranks."""
+    if info.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def _from_rank0(obj, info):
+    if info.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _sync(device: torch.device) -> None:

@@ -353,3 +353,17 @@ def test_the_loop_takes_a_compiled_model(base_dir, one_torch_thread):
                      tag_dir=base_dir / "loop", meta={}, loss_fn=lambda m, b: calls.append(m) or m(*b))
     assert loop.run() == 0
     assert calls and all(m is compiled for m in calls)
+
+
+@pytest.mark.slow  # ~40 s: torchrun with 2 ranks; `pytest -m slow`
+def test_two_ranks_plan_a_time_budget_alike(workspace):
+    """The probes are collective, so both ranks must probe the same depths and settle on one plan
+    (the slowest rank's speed, the longest probe): the run ends instead of hanging."""
+    at = TINY.index("--depth")
+    tiny = TINY[:at] + TINY[at + 2:]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "scripts.base_train", *tiny, "--time-budget", "30s", "--eval-every", "0"],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = re.search(r"^time budget 30s: depth (\d+)", out.stdout, re.MULTILINE)
+    assert plan and "x 2 rank(s)" in out.stdout and "training done" in out.stdout
