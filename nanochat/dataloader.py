@@ -120,15 +120,16 @@ class _BestFit:
             self.arrivals += 1
 
     def take(self, rows: int, more: Callable[[], bool]) -> np.ndarray | None:
-        """`rows` full rows, or None once the documents run out (the rows begun are dropped)."""
+        """`rows` full rows; when the documents run out, the rows completed so far (a short last batch,
+        so a small validation split still gives what it holds), then None."""
         out = np.empty((rows, self.row_len), dtype=np.int64)
-        for row in out:
+        for done, row in enumerate(out):
             filled = 0
             while filled < self.row_len:
                 while len(self.docs) < self.buffer_docs and more():
                     pass
                 if not self.docs:
-                    return None
+                    return out[:done] if done else None
                 doc = self._pop_longest_fitting(self.row_len - filled)
                 if doc is None:  # nothing fits: crop the shortest
                     doc = self._pop(0)

@@ -163,9 +163,10 @@ def test_ranks_read_different_documents(tokenizer, data, shards, packing):
     assert ours and theirs and not ours & theirs
 
 
-def test_validation_split_ends_after_every_full_batch(tokenizer, data, shards):
+def test_validation_split_ends_with_every_row_it_holds(tokenizer, data, shards):
     """loop=False (corpus_bpb's evaluation) packs the split once and stops; the rows are what packing the
-    split's documents directly gives, less the last rows that do not fill a batch."""
+    split's documents directly gives, the last batch short when they do not fill it (a small split
+    still evaluates)."""
     loader = PretrainLoader(tokenizer, ROWS, SEQ_LEN, "val", directory=data, loop=False)
     batches = list(loader)
     with pytest.raises(StopIteration):
@@ -176,8 +177,9 @@ def test_validation_split_ends_after_every_full_batch(tokenizer, data, shards):
     rows = []
     while (row := direct.take(1, lambda: False)) is not None:
         rows.append(row[0].tolist())
-    assert 0 < len(batches) == len(rows) // ROWS
-    assert [r for b in batches for r in _rows(b)] == rows[: len(batches) * ROWS]
+    assert 0 < len(batches) == -(-len(rows) // ROWS)
+    assert [r for b in batches for r in _rows(b)] == rows
+    assert all(len(b[0]) == ROWS for b in batches[:-1]) and 0 < len(batches[-1][0]) <= ROWS
 
 
 def test_missing_data_is_reported_to_the_consumer(tokenizer, tmp_path):

@@ -181,9 +181,10 @@ def test_depth20_is_measured_in_reasonable_time():
     start = time.perf_counter()
     est = measure_training_memory(d20, 32, 2048, torch.bfloat16)
     assert time.perf_counter() - start < 120  # seconds; about 12 on one CPU core
-    # embedding and head 2 x 65536 x 1280 = 167,772,160; blocks 20 x 12 x 1280^2 = 393,216,000
+    # embedding and head 2 x 65536 x 1280 = 167,772,160; blocks 20 x 12 x 1280^2 = 393,216,000;
+    # NorMuon's rows 20 x (3 + 1 + 4 + 1) x 1280 = 230,400
     assert est.parameters == est.gradients == 4 * (167_772_160 + 393_216_000)
-    assert est.optimizer == 8 * 167_772_160 + 8 + 4 * 393_216_000
+    assert est.optimizer == 8 * 167_772_160 + 8 + 4 * 393_216_000 + 4 * 230_400
     # activations dominate at 64K tokens per micro-batch, whatever the model keeps
     assert est.activations > est.parameters + est.gradients + est.optimizer
 
