@@ -77,7 +77,8 @@ class BudgetPlan:
     probes: tuple[tuple[int, float], ...]  # (depth, tokens per second) in the order measured
 
     def line(self, budget_text: str, total_batch_size: int) -> str:
-        return (f"time budget {budget_text}: depth {self.depth}, {self.train_tokens / 1e9:.2f}B tokens "
+        tokens = f"{self.train_tokens / 1e9:.2f}B" if self.train_tokens >= 1e9 else f"{self.train_tokens / 1e6:.1f}M"
+        return (f"time budget {budget_text}: depth {self.depth}, {tokens} tokens "
                 f"({total_batch_size:,} per step), ~{format_duration(self.train_seconds)} at a measured "
                 f"{self.tokens_per_second / 1e3:,.1f}k tok/s, {format_duration(self.eval_seconds)} for evaluation "
                 f"({format_duration(self.probe_seconds)} spent measuring depths "

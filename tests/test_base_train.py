@@ -308,7 +308,7 @@ def test_a_time_budget_picks_the_depth_trains_within_it_and_a_restart_keeps_its_
     code, out = here(*budget, tiny=tiny)
     took = time.perf_counter() - started
     assert code == 0, out[-3000:]
-    plan = re.search(r"^time budget 25s: depth (\d+), [\d.]+B tokens \(([\d,]+) per step\), ~\S+ at a measured", out, re.MULTILINE)
+    plan = re.search(r"^time budget 25s: depth (\d+), [\d.]+[MB] tokens \(([\d,]+) per step\), ~\S+ at a measured", out, re.MULTILINE)
     assert plan, out[-3000:]
     depth, steps = int(plan.group(1)), int(re.search(r"steps: ([\d,]+)", out).group(1).replace(",", ""))
     assert f"time budget: depth {depth} measured at" in out and steps > 1

@@ -102,6 +102,8 @@ def test_the_plan_line_names_depth_tokens_speed_and_evaluation():
     line = plan.line("60h", 2**20)
     assert line.startswith(f"time budget 60h: depth {plan.depth}, ")
     assert f"{plan.train_tokens / 1e9:.2f}B tokens" in line and "k tok/s" in line and "1h00m for evaluation" in line
+    small = plan_budget(600, ratio=10.5, cost_of=cost_of, probe=Machine(1e12).probe, eval_seconds=no_eval)
+    assert f"{small.train_tokens / 1e6:.1f}M tokens" in small.line("10m", 2**16)  # under a billion: in millions
 
 
 def test_evaluation_seconds_counts_passes():
