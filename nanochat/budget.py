@@ -212,8 +212,7 @@ def compute_optimal_tokens(depth: int, vocab_size: int) -> float:
     recipe = RECIPES[DEFAULT_RECIPE]
     with torch.device("meta"):
         model = GPT(config_for_depth(depth, vocab_size))
-    counted = model.scaling_params() if recipe.param_count == "scaling" else model.num_params()
-    return recipe.tokens_per_param * counted
+    return recipe.tokens_per_param * model.counted_params(recipe.param_count)
 
 
 def main(argv=None) -> int:

@@ -410,6 +410,12 @@ class GPT(nn.Module):
         counts = self.param_counts()
         return counts["matrices"] + counts["lm_head"]
 
+    def counted_params(self, count: str) -> int:
+        """The parameters a tokens-per-parameter ratio is in: "scaling" (scaling_params) or "all"."""
+        if count not in ("scaling", "all"):
+            raise ValueError(f"parameter count must be 'scaling' or 'all', got {count!r}")
+        return self.scaling_params() if count == "scaling" else self.num_params()
+
     def estimate_flops(self) -> float:
         """Training FLOPs per token (forward + backward), the nanochat convention.
 

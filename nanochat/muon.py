@@ -83,11 +83,6 @@ def orthogonalize(matrix: torch.Tensor, method: str = "polar-express", steps: in
     return x.mT if tall else x
 
 
-def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The October-2025 orthogonalisation: orthogonalize(..., "newton-schulz")."""
-    return orthogonalize(matrix, "newton-schulz", steps, dtype)
-
-
 def newton_schulz_dtype(device_type: str) -> torch.dtype:
     """bf16 wherever matmuls run it natively (the loose iteration needs no more), whatever
     the model computes in: GPUs from Ampere, and CPUs with AVX512-BF16 or AMX, where the

@@ -134,11 +134,6 @@ def apply_recipe(args) -> None:
         raise PlanError("--time-budget sets the number of steps: leave out --num-iterations")
 
 
-def counted_params(model: GPT, param_count: str) -> int:
-    """The parameters the tokens-per-parameter ratio is in (see GPT.scaling_params)."""
-    return model.scaling_params() if param_count == "scaling" else model.num_params()
-
-
 def meta_model(config) -> GPT:
     with torch.device("meta"):
         return GPT(config)
@@ -149,7 +144,7 @@ def default_total_batch(args, vocab_size: int, tokens: float) -> int:
     if not RECIPES[args.recipe].power_lines_batch:
         return BATCH_ANCHOR_TOKENS
     anchor = meta_model(model_config(args, vocab_size, BATCH_ANCHOR_DEPTH))
-    return power_lines_batch(tokens, args.target_param_data_ratio * counted_params(anchor, args.param_count))
+    return power_lines_batch(tokens, args.target_param_data_ratio * anchor.counted_params(args.param_count))
 
 
 def settle_settings(args, info, vocab: int, started: float) -> str | None:
@@ -218,7 +213,7 @@ def train(args, info) -> int:
     vocab = tokenizer.get_vocab_size()
     budget = settle_settings(args, info, vocab, started)
     model = build_model(model_config(args, vocab), device)
-    counted = counted_params(model, args.param_count)
+    counted = model.counted_params(args.param_count)
     if args.total_batch_size is None:
         args.total_batch_size = default_total_batch(args, vocab, args.target_param_data_ratio * counted)
     tag_dir = stage_dir("base") / (args.model_tag or f"d{args.depth}")
@@ -292,7 +287,7 @@ def plan_time_budget(args, info, vocab: int, started: float) -> str:
 
     def cost_of(depth: int) -> DepthCost:
         model = meta_model(model_config(args, vocab, depth))
-        return DepthCost(depth, counted_params(model, args.param_count), model.estimate_flops())
+        return DepthCost(depth, model.counted_params(args.param_count), model.estimate_flops())
 
     def batch_for(depth: int) -> int:
         return args.total_batch_size or default_total_batch(args, vocab, cost_of(depth).tokens(args.target_param_data_ratio))

@@ -167,19 +167,20 @@ def test_validation_split_ends_with_every_row_it_holds(tokenizer, data, shards):
     """loop=False (corpus_bpb's evaluation) packs the split once and stops; the rows are what packing the
     split's documents directly gives, the last batch short when they do not fill it (a small split
     still evaluates)."""
-    loader = PretrainLoader(tokenizer, ROWS, SEQ_LEN, "val", directory=data, loop=False)
-    batches = list(loader)
-    with pytest.raises(StopIteration):
-        next(loader)
-    loader.close()
     bos = tokenizer.get_bos_token_id()
     direct = _BestFit(SEQ_LEN + 1, 1000, [tokenizer.encode(t, prepend=bos) for t in shards[-1]])
     rows = []
     while (row := direct.take(1, lambda: False)) is not None:
         rows.append(row[0].tolist())
-    assert 0 < len(batches) == -(-len(rows) // ROWS)
+    batch = next(b for b in range(2, len(rows)) if len(rows) % b)  # leaves a short last batch
+    loader = PretrainLoader(tokenizer, batch, SEQ_LEN, "val", directory=data, loop=False)
+    batches = list(loader)
+    with pytest.raises(StopIteration):
+        next(loader)
+    loader.close()
+    assert len(batches) == -(-len(rows) // batch) > 1
     assert [r for b in batches for r in _rows(b)] == rows
-    assert all(len(b[0]) == ROWS for b in batches[:-1]) and 0 < len(batches[-1][0]) <= ROWS
+    assert all(len(b[0]) == batch for b in batches[:-1]) and len(batches[-1][0]) == len(rows) % batch
 
 
 def test_missing_data_is_reported_to_the_consumer(tokenizer, tmp_path):
