@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nanochat.flags import FlagParser
-from nanochat.hf_share import EXIT_NOTHING, PIPELINE, ShareError, default_out_dir, parse_stages, read_share_info
+from sharing.hf_share import EXIT_NOTHING, PIPELINE, ShareError, default_out_dir, parse_stages, read_share_info
 
 TOKEN_HINT = "run `hf auth login` (`huggingface-cli login` in older huggingface_hub releases) or set HF_TOKEN to a token with write access"
 

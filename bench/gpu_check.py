@@ -88,7 +88,7 @@ from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth  # noqa: E402
 from nanochat.hardware import device_name, peak_flops  # noqa: E402
-from nanochat.hf_export import export_hf  # noqa: E402
+from sharing.hf_export import export_hf  # noqa: E402
 from nanochat.optim import build_optimizers  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402

@@ -1,6 +1,6 @@
 """The independent implementation each benchmark runs beside ours: HuggingFace
 transformers' NanoChat (the same architecture, so the same weights load into
-both; see nanochat/hf_export.py), built in memory from our model; plus what every bench prints first
+both; see sharing/hf_export.py), built in memory from our model; plus what every bench prints first
 (machine_line) and a tokenizer for fresh models (synthetic_tokenizer)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from nanochat.common import cpu_bf16_native
 from nanochat.conversation import SPECIAL_TOKENS
 from nanochat.gpt import GPT
-from nanochat.hf_export import architecture_fields, to_hf_state_dict
+from sharing.hf_export import architecture_fields, to_hf_state_dict
 from nanochat.tokenizer import Tokenizer
 
 

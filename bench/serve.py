@@ -77,7 +77,7 @@ from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, comp
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
-from nanochat.hf_export import CHAT_TEMPLATE, export_hf  # noqa: E402
+from sharing.hf_export import CHAT_TEMPLATE, export_hf  # noqa: E402
 from nanochat.sampling import SamplingParams  # noqa: E402
 from nanochat.tokenizer import Tokenizer  # noqa: E402
 

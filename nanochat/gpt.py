@@ -1,7 +1,7 @@
 """The GPT model: a decoder-only transformer in the NanoChat layout.
 
 Weights map one-to-one onto HuggingFace transformers' NanoChat architecture
-(see nanochat/hf_export.py), so every convention below follows it:
+(see sharing/hf_export.py), so every convention below follows it:
 
 - rotary position embeddings (theta 10000), no learned positions; the first
   half of each head is rotated against the second half

@@ -12,12 +12,14 @@ end (nanochat.curves).
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from nanochat.common import DistInfo, print0
@@ -28,7 +30,6 @@ from nanochat.progress import StepTimer, format_duration
 from nanochat.report import report_dir
 from nanochat.runtime import release_cached_memory
 from nanochat.schedule import lr_multiplier, muon_momentum, weight_decay_multiplier
-from nanochat.signals import StopRequest
 
 
 def add_checkpoint_args(group, *, save_every: int, keep_last: int) -> None:
@@ -245,3 +246,41 @@ class TrainLoop:
 
 def _due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
+
+
+# ---------------------------------------------------------------- graceful stops: SIGINT/SIGTERM ask the loop to checkpoint and exit
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM inside its `with` block; `agreed()` makes every rank stop at the same step.
+
+    Leaving the block puts back the handlers it replaced, so a caller that runs
+    training in-process (a test, a notebook) gets its own Ctrl-C back.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._replaced: dict = {}
+
+    def __enter__(self) -> StopRequest:
+        self._replaced = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._replaced.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signum is not None:  # a second Ctrl-C means: now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print0(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.signum is not None else 0], device=device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or 0)

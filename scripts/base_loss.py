@@ -14,7 +14,7 @@ import sys
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import add_device_arg, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.flags import FlagParser
-from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
+from nanochat.loss_eval import SAMPLE_PROMPTS, greedy_complete
 from nanochat.loss_eval import corpus_bpb
 from nanochat.report import write_section
 from nanochat.runtime import add_compute_args, prepare_model

@@ -34,7 +34,7 @@ from nanochat.dataloader import PACKINGS, PretrainLoader
 from nanochat.fileio import atomic_write
 from nanochat.energy import add_cost_args
 from nanochat.flags import FlagParser
-from nanochat.generate import SAMPLE_PROMPTS, greedy_complete
+from nanochat.loss_eval import SAMPLE_PROMPTS, greedy_complete
 from nanochat.gpt import GPT, build_model, config_for_depth
 from nanochat.hardware import peak_flops
 from nanochat.loss_eval import corpus_bpb

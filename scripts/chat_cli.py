@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.cli_args import add_model_args, device_and_dtype, warm_up
+from nanochat.flags import add_model_args, device_and_dtype, warm_up
 from nanochat.conversation import parts_from_shown
 from nanochat.engine import Engine
 from nanochat.flags import FlagParser

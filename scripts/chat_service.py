@@ -18,11 +18,11 @@ import threading
 import uvicorn
 
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.cli_args import add_model_args, device_and_dtype, warm_up
+from nanochat.flags import add_model_args, device_and_dtype, warm_up
 from nanochat.engine import Engine, EngineWorker
 from nanochat.flags import FlagParser
-from nanochat.http_guard import guarded_protocol
-from nanochat.server import ServerSettings, create_app
+from serving.http_guard import guarded_protocol
+from serving.server import ServerSettings, create_app
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 KEEP_ALIVE_SECONDS = 5  # a connection with no request in progress is closed after this, so idle clients cannot hold --max-connections

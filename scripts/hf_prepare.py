@@ -4,7 +4,7 @@
     ./hf_prepare.sh --author USER --stages sft,rl --out ~/to_upload
     python -m scripts.hf_prepare --download USER/nanochat-d20-sft   # then ./chat_cli.sh talks to it
 
-What a prepared folder holds: nanochat/hf_share.py. upload_to_hf.py uploads the folders;
+What a prepared folder holds: sharing/hf_share.py. upload_to_hf.py uploads the folders;
 `--download` installs the nanochat/ files of a shared repo (or of a local folder) into
 $NANOCHAT_BASE_DIR.
 """
@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from nanochat.flags import FlagParser
-from nanochat.hf_folders import prepare_all
-from nanochat.hf_install import chat_command, install_shared
-from nanochat.hf_share import HUB_NAME_RE, PIPELINE, ShareError, default_out_dir, parse_stages
+from sharing.hf_folders import prepare_all
+from sharing.hf_install import chat_command, install_shared
+from sharing.hf_share import HUB_NAME_RE, PIPELINE, ShareError, default_out_dir, parse_stages
 
 
 def parse_args(argv=None) -> argparse.Namespace:

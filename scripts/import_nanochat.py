@@ -7,7 +7,7 @@
 Each checkpoint becomes one of ours, `$NANOCHAT_BASE_DIR/<stage>_checkpoints/<tag>/step_NNNNNN/`
 (same stage, tag and step), and the original's tokenizer becomes ours; then every chat
 surface, chat_eval, hf_prepare.sh and the next training stage work on it. The format and
-the safety rules are in nanochat/original.py. Everything is read and checked before
+the safety rules are in sharing/original.py. Everything is read and checked before
 anything is written, and each checkpoint is written aside and renamed into place.
 The optimizer state is not imported: resuming the original run mid-stage would also need
 its data loader's position, and each next stage starts new optimizers anyway.
@@ -23,9 +23,9 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, list_steps, load_checkpoint, save_checkpoint, stage_dir
 from nanochat.flags import FlagParser
-from nanochat.hf_install import chat_command, tokenizer_needs_install
-from nanochat.hf_share import EXIT_FAILED, EXIT_NOTHING, PIPELINE, REPO_ID_RE, ShareError
-from nanochat.original import Converted, OriginalFormatError, find_checkpoints, find_tokenizer, read_checkpoint, read_tokenizer
+from sharing.hf_install import chat_command, tokenizer_needs_install
+from sharing.hf_share import EXIT_FAILED, EXIT_NOTHING, PIPELINE, REPO_ID_RE, ShareError
+from sharing.original import Converted, OriginalFormatError, find_checkpoints, find_tokenizer, read_checkpoint, read_tokenizer
 from nanochat.stages import AUTO_ORDER
 from nanochat.tokenizer import MANIFEST_FILE, default_tokenizer_dir
 

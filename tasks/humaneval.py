@@ -4,7 +4,7 @@ Split "test". Columns: task_id, prompt (signature and docstring),
 canonical_solution (the body), test (defines check(candidate)), entry_point.
 The reference answer is the whole function in a ```python block. A completion
 passes when its code, run with the tests in a sandboxed process
-(nanochat.execution), makes check(<entry point>) return without error.
+(tasks.execution), makes check(<entry point>) return without error.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class HumanEval(HubTask):
         }
 
     def evaluate(self, conversation: dict, completion: str) -> int:
-        from nanochat.execution import execute  # imported here: sandboxing is only needed when scoring
+        from tasks.execution import execute  # imported here: sandboxing is only needed when scoring
 
         entry_point = conversation["entry_point"]
         program = "\n".join([

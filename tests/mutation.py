@@ -79,7 +79,7 @@ UNOBSERVABLE: dict[str, list[str]] = {
 }
 
 # what the tests import or read; the rest of the tree (.venv, data, reports) stays out of the copy
-COPIED = ["nanochat", "tasks", "scripts", "bench", "tests", "pyproject.toml"]
+COPIED = ["nanochat", "tasks", "serving", "sharing", "scripts", "bench", "tests", "pyproject.toml"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:

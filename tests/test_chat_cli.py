@@ -15,7 +15,7 @@ import torch
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
-from serving import ROOT, SCRIPT_ANSWER, make_slow_model
+from served_model import ROOT, SCRIPT_ANSWER, make_slow_model
 
 
 @pytest.fixture(scope="module")

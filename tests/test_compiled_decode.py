@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanochat.cli_args import warm_up
+from nanochat.flags import warm_up
 from nanochat.compiled_decode import SPAN_STEP, CompiledDecoder, bucket_sizes
 from nanochat.engine import Engine, collect
 from nanochat.kv_slots import SlotKVCache

@@ -7,8 +7,8 @@ import time
 import httpx
 import pytest
 
-from nanochat.error_pacing import BURST, MAX_WAIT, RATE, ErrorPacer
-from serving import ServerProcess, make_served_model
+from serving.error_pacing import BURST, MAX_WAIT, RATE, ErrorPacer
+from served_model import ServerProcess, make_served_model
 
 
 def test_the_budget_refills_at_its_rate_and_waits_are_capped(monkeypatch):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from nanochat import execution
-from nanochat.execution import MAX_FILE_BYTES, MAX_OUTPUT_BYTES, execute, kernel_confinement
+from tasks import execution
+from tasks.execution import MAX_FILE_BYTES, MAX_OUTPUT_BYTES, execute, kernel_confinement
 from tasks.humaneval import HumanEval
 
 kernel_only = pytest.mark.skipif(not kernel_confinement(), reason="no Landlock ABI 3 or seccomp on this kernel")

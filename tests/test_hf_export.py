@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.hf_export import (
+from sharing.hf_export import (
     config_from_hf,
     export_hf,
     hf_config,

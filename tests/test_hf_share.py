@@ -26,7 +26,7 @@ from nanochat.gpt import GPTConfig, build_model
 from nanochat.report import write_section
 from nanochat.sampling import SamplingParams
 from nanochat.tokenizer import Tokenizer
-from nanochat import hf_folders, hf_share
+from sharing import hf_folders, hf_share
 from nanochat.stages import STAGES
 from scripts import hf_prepare
 

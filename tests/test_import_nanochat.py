@@ -22,7 +22,7 @@ import pytest
 import tiktoken
 import torch
 
-from nanochat.original import ORIGINAL_NORM_EPS, TokenizerUnpickler, read_tokenizer
+from sharing.original import ORIGINAL_NORM_EPS, TokenizerUnpickler, read_tokenizer
 from tasks.sample_data import write_sample_task_files
 
 ROOT = Path(__file__).resolve().parents[1]

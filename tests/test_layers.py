@@ -1,4 +1,4 @@
-"""The layers point one way: entry points (root scripts, scripts/, bench/) -> tasks/ -> nanochat/ -> libraries.
+"""The layers point one way: entry points (root scripts, scripts/, bench/) -> serving/, sharing/ -> tasks/ -> nanochat/ -> libraries.
 
 Read from the source (ast), lazy imports inside functions included: no module
 imports a layer above its own, no entry point serves another as a library, and
@@ -9,14 +9,15 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY_LAYERS = {"nanochat": 0, "tasks": 1}
-ENTRY = 2  # scripts/, bench/ and the root's .py files
+LIBRARY_LAYERS = {"nanochat": 0, "tasks": 1, "serving": 2, "sharing": 2}
+ENTRY = 3  # scripts/, bench/ and the root's .py files
 # bench/rivals.py is the benches' own shared code: benches may import it, nothing else may
 SHARED_ENTRY_PACKAGES = {"bench"}
 
 
 def project_modules() -> dict[str, Path]:
-    files = [*ROOT.glob("nanochat/**/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("scripts/*.py"),
+    files = [*ROOT.glob("nanochat/**/*.py"), *ROOT.glob("tasks/*.py"), *ROOT.glob("serving/*.py"), *ROOT.glob("sharing/*.py"),
+             *ROOT.glob("scripts/*.py"),
              *ROOT.glob("bench/*.py"), *ROOT.glob("*.py")]
     modules = {}
     for path in files:
@@ -97,6 +98,14 @@ def test_the_checks_see_what_they_are_meant_to_catch():
     assert not any(p.startswith("bench.z") for p in problems)
     assert circles(graph) == [["nanochat.a", "tasks.b", "nanochat.c", "nanochat.a"]]
     assert "nanochat.dataset" in import_graph() and "nanochat.shards" in import_graph()["nanochat.dataset"]
+    assert "serving.api_request" in import_graph()["serving.server"]
+
+
+def test_the_core_package_stays_the_size_a_reader_can_hold():
+    """The design card's flat core: model, data, optimizers, loop, checkpoints, engine, evaluation.
+    Serving and sharing live beside it; a module that joins nanochat/ should be one of those jobs."""
+    modules = [p for p in (ROOT / "nanochat").glob("*.py") if p.name != "__init__.py"]
+    assert len(modules) <= 40, sorted(p.name for p in modules)
 
 
 # ---------------------------------------------------------------- size

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from serving import SCRIPT_ANSWER, ServerProcess, make_served_model
+from served_model import SCRIPT_ANSWER, ServerProcess, make_served_model
 
 
 @pytest.fixture(scope="module")

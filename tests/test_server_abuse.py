@@ -25,10 +25,10 @@ from typing import NamedTuple
 import httpx
 import pytest
 
-from nanochat.api_request import MAX_JSON_DEPTH
-from nanochat.server import ServerSettings
+from serving.api_request import MAX_JSON_DEPTH
+from serving.server import ServerSettings
 from scripts.chat_service import KEEP_ALIVE_SECONDS
-from serving import SCRIPT_ANSWER, ServerProcess, make_served_model
+from served_model import SCRIPT_ANSWER, ServerProcess, make_served_model
 
 BODY_TIMEOUT = 2.0  # seconds; the server's default (30) is too slow to wait for in a test
 MAX_CONNECTIONS = 160  # above the ~110 sockets test_concurrent_abuse holds at once

@@ -19,9 +19,9 @@ import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
 from nanochat.engine import Engine
-from nanochat.server import ServerSettings, create_app
+from serving.server import ServerSettings, create_app
 from nanochat.tokenizer import Tokenizer
-from serving import ROOT, ServerProcess, free_port, make_served_model
+from served_model import ROOT, ServerProcess, free_port, make_served_model
 from test_engine import random_model
 from test_engine_faults import Crash, Faulty
 

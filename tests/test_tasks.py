@@ -350,7 +350,7 @@ HE_ROW = {
 
 @pytest.fixture
 def fake_execution(monkeypatch):
-    """nanochat.execution stand-in that runs programs in-process and remembers them."""
+    """tasks.execution stand-in that runs programs in-process and remembers them."""
     programs = []
 
     def execute(program, timeout):
@@ -361,7 +361,7 @@ def fake_execution(monkeypatch):
             return types.SimpleNamespace(passed=False)
         return types.SimpleNamespace(passed=True)
 
-    monkeypatch.setitem(sys.modules, "nanochat.execution", types.SimpleNamespace(execute=execute))
+    monkeypatch.setitem(sys.modules, "tasks.execution", types.SimpleNamespace(execute=execute))
     return programs
 
 

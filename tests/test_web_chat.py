@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from serving import ROOT, SCRIPT_ANSWER, ServerProcess, free_port, make_served_model
+from served_model import ROOT, SCRIPT_ANSWER, ServerProcess, free_port, make_served_model
 
 sys.path.insert(0, str(ROOT))
 gr = pytest.importorskip("gradio")

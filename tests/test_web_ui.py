@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from serving import FENCED_ANSWER, ServerProcess, make_served_model, make_slow_model
+from served_model import FENCED_ANSWER, ServerProcess, make_served_model, make_slow_model
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")

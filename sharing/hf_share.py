@@ -8,7 +8,7 @@ A prepared folder is named like the Hub repo it becomes (nanochat-<tag>-<stage>)
     nanochat/model.safetensors, nanochat/meta.json    the checkpoint as this project stores it
     nanochat/tokenizer/                               the tokenizer as this project stores it
 
-nanochat.hf_folders writes them, nanochat.model_card their cards, nanochat.hf_install
+sharing.hf_folders writes them, sharing.model_card their cards, sharing.hf_install
 installs one back; scripts.hf_prepare and upload_to_hf.py are the commands.
 """
 

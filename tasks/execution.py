@@ -242,7 +242,7 @@ def kernel_confinement() -> bool:
     if problem:
         log.warning(
             "code sandbox: %s, so programs run under Python-level guards only, which catch accidents but "
-            "not a deliberate program (see nanochat/execution.py). Needs Linux >= 6.2 with Landlock enabled "
+            "not a deliberate program (see tasks/execution.py). Needs Linux >= 6.2 with Landlock enabled "
             "(CONFIG_SECURITY_LANDLOCK, 'landlock' in /sys/kernel/security/lsm or the lsm= boot option).",
             problem,
         )

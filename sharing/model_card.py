@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from nanochat.hf_share import COST_KEY, ENERGY_KEY, PIPELINE, STAGE_INFO, SharedModel
+from sharing.hf_share import COST_KEY, ENERGY_KEY, PIPELINE, STAGE_INFO, SharedModel
 from nanochat.progress import format_duration
 from nanochat.report import CHAT_METRICS, summary_table
 from nanochat.stages import chat_eval_section

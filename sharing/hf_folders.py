@@ -1,4 +1,4 @@
-"""Prepare upload folders of trained models (nanochat.hf_share describes them), each written aside and
+"""Prepare upload folders of trained models (sharing.hf_share describes them), each written aside and
 renamed into place, so a folder is either complete or absent."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError, META_FILE, MODEL_FILE, load_model, stage_dir, step_dir_name
 from nanochat.common import get_base_dir
 from nanochat.fileio import atomic_write
-from nanochat.hf_export import CHAT_TEMPLATE, export_hf
-from nanochat.hf_share import CARD_FILE, EXIT_NOTHING, NATIVE_DIR, NATIVE_TOKENIZER_DIR, PIPELINE, SHARE_KEY, ShareError, SharedModel, repo_name
-from nanochat.model_card import model_card
+from sharing.hf_export import CHAT_TEMPLATE, export_hf
+from sharing.hf_share import CARD_FILE, EXIT_NOTHING, NATIVE_DIR, NATIVE_TOKENIZER_DIR, PIPELINE, SHARE_KEY, ShareError, SharedModel, repo_name
+from sharing.model_card import model_card
 from nanochat.report import load_all_metrics, section_slugs
 from nanochat.tokenizer import Tokenizer, TokenizerError, default_tokenizer_dir, get_tokenizer
 

@@ -37,13 +37,13 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.api_metrics import CountResponses, ServerMetrics, TokenClock
-from nanochat.api_request import ApiError, ChatRequest, CompletionRequest, read_json
-from nanochat.api_response import ChatDialect, Dialect, TextDialect, sse
+from serving.api_metrics import CountResponses, ServerMetrics, TokenClock
+from serving.api_request import ApiError, ChatRequest, CompletionRequest, read_json
+from serving.api_response import ChatDialect, Dialect, TextDialect, sse
 from nanochat.conversation import parts_from_shown
 from nanochat.curves import curve_file, list_curves
 from nanochat.engine import Engine, EngineWorker, Request as EngineRequest
-from nanochat.error_pacing import ErrorPacer
+from serving.error_pacing import ErrorPacer
 from nanochat.report import report_dir
 from nanochat.sampling import SamplingParams
 
@@ -431,7 +431,7 @@ def usage(engine_request: EngineRequest) -> dict:
 
 def install_error_handlers(app: FastAPI) -> None:
     async def paced(request: Request, response: JSONResponse) -> JSONResponse:
-        """A client's mistake is answered after its error budget allows (nanochat/error_pacing.py)."""
+        """A client's mistake is answered after its error budget allows (serving/error_pacing.py)."""
         await app.state.service.pacer.pace(request.client.host if request.client else "unknown")
         return response
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from nanochat.checkpoint import CheckpointError, META_FILE, MODEL_FILE, list_steps, newest_tag, stage_dir, step_dir_name, verify
 from nanochat.fileio import atomic_write
 from nanochat.gpt import GPTConfig
-from nanochat.hf_folders import build_folder
-from nanochat.hf_share import EXIT_NOTHING, NATIVE_DIR, NATIVE_TOKENIZER_DIR, PIPELINE, REPO_ID_RE, SHARE_KEY, ShareError
+from sharing.hf_folders import build_folder
+from sharing.hf_share import EXIT_NOTHING, NATIVE_DIR, NATIVE_TOKENIZER_DIR, PIPELINE, REPO_ID_RE, SHARE_KEY, ShareError
 from nanochat.stages import STAGES
 from nanochat.tokenizer import Tokenizer, TokenizerError, default_tokenizer_dir
 

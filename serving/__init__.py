@@ -1,0 +1,1 @@
+"""The OpenAI-compatible chat server, its request and response formats, and the chat page."""

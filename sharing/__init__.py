@@ -1,0 +1,1 @@
+"""Sharing models: export to the HuggingFace format, prepare and install Hub folders, import original nanochat checkpoints."""
