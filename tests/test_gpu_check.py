@@ -230,12 +230,22 @@ def test_peak_flops_is_unknown_off_cuda_and_outside_bf16():
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989e12),
     ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12),  # once matched as "H100": the SXM peak, MFU read 16% low
     ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),
     ("NVIDIA A100-SXM4-80GB", 312e12),
     ("NVIDIA GB10", 125e12),
+    ("NVIDIA H100", None),  # a name not listed exactly gets no neighbour's peak
     ("Tesla T4", None),
 ])
-def test_peak_flops_by_device_name(monkeypatch, name, peak):
+def test_peak_flops_by_exact_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(hardware, "device_name", lambda device: name)
     flops, source = hardware.peak_flops(torch.device("cuda"), torch.bfloat16)
     assert flops == peak and source
+    if peak is None:
+        assert "PEAK_BF16" in source  # says where to add it
+
+
+def test_the_gb10_peak_says_it_is_derived(monkeypatch):
+    monkeypatch.setattr(hardware, "device_name", lambda device: "NVIDIA GB10")
+    assert hardware.peak_flops(torch.device("cuda"), torch.bfloat16)[1].startswith("DERIVED, not measured")
