@@ -106,8 +106,8 @@ fi
 MARKS="$NANOCHAT_BASE_DIR/speedrun"
 mkdir -p "$MARKS"
 if [ -n "$DATA" ]; then
-  # Offline: post-training and evaluation tasks come from generated sample files, except
-  # for the datasets whose NANOCHAT_*_PATH you already set to your own files.
+  # Offline: post-training and evaluation tasks come from generated sample files, unless
+  # NANOCHAT_TASK_DATA already names your own folder.
   while IFS= read -r line; do
     var=${line#export }; var=${var%%=*}
     [ -n "${!var:-}" ] || eval "$line"

@@ -9,8 +9,8 @@
     python view_identity_data.py validate             # every problem, with its line number
     python view_identity_data.py count
 
-The file (--file; default $NANOCHAT_IDENTITY_PATH, else
-$NANOCHAT_BASE_DIR/identity_conversations.jsonl, the file midtraining and SFT read)
+The file (--file; default identity_conversations.jsonl in $NANOCHAT_TASK_DATA if there,
+else in $NANOCHAT_BASE_DIR: the file midtraining and SFT read)
 holds one JSON object per line: {"messages": [{"role": "user", "content": "..."}, ...]}.
 Conversations are numbered by their line in the file, the number an editor shows.
 Edits rewrite the file atomically and leave every other line byte-for-byte as it was.
@@ -279,7 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="view_identity_data.py",
         description="Browse, check and edit the identity conversations (JSONL, one conversation per line).",
     )
-    file_help = "conversations file (default: $NANOCHAT_IDENTITY_PATH, else $NANOCHAT_BASE_DIR/identity_conversations.jsonl)"
+    file_help = "conversations file (default: identity_conversations.jsonl in $NANOCHAT_TASK_DATA if there, else in $NANOCHAT_BASE_DIR)"
     parser.add_argument("--file", type=Path, default=None, help=file_help)
     # --file is also accepted after the command; SUPPRESS keeps a subcommand from resetting it to None
     file_option = FlagParser(add_help=False)

@@ -37,18 +37,17 @@ def get_base_dir() -> Path:
     return base
 
 
-def add_device_arg(group, help_text: str = "override device autodetection (default: cuda, else mps, else cpu; or $NANOCHAT_DEVICE)") -> None:
+def add_device_arg(group, help_text: str = "override device autodetection (default: cuda, else mps, else cpu)") -> None:
     group.add_argument("--device", default=None, choices=list(DEVICE_TYPES), help=help_text)
 
 
 def autodetect_device_type(override: str | None = None) -> str:
-    """cuda > mps > cpu, unless `override` (or `$NANOCHAT_DEVICE`) names one.
+    """cuda > mps > cpu, unless `override` names one.
 
     An override naming a device that is not available is an error, not a
     silent fallback: a user who asked for cuda wants to know it is missing.
     """
-    choice = override or os.environ.get("NANOCHAT_DEVICE") or ""
-    choice = choice.strip().lower()
+    choice = (override or "").strip().lower()
     if choice:
         if choice not in DEVICE_TYPES:
             raise ValueError(f"unknown device type {choice!r}; expected one of {', '.join(DEVICE_TYPES)}")

@@ -26,12 +26,11 @@ from pathlib import Path
 import yaml
 
 from nanochat.common import get_base_dir
-from nanochat.download import DownloadError, download_file
+from nanochat.download import DownloadError, check_reachable, download_file
 from nanochat.flags import FlagParser
 
 DEFAULT_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE"
-URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 CONFIG_FILE = "core.yaml"
 META_FILE = "eval_meta_data.csv"
@@ -87,6 +86,7 @@ def fetch_eval_bundle(url: str = DEFAULT_URL, *, retries: int = 5, backoff: floa
         return target
     archive = target.with_name("eval_bundle.zip")
     try:
+        check_reachable(url)  # offline: say so in seconds, not after every retry
         download_file(url, archive, retries=retries, backoff=backoff, validate=_check_archive)
     except DownloadError as exc:
         raise BundleError(
@@ -187,7 +187,7 @@ def load_task_data(bundle: Path, spec: TaskSpec) -> list[dict]:
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = FlagParser(prog="python -m nanochat.eval_bundle", description="Fetch the CORE evaluation bundle into $NANOCHAT_BASE_DIR/eval_bundle (skipped when present).")
-    p.add_argument("--url", default=os.environ.get(URL_ENV, DEFAULT_URL), help=f"where to download eval_bundle.zip (env {URL_ENV}; http(s):// or file://)")
+    p.add_argument("--url", default=DEFAULT_URL, help="where to download eval_bundle.zip (http(s):// or file://; default %(default)s)")
     p.add_argument("--retries", type=int, default=5, help="download attempts before giving up (default %(default)s)")
     p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubling each time (default %(default)s)")
     return p.parse_args(argv)

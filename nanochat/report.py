@@ -221,7 +221,7 @@ def code_size(root: Path = REPO_ROOT) -> dict[str, int]:
 def system_lines() -> list[str]:
     try:
         facts = environment_report()
-    except (ValueError, RuntimeError) as exc:  # e.g. $NANOCHAT_DEVICE names a missing device
+    except (ValueError, RuntimeError) as exc:  # e.g. a device that is not there
         return [f"- system info unavailable: {exc}"]
     return [f"- {key}: {value}" for key, value in facts.items()]
 

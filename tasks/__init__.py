@@ -3,16 +3,19 @@
 The Hub's datasets load through `datasets.load_dataset` (tasks.hub: its cache,
 offline mode, token). Every loader takes path= (a local parquet / jsonl / json
 file, or a folder of one of those, with the Hub's columns; loaded by the same
-call) and reads an environment variable that does the same, so nothing needs
-the network once the data is on disk:
+call), and looks first in the task-data folder that $NANOCHAT_TASK_DATA names,
+under the name below (a .parquet, .jsonl or .json suffix, or a folder of that
+name), so nothing needs the network once the data is on disk:
 
-    SmolTalk(split)              NANOCHAT_SMOLTALK_PATH    chat conversations
-    MMLU(subset, split)          NANOCHAT_MMLU_PATH        multiple choice, categorical
-    ARC(subset, split)           NANOCHAT_ARC_PATH         multiple choice, categorical
-    GSM8K(split, subset="main")  NANOCHAT_GSM8K_PATH       math with calculator calls
-    HumanEval()                  NANOCHAT_HUMANEVAL_PATH   Python functions, run against tests
-    CustomJSON(path)             NANOCHAT_IDENTITY_PATH    your own conversations (JSONL)
-    SimpleSpelling / SpellingBee NANOCHAT_WORDS_PATH       generated from a word list
+    SmolTalk(split)              smoltalk-{split}                chat conversations
+    MMLU(subset, split)          mmlu-{subset}-{split}           multiple choice, categorical
+    ARC(subset, split)           arc-{subset}-{split}            multiple choice, categorical
+    GSM8K(split, subset="main")  gsm8k-{subset}-{split}          math with calculator calls
+    HumanEval()                  humaneval                       Python functions, run against tests
+    CustomJSON(path)             identity_conversations.jsonl    your own conversations (JSONL)
+    SimpleSpelling / SpellingBee words.txt                       generated from a word list
+
+`python -m tasks.sample_data DIR` writes a folder with every one of them.
 """
 
 from tasks.arc import ARC

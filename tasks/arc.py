@@ -18,7 +18,7 @@ from tasks.records import field
 REPO = "allenai/ai2_arc"
 class ARC(MultipleChoiceTask, HubTask):
     repo = REPO
-    env_var = "NANOCHAT_ARC_PATH"
+    local_name = "arc-{subset}-{split}"
     splits = {subset: ("train", "validation", "test") for subset in ("ARC-Easy", "ARC-Challenge")}
 
     def __init__(self, subset: str = "ARC-Easy", split: str = "test", path: str | Path | None = None, **slicing):

@@ -20,7 +20,7 @@ from tasks.records import field
 REPO = "openai/gsm8k"
 class GSM8K(HubTask):
     repo = REPO
-    env_var = "NANOCHAT_GSM8K_PATH"
+    local_name = "gsm8k-{subset}-{split}"
     splits = {subset: ("train", "test") for subset in ("main", "socratic")}
 
     def __init__(self, split: str = "test", subset: str = "main", path: str | Path | None = None, **slicing):

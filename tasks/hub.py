@@ -1,9 +1,11 @@
 """Where a dataset split's rows come from: a local path, or the Hugging Face Hub, both through
 `datasets.load_dataset`.
 
-In order: the `path=` a task was given, then the dataset family's environment
-variable (e.g. NANOCHAT_GSM8K_PATH; "{subset}" and "{split}" in its value are
-filled in, so one variable can serve every split), then the Hub.
+In order: the `path=` a task was given, then the task-data folder
+($NANOCHAT_TASK_DATA) when it holds a file or folder under the split's
+conventional name (`local_name`: e.g. gsm8k-main-test.jsonl, arc-ARC-Easy-train.parquet,
+smoltalk-train/ with files inside), then the Hub. A folder without that name
+falls through to the Hub, so it may hold only the datasets you replace.
 
 - A local path is one file or a folder of files in one format: .parquet, or
   .jsonl / .json (JSON lines, or one array of objects), read in name order by
@@ -36,6 +38,30 @@ from tasks.base import Task, TaskDataError
 
 JSON_SUFFIXES = (".jsonl", ".json")
 SUFFIXES = (".parquet", *JSON_SUFFIXES)
+TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
+
+
+def task_data_dir() -> Path | None:
+    """The folder $NANOCHAT_TASK_DATA names, or None when it is unset; a folder that is not there is an error."""
+    chosen = os.environ.get(TASK_DATA_ENV)
+    if not chosen:
+        return None
+    folder = Path(chosen).expanduser()
+    if not folder.is_dir():
+        raise TaskDataError(f"{folder} (from ${TASK_DATA_ENV}) is not a folder; "
+                            f"python -m tasks.sample_data {folder} writes one with generated files")
+    return folder
+
+
+def task_data_file(name: str) -> Path | None:
+    """The task-data folder's entry `name` (with or without one of SUFFIXES), or None when absent or no folder is set."""
+    folder = task_data_dir()
+    if folder is None:
+        return None
+    found = [p for p in (folder / name, *(folder / (name + s) for s in SUFFIXES)) if p.exists()]
+    if len(found) > 1:
+        raise TaskDataError(f"{folder}: both {found[0].name} and {found[1].name} could be {name!r}; keep one")
+    return found[0] if found else None
 
 
 class HubUnavailable(DataError, RuntimeError):
@@ -44,12 +70,12 @@ class HubUnavailable(DataError, RuntimeError):
 
 @dataclass(frozen=True)
 class HubDataset:
-    """One split of one subset (config) of a Hub dataset, and the variable that overrides it."""
+    """One split of one subset (config) of a Hub dataset, and its name in the task-data folder."""
 
     repo: str
     subset: str
     split: str
-    env_var: str
+    local_name: str  # a HubTask's local_name with subset and split filled in
 
     def describe(self) -> str:
         return f"{self.repo} (subset {self.subset!r}, split {self.split!r})"
@@ -74,16 +100,11 @@ class Rows:
 
 
 def open_rows(dataset: HubDataset, path: str | Path | None = None) -> Rows:
-    """The split's rows: from `path`, else from $<env_var>, else from the Hub (cached)."""
+    """The split's rows: from `path`, else from the task-data folder, else from the Hub (cached)."""
     if path is not None:
         return load_local(Path(path))
-    override = os.environ.get(dataset.env_var)
-    if override:
-        local = Path(override.replace("{subset}", dataset.subset).replace("{split}", dataset.split))
-        if not local.expanduser().exists():
-            raise TaskDataError(f"{local} (from ${dataset.env_var}, for {dataset.describe()}) does not exist")
-        return load_local(local)
-    return load_from_hub(dataset)
+    local = task_data_file(dataset.local_name)
+    return load_local(local) if local is not None else load_from_hub(dataset)
 
 
 def cache_dir() -> Path:
@@ -144,8 +165,9 @@ def load_from_hub(dataset: HubDataset) -> Rows:
         raise HubUnavailable(
             f"could not load {dataset.describe()} from the Hugging Face Hub: {where}. "
             f"Gated datasets need a token (hf auth login, or HF_TOKEN). Without network access, save the split "
-            f"as parquet, jsonl or json files with the same columns and pass path=<file or folder> or set "
-            f"{dataset.env_var}=<file or folder> (python -m tasks.sample_data DIR writes generated ones)"
+            f"as parquet, jsonl or json files with the same columns, as {dataset.local_name}.jsonl (or .parquet, "
+            f"or a folder of that name) in the folder ${TASK_DATA_ENV} names, or pass path=<file or folder> "
+            f"(python -m tasks.sample_data DIR writes generated ones)"
         ) from exc
     return Rows(table, f"{dataset.repo} {dataset.subset}/{dataset.split}")
 
@@ -168,7 +190,7 @@ class HubTask(Task):
     """A task read row by row from one split of a Hub dataset, or from a local file with the same schema."""
 
     repo = ""
-    env_var = ""
+    local_name = ""  # the split's name in the task-data folder; "{subset}" and "{split}" are filled in
     splits: dict[str, tuple[str, ...]] = {}  # subset -> the splits it has
 
     def __init__(self, subset: str, split: str, path: str | Path | None = None, **slicing):
@@ -176,7 +198,11 @@ class HubTask(Task):
         if split not in self.splits.get(subset, ()):
             available = "; ".join(f"subset {s!r}: {', '.join(splits)}" for s, splits in self.splits.items())
             raise ValueError(f"{type(self).__name__} has no subset {subset!r} split {split!r} (available: {available})")
-        self.records = open_rows(HubDataset(self.repo, subset, split, self.env_var), path)
+        self.records = open_rows(HubDataset(self.repo, subset, split, self.local_file(subset, split)), path)
+
+    @classmethod
+    def local_file(cls, subset: str, split: str) -> str:
+        return cls.local_name.format(subset=subset, split=split)
 
     def num_examples(self) -> int:
         return len(self.records)

@@ -24,7 +24,7 @@ IMPORT_RE = re.compile(r"^(?:import|from)\s.*$", re.MULTILINE)
 
 class HumanEval(HubTask):
     repo = REPO
-    env_var = "NANOCHAT_HUMANEVAL_PATH"
+    local_name = "humaneval"
     splits = {"openai_humaneval": ("test",)}
 
     def __init__(self, path: str | Path | None = None, **slicing):

@@ -2,29 +2,28 @@
 
 Each line is {"messages": [...]}: an optional system message, then user and
 assistant alternating. The default file is
-$NANOCHAT_BASE_DIR/identity_conversations.jsonl ($NANOCHAT_IDENTITY_PATH or
-path= point elsewhere). The whole file is checked when loaded, and the first
-bad line is an error naming the file and line.
+$NANOCHAT_BASE_DIR/identity_conversations.jsonl; one of that name in the
+task-data folder ($NANOCHAT_TASK_DATA, tasks.hub) comes first, and path=
+overrides both. The whole file is checked when loaded, and the first bad line
+is an error naming the file and line.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from nanochat.common import get_base_dir
 from tasks.base import Task, TaskDataError, validate_conversation
+from tasks.hub import TASK_DATA_ENV, task_data_file
 from tasks.records import field, read_json_lines
 
-ENV_VAR = "NANOCHAT_IDENTITY_PATH"
 DEFAULT_FILE = "identity_conversations.jsonl"
 
 __all__ = ["CustomJSON", "default_identity_path", "validate_conversation"]
 
 
 def default_identity_path() -> Path:
-    override = os.environ.get(ENV_VAR)
-    return Path(override).expanduser() if override else get_base_dir() / DEFAULT_FILE
+    return task_data_file(DEFAULT_FILE) or get_base_dir() / DEFAULT_FILE
 
 
 class CustomJSON(Task):
@@ -33,7 +32,7 @@ class CustomJSON(Task):
         path = Path(path).expanduser() if path is not None else default_identity_path()
         if not path.exists():
             raise TaskDataError(f"{path}: no such file; write one {{\"messages\": [...]}} object per line "
-                                f"there, or pass path= (or set {ENV_VAR}) to use another file")
+                                f"there, or pass path= (or put one in ${TASK_DATA_ENV}) to use another file")
         if not path.is_file():
             raise TaskDataError(f"{path}: not a file; the conversations are one JSON lines file")
         self.conversations = [_checked_conversation(where, row) for where, row in read_json_lines(path)]

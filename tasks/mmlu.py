@@ -17,7 +17,7 @@ from tasks.records import field
 REPO = "cais/mmlu"
 class MMLU(MultipleChoiceTask, HubTask):
     repo = REPO
-    env_var = "NANOCHAT_MMLU_PATH"
+    local_name = "mmlu-{subset}-{split}"
     splits = {"all": ("test", "validation", "dev"), "auxiliary_train": ("train",)}
 
     def __init__(self, subset: str = "all", split: str = "test", path: str | Path | None = None, **slicing):

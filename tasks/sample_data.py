@@ -1,9 +1,9 @@
 """Small, generated task files in the real datasets' schemas, for offline runs and tests.
 
-    python -m tasks.sample_data ~/nanochat-sample-tasks     # writes files, prints `export` lines
+    python -m tasks.sample_data ~/nanochat-sample-tasks     # writes files, prints the `export` line
 
-Every loader in tasks/ reads these through its NANOCHAT_*_PATH variable, so
-the whole post-training pipeline (midtraining, SFT, RL, chat_eval) runs
+The files carry the names the loaders look for in the task-data folder
+($NANOCHAT_TASK_DATA; tasks/__init__.py lists them), so with that set the whole post-training pipeline (midtraining, SFT, RL, chat_eval) runs
 without the HuggingFace Hub. The content is synthetic but consistent: the
 arithmetic word problems carry correct calculator annotations and answers,
 multiple-choice answers are right, and the code tasks' solutions pass their tests.
@@ -18,6 +18,14 @@ import sys
 from pathlib import Path
 
 from nanochat.fileio import atomic_write
+from tasks.arc import ARC
+from tasks.gsm8k import GSM8K
+from tasks.hub import TASK_DATA_ENV
+from tasks.humaneval import HumanEval
+from tasks.identity import DEFAULT_FILE as IDENTITY_FILE
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spelling import LOCAL_FILE as WORDS_FILE
 
 NAMES = ["Ana", "Ben", "Chloe", "Dev", "Emma", "Finn", "Gia", "Hugo"]
 THINGS = ["apples", "books", "stamps", "marbles", "cookies", "pencils"]
@@ -104,30 +112,22 @@ def identity_rows() -> list[dict]:
 
 
 def write_sample_task_files(folder: Path, size: int = 200, seed: int = 0) -> dict[str, str]:
-    """Write every dataset's files into `folder`; return the environment variables that select them."""
+    """Write every dataset's files into `folder`; return the environment variable that selects them."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rnd = random.Random(seed)
     for split in ("train", "test"):
-        _jsonl(folder / f"gsm8k-{split}.jsonl", gsm8k_rows(size, rnd))
-        _jsonl(folder / f"smoltalk-{split}.jsonl", smoltalk_rows(size, rnd))
+        _jsonl(folder / f"{GSM8K.local_file('main', split)}.jsonl", gsm8k_rows(size, rnd))
+        _jsonl(folder / f"{SmolTalk.local_file('default', split)}.jsonl", smoltalk_rows(size, rnd))
         for subset in ("ARC-Easy", "ARC-Challenge"):
-            _jsonl(folder / f"arc-{subset}-{split}.jsonl", arc_rows(size, rnd))
-    _jsonl(folder / "mmlu-all-test.jsonl", mmlu_rows(size, rnd))
-    _jsonl(folder / "mmlu-auxiliary_train-train.jsonl", [{"train": r} for r in mmlu_rows(size, rnd)])
-    _jsonl(folder / "humaneval.jsonl", humaneval_rows())
-    _jsonl(folder / "identity_conversations.jsonl", identity_rows())
+            _jsonl(folder / f"{ARC.local_file(subset, split)}.jsonl", arc_rows(size, rnd))
+    _jsonl(folder / f"{MMLU.local_file('all', 'test')}.jsonl", mmlu_rows(size, rnd))
+    _jsonl(folder / f"{MMLU.local_file('auxiliary_train', 'train')}.jsonl", [{"train": r} for r in mmlu_rows(size, rnd)])
+    _jsonl(folder / f"{HumanEval.local_file('openai_humaneval', 'test')}.jsonl", humaneval_rows())
+    _jsonl(folder / IDENTITY_FILE, identity_rows())
     words = sorted({"".join(rnd.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rnd.randint(3, 9))) for _ in range(4 * size)})
-    atomic_write(folder / "words.txt", "\n".join(words) + "\n")
-    return {
-        "NANOCHAT_GSM8K_PATH": str(folder / "gsm8k-{split}.jsonl"),
-        "NANOCHAT_SMOLTALK_PATH": str(folder / "smoltalk-{split}.jsonl"),
-        "NANOCHAT_ARC_PATH": str(folder / "arc-{subset}-{split}.jsonl"),
-        "NANOCHAT_MMLU_PATH": str(folder / "mmlu-{subset}-{split}.jsonl"),
-        "NANOCHAT_HUMANEVAL_PATH": str(folder / "humaneval.jsonl"),
-        "NANOCHAT_IDENTITY_PATH": str(folder / "identity_conversations.jsonl"),
-        "NANOCHAT_WORDS_PATH": str(folder / "words.txt"),
-    }
+    atomic_write(folder / WORDS_FILE, "\n".join(words) + "\n")
+    return {TASK_DATA_ENV: str(folder.resolve())}
 
 
 def main(argv=None) -> int:

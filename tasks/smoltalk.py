@@ -16,7 +16,7 @@ from tasks.records import field
 REPO = "HuggingFaceTB/smol-smoltalk"
 class SmolTalk(HubTask):
     repo = REPO
-    env_var = "NANOCHAT_SMOLTALK_PATH"
+    local_name = "smoltalk-{split}"
     splits = {"default": ("train", "test")}
 
     def __init__(self, split: str = "train", path: str | Path | None = None, **slicing):

@@ -5,17 +5,17 @@ SpellingBee: "How many 'r' are there in strawberry?" -> the word spelled out,
 a calculator call 'strawberry'.count('r') and its output, then "The answer is 3.".
 
 The word list is dwyl/english-words' words_alpha.txt, downloaded once to
-$NANOCHAT_BASE_DIR/words_alpha.txt ($NANOCHAT_WORDS_PATH or path= point at
-another list, one word a line). Each word belongs to train or test by a hash
-of the word, so test words never appear in training. Example i is the same
-for the same (size, split, seed) on every machine.
+$NANOCHAT_BASE_DIR/words_alpha.txt; words.txt in the task-data folder
+($NANOCHAT_TASK_DATA, tasks.hub) or path= name another list, one word a line.
+Each word belongs to train or test by a hash of the word, so test words never
+appear in training. Example i is the same for the same (size, split, seed) on
+every machine.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import random
 import string
 from pathlib import Path
@@ -24,10 +24,11 @@ from nanochat.common import get_base_dir
 from nanochat.download import DownloadError, download_file
 from tasks.answers import same_final_number
 from tasks.base import Task, TaskDataError
+from tasks.hub import TASK_DATA_ENV, task_data_file
 
 WORDS_URL = "https://raw.githubusercontent.com/dwyl/english-words/master/words_alpha.txt"
 WORDS_FILE = "words_alpha.txt"
-ENV_VAR = "NANOCHAT_WORDS_PATH"
+LOCAL_FILE = "words.txt"  # its name in the task-data folder
 SPLITS = ("train", "test")
 TEST_BUCKETS = 10  # one word in ten is a test word
 LETTER_FROM_WORD_PROBABILITY = 0.7  # otherwise any letter, often one the word lacks (answer 0)
@@ -41,15 +42,17 @@ BEE_QUESTIONS = (
 
 
 def words_path(path: str | Path | None = None) -> Path:
-    """The word list: `path`, else $NANOCHAT_WORDS_PATH, else the downloaded default."""
-    chosen = path or os.environ.get(ENV_VAR)
-    if chosen:
-        return Path(chosen).expanduser()
+    """The word list: `path`, else the task-data folder's words.txt, else the downloaded default."""
+    if path:
+        return Path(path).expanduser()
+    local = task_data_file(LOCAL_FILE)
+    if local is not None:
+        return local
     try:
         return download_file(WORDS_URL, get_base_dir() / WORDS_FILE, retries=3, backoff=1.0)
     except DownloadError as exc:
         raise TaskDataError(f"could not download the word list ({exc}); put a list (one word a line) at "
-                            f"{get_base_dir() / WORDS_FILE}, or pass path= or set {ENV_VAR}") from exc
+                            f"{get_base_dir() / WORDS_FILE}, or pass path= or put {LOCAL_FILE} in ${TASK_DATA_ENV}") from exc
 
 
 def is_test_word(word: str) -> bool:

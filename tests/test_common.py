@@ -27,13 +27,10 @@ def test_base_dir_default(monkeypatch, tmp_path):
     assert common.get_base_dir() == tmp_path / ".cache" / "nanochat"
 
 
-def test_device_autodetect_and_override(monkeypatch):
-    monkeypatch.delenv("NANOCHAT_DEVICE", raising=False)
+def test_device_autodetect_and_override():
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert common.autodetect_device_type() == expected
     assert common.autodetect_device_type("cpu") == "cpu"
-    monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
-    assert common.autodetect_device_type() == "cpu"
     with pytest.raises(ValueError, match="unknown device"):
         common.autodetect_device_type("tpu")
 

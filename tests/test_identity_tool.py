@@ -29,7 +29,7 @@ def jsonl(*conversations) -> bytes:
 @pytest.fixture(autouse=True)
 def no_identity_override(monkeypatch):
     """The default file is the one under $NANOCHAT_BASE_DIR unless a test says otherwise."""
-    monkeypatch.delenv("NANOCHAT_IDENTITY_PATH", raising=False)
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
 
 
 @pytest.fixture
@@ -218,10 +218,10 @@ def test_missing_file_points_at_prepare_and_add(base_dir, capsys):
 
 
 def test_file_option_before_or_after_command_and_env_default(tmp_path, capsys, monkeypatch):
-    path = write_input(tmp_path, jsonl(conversation("a", "b")), "mine.jsonl")
-    monkeypatch.setenv("NANOCHAT_IDENTITY_PATH", str(path))
+    path = write_input(tmp_path, jsonl(conversation("a", "b")), "identity_conversations.jsonl")
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(path.parent))
     assert run(capsys, "count")[1] == "1\n"
-    monkeypatch.delenv("NANOCHAT_IDENTITY_PATH")
+    monkeypatch.delenv("NANOCHAT_TASK_DATA")
     assert run(capsys, "--file", str(path), "count")[1] == "1\n"
     assert run(capsys, "count", "--file", str(path))[1] == "1\n"
 

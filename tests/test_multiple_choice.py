@@ -117,8 +117,8 @@ def test_a_broken_arc_row_is_refused_naming_the_row_and_what_is_wrong(tmp_path, 
 
 
 def test_arc_defaults_to_the_easy_test_split_and_takes_a_slice(tmp_path, monkeypatch):
-    # $NANOCHAT_ARC_PATH may name a file per subset and split: the defaults pick ARC-Easy's test file
-    (tmp_path / "ARC-Easy-test.jsonl").write_text("".join(json.dumps(GOOD_ARC) + "\n" for _ in range(3)), encoding="utf-8")
-    monkeypatch.setenv("NANOCHAT_ARC_PATH", str(tmp_path / "{subset}-{split}.jsonl"))
+    # the task-data folder holds a file per subset and split: the defaults pick ARC-Easy's test file
+    (tmp_path / "arc-ARC-Easy-test.jsonl").write_text("".join(json.dumps(GOOD_ARC) + "\n" for _ in range(3)), encoding="utf-8")
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path))
     assert len(ARC()) == 3
     assert len(ARC(stop=2)) == 2

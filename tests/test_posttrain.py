@@ -133,7 +133,7 @@ def test_categorical_scoring_picks_the_letter_with_the_highest_logit(workspace):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    task = ARC("ARC-Easy", "test", path=env["NANOCHAT_ARC_PATH"].format(subset="ARC-Easy", split="test"))
+    task = ARC("ARC-Easy", "test", path=Path(env["NANOCHAT_TASK_DATA"]) / "arc-ARC-Easy-test.jsonl")
     expected = 0
     for i in range(8):
         conv = task[i]

@@ -144,14 +144,17 @@ def test_smoltalk_malformed_row_names_file_and_row(tmp_path):
         task[1]
 
 
-def test_env_var_fills_in_the_split(tmp_path, monkeypatch):
-    for split in ("train", "test"):
-        write_jsonl(tmp_path / f"smol-{split}.jsonl", [{"messages": chat(f"{split} q", "a")}])
-    monkeypatch.setenv("NANOCHAT_SMOLTALK_PATH", str(tmp_path / "smol-{split}.jsonl"))
+def test_the_task_data_folder_serves_each_split_by_its_conventional_name(tmp_path, monkeypatch):
+    write_jsonl(tmp_path / "smoltalk-test.jsonl", [{"messages": chat("test q", "a")}])
+    write_jsonl(tmp_path / "smoltalk-train" / "part-0.jsonl", [{"messages": chat("train q", "a")}])  # a folder of files
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path))
     assert SmolTalk("test")[0]["messages"][0]["content"] == "test q"
     assert SmolTalk("train")[0]["messages"][0]["content"] == "train q"
-    monkeypatch.setenv("NANOCHAT_SMOLTALK_PATH", str(tmp_path / "missing-{split}.jsonl"))
-    with pytest.raises(TaskDataError, match="NANOCHAT_SMOLTALK_PATH"):
+    write_parquet(tmp_path / "smoltalk-test.parquet", [{"messages": chat("other", "a")}])
+    with pytest.raises(TaskDataError, match=r"both smoltalk-test\.parquet and smoltalk-test\.jsonl"):
+        SmolTalk("test")
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "missing"))
+    with pytest.raises(TaskDataError, match=r"missing \(from \$NANOCHAT_TASK_DATA\) is not a folder"):
         SmolTalk("test")
 
 
@@ -510,13 +513,15 @@ def test_unreachable_hub_fails_in_seconds_naming_dataset_and_local_file_options(
     assert time.monotonic() - started < 5
     message = str(err.value)
     assert "cais/mmlu" in message and "'all'" in message and "'test'" in message and "is unreachable" in message
-    assert "not in the cache" in message and "path=" in message and "NANOCHAT_MMLU_PATH" in message
+    assert "not in the cache" in message and "path=" in message and "mmlu-all-test.jsonl" in message
+    assert "$NANOCHAT_TASK_DATA" in message
     assert datasets.config.HF_HUB_OFFLINE is False  # cache-only for that one load, not for the process
 
 
-def test_offline_mode_reads_only_the_cache(monkeypatch):
+def test_offline_mode_reads_only_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets when datasets is imported
     monkeypatch.setattr(datasets.config, "HF_ENDPOINT", "http://nanochat-hub.invalid")  # never asked
-    with pytest.raises(HubUnavailable, match=r"openai/gsm8k .*offline mode is on .*NANOCHAT_GSM8K_PATH"):
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path))  # a task-data folder without GSM8K: on to the Hub's cache
+    with pytest.raises(HubUnavailable, match=r"openai/gsm8k .*offline mode is on .*gsm8k-main-test\.jsonl"):
         GSM8K("test")
     assert datasets.config.HF_HUB_OFFLINE is True
