@@ -22,10 +22,6 @@ samples finish with "error", `Request.error` says why) and frees its slots;
 if the batched forward pass itself fails (a GPU out of memory, say), the
 newest request is failed and the step retried without it, so the others
 carry on. A request past its deadline ends the same way.
-
-Why one module of about 650 lines: the scheduler, its request and sequence records and
-the worker thread share one lock and one state machine; split apart, each half would
-reach into the other's fields.
 """
 
 from __future__ import annotations

@@ -13,10 +13,6 @@ many clients stream). Every client mistake gets a 4xx with OpenAI's error object
 server-side failure ends that request alone (an error object, or an error
 event and [DONE] in a stream), a client that leaves cancels its work, and
 the server keeps serving whatever it is sent.
-
-Why one module of over 400 lines: the routes and a request's life (admission,
-streaming, cancellation, errors) belong together; the request schema, the response
-dialects, the metrics and the HTTP guard are modules of their own.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Export a model and its tokenizer as a HuggingFace transformers folder, and import one back.
+"""Export a model and its tokenizer as a HuggingFace transformers folder.
 
 The folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and
 `AutoTokenizer.from_pretrained(folder)` (transformers' NanoChat architecture):
@@ -9,8 +9,7 @@ The folder loads with `AutoModelForCausalLM.from_pretrained(folder)` and
     tokenizer_config.json     special tokens and, for chat models, CHAT_TEMPLATE
     special_tokens_map.json
 
-Our parameter and config names map onto HF's through the two tables below,
-used in both directions, so export and import cannot drift apart.
+Our parameter and config names map onto HF's through the two tables below.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -91,13 +90,6 @@ def export_hf(
     return out_dir
 
 
-def load_hf_state_dict(folder: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor]]:
-    """Read a folder written by export_hf (or any compatible NanoChat one) into our names."""
-    folder = Path(folder)
-    config = config_from_hf(json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")))
-    return config, from_hf_state_dict(load_file(folder / WEIGHTS_FILE), config.n_layer)
-
-
 # ---------------------------------------------------------------- names and config
 
 
@@ -112,11 +104,6 @@ def parameter_name_map(n_layer: int) -> dict[str, str]:
 
 def to_hf_state_dict(state_dict: Mapping[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
     return _rename(state_dict, parameter_name_map(n_layer))
-
-
-def from_hf_state_dict(state_dict: Mapping[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    inverse = {theirs: ours for ours, theirs in parameter_name_map(n_layer).items()}
-    return _rename(state_dict, inverse)
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], names: dict[str, str]) -> dict[str, torch.Tensor]:
@@ -145,17 +132,6 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer, dtype: str = "float32") -
 def architecture_fields(config: GPTConfig) -> dict:
     """The NanoChatConfig keys that describe the network (sizes, and what our architecture fixes)."""
     return {**{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS}, **_implied_fields(config)}
-
-
-def config_from_hf(hf: dict) -> GPTConfig:
-    """Our config from a NanoChat config.json; refuses what our model cannot represent."""
-    sizes = {ours: hf[theirs] for ours, theirs in CONFIG_FIELDS}
-    config = GPTConfig(**sizes, rope_theta=hf["rope_parameters"]["rope_theta"])
-    implied = _implied_fields(config)
-    mismatched = {key: hf[key] for key, value in implied.items() if hf.get(key, value) != value}
-    if mismatched:
-        raise ValueError(f"config.json describes a model this GPT cannot represent: {mismatched}")
-    return config
 
 
 def _implied_fields(config: GPTConfig) -> dict:

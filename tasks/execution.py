@@ -96,9 +96,6 @@ default (kernel.apparmor_restrict_unprivileged_userns), and it is one more
 package and process. Landlock and seccomp need no privilege and cover the same
 classes; what bubblewrap's pid and mount namespaces would add is hiding other
 processes and chosen files from reading.
-
-Why one module of over 600 lines: it is one security boundary (limits, Landlock,
-seccomp, the child's protocol), kept in one file to be read and audited whole.
 """
 
 from __future__ import annotations
