@@ -31,18 +31,18 @@ SHUTDOWN_GRACE_SECONDS = 3  # after SIGTERM / Ctrl-C, how long answers in flight
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = FlagParser(prog="python -m scripts.chat_service", description="Serve a model over an OpenAI-compatible API and a web page.")
-    add_model_args(p, temperature=0.8, max_tokens=None)  # sampling flags are defaults here; requests override them
+    add_model_args(p, temperature=ServerSettings.temperature, max_tokens=ServerSettings.max_tokens)  # sampling flags are defaults here; requests override them
     p.add_argument("-p", "--port", type=int, default=8000, help="port (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default %(default)s: all)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY"), help="require 'Authorization: Bearer KEY' (env NANOCHAT_API_KEY); none: open")
     p.add_argument("--cors", nargs="*", default=[], metavar="ORIGIN", help="allow browser clients from these origins ('*' for any)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default %(default)s)")
-    p.add_argument("--max-queue", type=int, default=32, help="waiting requests before new ones get 429 (default %(default)s)")
-    p.add_argument("--max-messages", type=int, default=64, help="messages per request (default %(default)s)")
-    p.add_argument("--max-message-chars", type=int, default=8000, help="characters per message (default %(default)s)")
-    p.add_argument("--max-total-chars", type=int, default=32000, help="characters per request (default %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take, queueing included (default %(default)s)")
-    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive before 408 (default %(default)s)")
+    p.add_argument("--max-queue", type=int, default=ServerSettings.max_queue, help="waiting requests before new ones get 429 (default %(default)s)")
+    p.add_argument("--max-messages", type=int, default=ServerSettings.max_messages, help="messages per request (default %(default)s)")
+    p.add_argument("--max-message-chars", type=int, default=ServerSettings.max_message_chars, help="characters per message (default %(default)s)")
+    p.add_argument("--max-total-chars", type=int, default=ServerSettings.max_total_chars, help="characters per request (default %(default)s)")
+    p.add_argument("--request-timeout", type=float, default=ServerSettings.request_timeout, help="seconds a request may take, queueing included (default %(default)s)")
+    p.add_argument("--body-timeout", type=float, default=ServerSettings.body_timeout, help="seconds a request body may take to arrive before 408 (default %(default)s)")
     p.add_argument("--stream-interval", type=float, default=ServerSettings.stream_interval * 1000, metavar="MS",
                    help="a stream sends at most one chunk per MS milliseconds, with every token since the last "
                         "(the first token and the end at once); fewer, larger chunks cost the server and client less; 0 (with --stream-chunk-rate 0): one per token (default %(default)g)")
