@@ -13,7 +13,7 @@ restrictions only ever tighten and hold whatever the program does: re-imported
 private modules (`del sys.modules["posix"]; import posix`), ctypes, C
 extensions, frames and method resolution order reach the same system calls.
 
-Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, x86_64 or aarch64):
+Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, libseccomp2, x86_64 or aarch64):
 - Writes outside the working directory (Landlock): creating, writing,
   truncating, deleting, renaming or linking anything outside it fails, whichever
   call does it (`open`, `_io.FileIO`, `os.open`, sqlite3, ...); so do hard links
@@ -37,7 +37,7 @@ Contained by the kernel (needs Linux >= 6.2 with Landlock enabled, x86_64 or aar
   limits are frozen as set. Without CAP_SYS_RESOURCE no hard limit could be
   raised anyway. unshare and setns fail, so no namespace hands capabilities back.
 - System calls through another ABI (32-bit, x32) kill the process: the filter
-  knows only the native numbers.
+  knows only the native numbers, which libseccomp resolves from the calls' names.
 
 Accident protections (limits, not a security boundary):
 - Address space and data segment (`memory_mb`), CPU seconds, size of any file
@@ -81,8 +81,8 @@ only plain data (never objects) back from the code under test. HumanEval's
 tests are in-process code that also calls helpers defined in the prompt, so
 that is a different harness, not this module.
 
-Without Landlock ABI 3 or seccomp (an older kernel, Landlock left out of the
-boot's lsm= list, a container profile that refuses the calls), execute() warns
+Without Landlock ABI 3, seccomp or libseccomp2 (an older kernel, Landlock left out
+of the boot's lsm= list, a container profile that refuses the calls), execute() warns
 once and falls back to Python-level guards that catch accidents only: process
 creation, signalling, destructive file calls, sockets and limit changes raise
 PermissionError, `ctypes` and `multiprocessing` cannot be imported, files may
@@ -101,6 +101,7 @@ processes and chosen files from reading.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import errno
 import functools
@@ -149,32 +150,15 @@ FS_MODIFY = (
     FS_WRITE_FILE | FS_REMOVE_DIR | FS_REMOVE_FILE | FS_MAKE_CHAR | FS_MAKE_DIR | FS_MAKE_REG | FS_MAKE_SOCK
     | FS_MAKE_FIFO | FS_MAKE_BLOCK | FS_MAKE_SYM | FS_REFER | FS_TRUNCATE
 )
-PR_GET_SECCOMP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS = 21, 22, 38
-SECCOMP_MODE_FILTER = 2
+PR_GET_SECCOMP, PR_SET_NO_NEW_PRIVS = 21, 38
 CAPABILITY_VERSION_3 = 0x20080522
 
-# System call numbers from asm/unistd_64.h (x86_64) and asm-generic/unistd.h (aarch64).
-SYSCALLS = {
-    "x86_64": {
-        "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "execve": 59, "execveat": 322,
-        "socket": 41, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-        "chmod": 90, "fchmod": 91, "fchmodat": 268, "fchmodat2": 452,
-        "setrlimit": 160, "prlimit64": 302, "unshare": 272, "setns": 308,
-        "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
-        "pidfd_send_signal": 424, "fcntl": 72, "ioctl": 16,
-    },
-    "aarch64": {  # no fork, vfork or chmod: glibc uses clone and fchmodat
-        "clone": 220, "clone3": 435, "execve": 221, "execveat": 281,
-        "socket": 198, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
-        "fchmod": 52, "fchmodat": 53, "fchmodat2": 452,
-        "setrlimit": 164, "prlimit64": 261, "unshare": 97, "setns": 268,
-        "kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
-        "pidfd_send_signal": 424, "fcntl": 25, "ioctl": 29,
-    },
-}
-AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
-X32_SYSCALL_BIT = 0x40000000
-REFUSED_SYSCALLS = (
+# ---- the seccomp filter, built by libseccomp from system call names --------------------------
+
+LIBSECCOMP = "libseccomp.so.2"  # a soname, not a path: the loader finds it wherever the distribution put it
+# Where the rules' argument positions were checked: clone's flags are argument 0 (s390 swaps the first two).
+SECCOMP_MACHINES = ("x86_64", "aarch64")
+REFUSED_SYSCALLS = (  # fork, vfork and chmod do not exist on aarch64: libseccomp leaves their rules out there
     "fork", "vfork", "execve", "execveat", "socket", "io_uring_setup", "io_uring_enter", "io_uring_register",
     "chmod", "fchmod", "fchmodat", "fchmodat2", "setrlimit", "unshare", "setns", "tkill", "pidfd_send_signal",
 )
@@ -183,10 +167,19 @@ CLONE_THREAD = 0x00010000
 # A file's owner gets a signal of the file's choosing (SIGKILL too) on I/O; TIOCSTI types into a terminal.
 F_SETOWN, F_SETOWN_EX = 8, 15
 FIOSETOWN, SIOCSPGRP, TIOCSTI = 0x8901, 0x8902, 0x5412
-# Classic BPF as seccomp runs it: load a 32-bit word of struct seccomp_data, compare, return.
-BPF_LOAD, BPF_JEQ, BPF_JGE, BPF_JSET, BPF_RET = 0x20, 0x15, 0x35, 0x45, 0x06
-SECCOMP_DATA_NR, SECCOMP_DATA_ARCH, SECCOMP_DATA_ARGS = 0, 4, 16
-SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO, SECCOMP_RET_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+LOW_32_BITS = 0xFFFFFFFF  # fcntl and ioctl read their command as an unsigned int: the upper half is ignored
+# From libseccomp's seccomp.h: actions (the kernel's SECCOMP_RET_* values), a filter attribute and
+# argument comparisons (enum scmp_compare).
+SCMP_ACT_KILL_PROCESS, SCMP_ACT_ERRNO, SCMP_ACT_ALLOW = 0x80000000, 0x00050000, 0x7FFF0000
+SCMP_FLTATR_ACT_BADARCH = 2
+SCMP_CMP_NE, SCMP_CMP_MASKED_EQ = 1, 7
+
+
+class _ArgCmp(ctypes.Structure):
+    """libseccomp's struct scmp_arg_cmp: the rule applies when argument `arg` compares true."""
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]
+
 
 # ---- Python-level guards: the fallback without kernel confinement -----------------------------
 
@@ -248,8 +241,8 @@ def kernel_confinement() -> bool:
 
 def _confinement_problem() -> str | None:
     machine = os.uname().machine
-    if machine not in SYSCALLS:
-        return f"no seccomp filter is written for {machine}"
+    if machine not in SECCOMP_MACHINES:
+        return f"the seccomp filter's rules were not checked for {machine}"
     try:
         abi = _libc("syscall", LANDLOCK_CREATE_RULESET, 0, 0, LANDLOCK_CREATE_RULESET_VERSION)
     except OSError as e:
@@ -260,6 +253,11 @@ def _confinement_problem() -> str | None:
         _libc("prctl", PR_GET_SECCOMP, 0, 0, 0, 0)
     except OSError as e:
         return f"seccomp is not available ({e.strerror})"
+    try:
+        with _seccomp_filter(os.getpid()):
+            pass  # built, not loaded: this libseccomp knows every name and takes every rule
+    except (OSError, LookupError) as e:
+        return f"libseccomp cannot build the filter ({e}); install or update the libseccomp2 package (>= 2.4)"
     return None
 
 
@@ -439,7 +437,8 @@ def _confine(workdir: str) -> None:
     _libc("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # what Landlock and seccomp ask of a process without CAP_SYS_ADMIN
     _drop_capabilities()
     _restrict_writes(workdir)
-    _filter_syscalls(os.uname().machine)
+    with _seccomp_filter(os.getpid()) as seccomp_filter:
+        _seccomp_check(_libseccomp().seccomp_load(seccomp_filter), "seccomp_load")
 
 
 def _drop_capabilities() -> None:
@@ -469,72 +468,71 @@ def _allow_beneath(ruleset: int, path: str, access: int) -> None:
         os.close(fd)
 
 
-def _filter_syscalls(machine: str) -> None:
-    program = _seccomp_program(machine, os.getpid())
-    instructions = ctypes.create_string_buffer(program)
-    fprog = ctypes.create_string_buffer(struct.pack("HP", len(program) // 8, ctypes.addressof(instructions)))
-    _libc("prctl", PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0)
+@contextlib.contextmanager
+def _seccomp_filter(pid: int):
+    """A filter for this machine, built but not loaded: calls through another ABI kill the process (by
+    default libseccomp kills only the thread), _add_seccomp_rules' calls fail, the rest are allowed."""
+    seccomp = _libseccomp()
+    seccomp_filter = seccomp.seccomp_init(SCMP_ACT_ALLOW)
+    if not seccomp_filter:
+        raise OSError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        _seccomp_check(seccomp.seccomp_attr_set(seccomp_filter, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_KILL_PROCESS),
+                       "seccomp_attr_set")
+        _add_seccomp_rules(seccomp_filter, pid)
+        yield seccomp_filter
+    finally:
+        seccomp.seccomp_release(seccomp_filter)
 
 
-def _seccomp_program(machine: str, pid: int) -> bytes:
+def _add_seccomp_rules(seccomp_filter: int, pid: int) -> None:
     """REFUSED_SYSCALLS fail, clone makes threads only, prlimit only reads, signals reach only `pid`,
-    and no file gets an owner to signal."""
-    numbers = SYSCALLS[machine]
-    rules = {numbers[name]: [_ret(SECCOMP_RET_ERRNO | errno.EPERM)] for name in REFUSED_SYSCALLS if name in numbers}
-    rules[numbers["clone3"]] = [_ret(SECCOMP_RET_ERRNO | errno.ENOSYS)]
-    rules[numbers["clone"]] = _allow_when(0, BPF_JSET, CLONE_THREAD)
-    rules[numbers["prlimit64"]] = _allow_when_null(2)
+    and no file gets an owner to signal. A rule refuses when all its comparisons hold."""
+    seccomp = _libseccomp()
+
+    def refuse(name: str, *comparisons: tuple[int, int, int, int], code: int = errno.EPERM) -> None:
+        # Negative for a call this architecture lacks (fork on aarch64): a pseudo-number whose rule is left out.
+        number = seccomp.seccomp_syscall_resolve_name(name.encode())
+        if number == -1:  # __NR_SCMP_ERROR
+            raise LookupError(f"the system call {name!r} is unknown to this libseccomp")
+        array = (_ArgCmp * len(comparisons))(*(_ArgCmp(*c) for c in comparisons))
+        _seccomp_check(seccomp.seccomp_rule_add_array(seccomp_filter, SCMP_ACT_ERRNO | code, number,
+                                                      len(comparisons), array), f"seccomp_rule_add({name})")
+
+    for name in REFUSED_SYSCALLS:
+        refuse(name)
+    refuse("clone3", code=errno.ENOSYS)  # its flags are in memory, out of a filter's reach; glibc falls back to clone
+    refuse("clone", (0, SCMP_CMP_MASKED_EQ, CLONE_THREAD, 0))
+    refuse("prlimit64", (2, SCMP_CMP_NE, 0, 0))  # a new limit is argument 2
     for name in SIGNALS_TO_SELF_ONLY:
-        rules[numbers[name]] = _allow_when(0, BPF_JEQ, pid)
-    rules[numbers["fcntl"]] = _refuse_when_in(1, (F_SETOWN, F_SETOWN_EX))
-    rules[numbers["ioctl"]] = _refuse_when_in(1, (FIOSETOWN, SIOCSPGRP, TIOCSTI))
-    code = [
-        _load(SECCOMP_DATA_ARCH), _jump(BPF_JEQ, AUDIT_ARCH[machine], 1, 0), _ret(SECCOMP_RET_KILL_PROCESS),
-        _load(SECCOMP_DATA_NR),
-    ]
-    if machine == "x86_64":  # x32 calls carry the native architecture tag, and this bit in their number
-        code += [_jump(BPF_JGE, X32_SYSCALL_BIT, 0, 1), _ret(SECCOMP_RET_KILL_PROCESS)]
-    for number, block in rules.items():
-        code += [_jump(BPF_JEQ, number, 0, len(block)), *block]  # on a mismatch, skip the block
-    code.append(_ret(SECCOMP_RET_ALLOW))
-    return b"".join(code)
+        refuse(name, (0, SCMP_CMP_NE, pid, 0))  # all 64 bits: only the exact pid passes
+    for name, command in [("fcntl", F_SETOWN), ("fcntl", F_SETOWN_EX),
+                          ("ioctl", FIOSETOWN), ("ioctl", SIOCSPGRP), ("ioctl", TIOCSTI)]:
+        refuse(name, (1, SCMP_CMP_MASKED_EQ, LOW_32_BITS, command))
 
 
-def _allow_when(arg: int, test: int, value: int) -> list[bytes]:
-    # The low 32 bits only: the kernel reads pids and commands as ints, and CLONE_THREAD is a low bit.
-    return [
-        _load(_low_word(arg)), _jump(test, value, 0, 1),
-        _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
-    ]
+@functools.cache
+def _libseccomp() -> ctypes.CDLL:
+    """The six functions we call, declared: smaller than the pyseccomp package (whole API, last release
+    2021), which raises at import when the library is missing. OSError when it is missing."""
+    seccomp = ctypes.CDLL(LIBSECCOMP)
+    for name, result, arguments in [  # the filter is an opaque pointer
+        ("seccomp_init", ctypes.c_void_p, [ctypes.c_uint32]),
+        ("seccomp_attr_set", ctypes.c_int, [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]),
+        ("seccomp_syscall_resolve_name", ctypes.c_int, [ctypes.c_char_p]),
+        ("seccomp_rule_add_array", ctypes.c_int,
+         [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_ArgCmp)]),
+        ("seccomp_load", ctypes.c_int, [ctypes.c_void_p]),
+        ("seccomp_release", None, [ctypes.c_void_p]),
+    ]:
+        function = getattr(seccomp, name)
+        function.restype, function.argtypes = result, arguments
+    return seccomp
 
 
-def _allow_when_null(arg: int) -> list[bytes]:
-    return [
-        _load(_low_word(arg)), _jump(BPF_JEQ, 0, 0, 3), _load(_low_word(arg) + 4), _jump(BPF_JEQ, 0, 0, 1),
-        _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM),
-    ]
-
-
-def _refuse_when_in(arg: int, values: tuple[int, ...]) -> list[bytes]:
-    # Each match jumps over the remaining tests and the ALLOW to the EPERM.
-    tests = [_jump(BPF_JEQ, value, len(values) - i, 0) for i, value in enumerate(values)]
-    return [_load(_low_word(arg)), *tests, _ret(SECCOMP_RET_ALLOW), _ret(SECCOMP_RET_ERRNO | errno.EPERM)]
-
-
-def _low_word(arg: int) -> int:
-    return SECCOMP_DATA_ARGS + 8 * arg  # both architectures are little-endian
-
-
-def _load(offset: int) -> bytes:
-    return struct.pack("=HBBI", BPF_LOAD, 0, 0, offset)
-
-
-def _jump(test: int, value: int, if_true: int, if_false: int) -> bytes:
-    return struct.pack("=HBBI", test, if_true, if_false, value)
-
-
-def _ret(action: int) -> bytes:
-    return struct.pack("=HBBI", BPF_RET, 0, 0, action)
+def _seccomp_check(result: int, call: str) -> None:
+    if result < 0:  # libseccomp answers -errno
+        raise OSError(-result, os.strerror(-result), call)
 
 
 def _guard_exits() -> None:

@@ -9,10 +9,12 @@ stop them.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
 import os
+import re
 import resource
 import socket
 import subprocess
@@ -541,3 +543,113 @@ def test_concurrent_calls_from_four_threads():
     for i, result in results:
         assert result.stdout == f"{i}\n"
         assert result.status == ("passed" if i % 2 == 0 else "failed"), result.stderr
+
+
+# ---- the seccomp filter: libseccomp resolves the names ---------------------------------------
+
+
+def libseccomp_loads() -> bool:
+    try:
+        execution._libseccomp()
+    except OSError:
+        return False
+    return True
+
+
+needs_libseccomp = pytest.mark.skipif(not libseccomp_loads(), reason=f"{execution.LIBSECCOMP} is not installed")
+
+
+@needs_libseccomp
+def test_a_system_call_name_unknown_to_libseccomp_is_refused_loudly(monkeypatch):
+    monkeypatch.setattr(execution, "REFUSED_SYSCALLS", (*execution.REFUSED_SYSCALLS, "no_such_call"))
+    with pytest.raises(LookupError, match="'no_such_call'"), execution._seccomp_filter(os.getpid()):
+        pass
+
+
+@kernel_only
+def test_a_filter_libseccomp_cannot_build_is_a_confinement_problem(monkeypatch):
+    monkeypatch.setattr(execution, "REFUSED_SYSCALLS", (*execution.REFUSED_SYSCALLS, "no_such_call"))
+    problem = execution._confinement_problem()  # what the one warning says before falling back to guards
+    assert "'no_such_call'" in problem and "libseccomp2" in problem
+
+
+@needs_libseccomp
+def test_the_spark_filter_resolves_every_name_for_aarch64(tmp_path):
+    # The same rules, added to a filter for aarch64 alone, which libseccomp translates name by name;
+    # the expected numbers are from the kernel's include/uapi/asm-generic/unistd.h.
+    seccomp = ctypes.CDLL(execution.LIBSECCOMP)
+    seccomp.seccomp_init.restype = ctypes.c_void_p
+    seccomp.seccomp_arch_add.argtypes = seccomp.seccomp_arch_remove.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
+    seccomp.seccomp_export_pfc.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    seccomp.seccomp_release.argtypes = [ctypes.c_void_p]
+    aarch64, native = 0xC00000B7, 0  # SCMP_ARCH_AARCH64 (= AUDIT_ARCH_AARCH64), SCMP_ARCH_NATIVE
+    seccomp_filter = seccomp.seccomp_init(execution.SCMP_ACT_ALLOW)
+    try:
+        assert seccomp.seccomp_arch_add(seccomp_filter, aarch64) == 0
+        assert seccomp.seccomp_arch_remove(seccomp_filter, native) == 0
+        execution._add_seccomp_rules(seccomp_filter, pid=4242)
+        with open(tmp_path / "filter.pfc", "w") as f:
+            assert seccomp.seccomp_export_pfc(seccomp_filter, f.fileno()) == 0
+    finally:
+        seccomp.seccomp_release(seccomp_filter)
+    pfc = (tmp_path / "filter.pfc").read_text()
+    assert "filter for arch aarch64" in pfc and "x86_64" not in pfc
+    numbers = {name: int(n) for name, n in re.findall(r'filter for syscall "(\w+)" \((\d+)\)', pfc)}
+    named = {*execution.REFUSED_SYSCALLS, *execution.SIGNALS_TO_SELF_ONLY, "clone", "clone3", "prlimit64",
+             "fcntl", "ioctl"}
+    assert set(numbers) == named
+    absent = {name for name, number in numbers.items() if number >= 2**31}  # libseccomp's negative pseudo-numbers
+    assert absent == {"fork", "vfork", "chmod"}
+    assert {name: numbers[name] for name in ("socket", "execve", "clone", "clone3", "kill", "fcntl", "ioctl")} == {
+        "socket": 198, "execve": 221, "clone": 220, "clone3": 435, "kill": 129, "fcntl": 25, "ioctl": 29}
+    assert "if ($a0.lo32 == 4242)" in pfc  # signals to the given pid only
+
+
+@kernel_only
+def test_without_libseccomp_it_warns_naming_the_package_and_falls_back_to_guards(monkeypatch, caplog, precious):
+    monkeypatch.setattr(execution, "LIBSECCOMP", "libseccomp-absent.so.0")
+    execution._libseccomp.cache_clear()
+    kernel_confinement.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="nanochat.execution"):
+            result = execute(f"import os\nos.remove({str(precious / 'data.txt')!r})\n")
+    finally:
+        execution._libseccomp.cache_clear()
+        kernel_confinement.cache_clear()
+    assert result.status == "failed" and "os.remove is disabled" in result.stderr
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "libseccomp-absent.so.0" in warnings[0] and "libseccomp2" in warnings[0]
+
+
+@kernel_only
+@pytest.mark.parametrize("call, command", [("fcntl", "fcntl.F_SETOWN"), ("ioctl", "0x5412")],
+                         ids=["fcntl F_SETOWN", "ioctl TIOCSTI"])
+def test_a_refused_command_with_its_upper_half_set_is_still_refused(call, command):
+    # The kernel reads fcntl's and ioctl's command as an unsigned int, so the filter must compare only that.
+    number = execution._libseccomp().seccomp_syscall_resolve_name(call.encode())
+    program = (
+        "import ctypes, fcntl, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "r, w = os.pipe()\n"
+        f"arguments = [r, {command} | 1 << 32, os.getpid()]\n"
+        f"print(libc.syscall({number}, *map(ctypes.c_long, arguments)), ctypes.get_errno())\n"
+    )
+    result = execute(program)
+    assert result.stdout == f"-1 {errno.EPERM}\n", result.stderr
+
+
+@kernel_only
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="machine code for x86_64")
+def test_a_system_call_of_another_abi_in_a_thread_kills_the_whole_program():
+    # libseccomp's default for another ABI kills only the calling thread; the filter asks for the process.
+    program = (
+        "import ctypes, mmap, threading\n"
+        "page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+        "page.write(bytes.fromhex('b814000000cd80c3'))\n"  # getpid through int 0x80, the i386 entry point
+        "call = ctypes.CFUNCTYPE(ctypes.c_long)(ctypes.addressof(ctypes.c_char.from_buffer(page)))\n"
+        "worker = threading.Thread(target=call)\n"
+        "worker.start(); worker.join()\n"
+        "print('survived')\n"
+    )
+    result = execute(program)
+    assert result.status == "error" and "SIGSYS" in result.stderr and result.stdout == ""
