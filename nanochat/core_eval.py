@@ -33,6 +33,11 @@ FEWSHOT_SEED = 1234  # plus the example's index: each example gets its own fixed
 SHOT_SEPARATOR = "\n\n"
 
 Rows = tuple[list[list[int]], list[int], list[int]]  # token rows, continuation start and end per row
+# Rows per forward pass: an example's options go through this many at a time, the last
+# batch filled with padding, so a compiled model meets one row count (and the width buckets of
+# runtime.bucket_length) instead of every task's number of options. 4 is the choices of
+# HellaSwag, ARC and OpenBookQA; 2-way tasks (PIQA, COPA, Winograd, Winogrande) waste half a batch.
+CORE_ROWS = 4
 
 
 # ---------------------------------------------------------------- prompts
@@ -150,7 +155,8 @@ def _model_device(model) -> torch.device:
 
 def _pad(tokens: list[list[int]], pad_id: int, model) -> torch.Tensor:
     # Right padding: causal attention keeps it from touching the real tokens. The
-    # width is bucketed so a compiled model meets few shapes.
+    # width is bucketed so a compiled model meets few shapes (runtime.compile_model allows
+    # two kinds per width: these losses and greedy_reproduces' logits).
     width = bucket_length(max(map(len, tokens)), model.config.sequence_len)
     batch = torch.full((len(tokens), width), pad_id, dtype=torch.long)
     for i, row in enumerate(tokens):
@@ -160,14 +166,24 @@ def _pad(tokens: list[list[int]], pad_id: int, model) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_continuation_losses(model, rows: Rows, pad_id: int) -> list[float]:
-    """Mean loss (nats per token) of each row's continuation, all rows in one forward pass."""
+    """Mean loss (nats per token) of each row's continuation, CORE_ROWS rows per forward pass."""
     tokens, starts, ends = rows
-    inputs = _pad(tokens, pad_id, model)
+    losses = []
+    for first in range(0, len(tokens), CORE_ROWS):
+        part = slice(first, first + CORE_ROWS)
+        losses += _part_losses(model, (tokens[part], starts[part], ends[part]), pad_id)
+    return losses
+
+
+def _part_losses(model, rows: Rows, pad_id: int) -> list[float]:
+    tokens, starts, ends = rows
+    # rows of padding alone, no targets, fill the batch up to CORE_ROWS; their losses are dropped
+    inputs = _pad(tokens + [[pad_id]] * (CORE_ROWS - len(tokens)), pad_id, model)
     targets = torch.full_like(inputs, -1)
     for i, (start, end) in enumerate(zip(starts, ends)):
         targets[i, start - 1 : end - 1] = inputs[i, start:end]
     losses = model(inputs, targets, loss_reduction="none").float()
-    return (losses.sum(dim=1) / (targets != -1).sum(dim=1)).tolist()
+    return (losses.sum(dim=1) / (targets != -1).sum(dim=1).clamp(min=1))[: len(tokens)].tolist()
 
 
 @torch.no_grad()

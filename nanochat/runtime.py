@@ -21,6 +21,11 @@ CPU_COMPILE_MIN_STEPS = 500
 # lengths, so a compiled model sees a handful of shapes instead of a new one
 # (and a recompilation) at nearly every step.
 MIN_BUCKET = 64
+# What compile_model compiles with; tests swap in "aot_eager" (the same graphs, no kernels generated).
+COMPILE_BACKEND = "inductor"
+# Graphs a compiled model needs per row width: a training step and an evaluation
+# pass (no gradients, per-token losses), or CORE's continuation losses and greedy logits.
+GRAPH_KINDS = 2
 
 
 def add_dtype_arg(group: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -53,8 +58,7 @@ def prepare_model(model, args, device: torch.device, num_steps: int | None = Non
     model.checkpoint_blocks = args.activation_checkpointing
     compiled = wants_compile(args.compile, device.type, num_steps)
     print0(f"compute dtype {str(model.compute_dtype).removeprefix('torch.')}; torch.compile {'on' if compiled else 'off'}")
-    # dynamic=False: shapes are fixed or bucketed (bucket_length), and static shapes compile to faster kernels
-    return torch.compile(model, dynamic=False) if compiled else model
+    return compile_model(model, model.config.sequence_len) if compiled else model
 
 
 def set_compute_dtype(model, args, device: torch.device) -> None:
@@ -69,6 +73,54 @@ def bucket_length(length: int, limit: int) -> int:
     while bucket < length:
         bucket *= 2
     return max(length, min(bucket, limit))
+
+
+def bucket_widths(limit: int) -> list[int]:
+    """Every width bucket_length gives rows of at most `limit` tokens."""
+    widths, bucket = [], MIN_BUCKET
+    while bucket < limit:
+        widths.append(bucket)
+        bucket *= 2
+    return widths + [limit]
+
+
+class RecompileLimitError(RuntimeError):
+    """A compiled model met more input shapes than compile_model allowed it."""
+
+
+def compile_model(model, max_len: int):
+    """`model` compiled with static shapes (faster kernels than dynamic ones, and the
+    head's chunk loop in nanochat.ops specializes the row length anyway), allowed
+    GRAPH_KINDS graphs per bucket width up to max_len. One graph more raises
+    RecompileLimitError: dynamo's own answer past its recompile limit (8 by default)
+    is to run every new shape eagerly without a word."""
+    widths = bucket_widths(max_len)
+    graphs = GRAPH_KINDS * len(widths)
+    # the limit counts the entries of the code object, whichever model made them (a budget
+    # run's probes at other depths, earlier stages run in the same process)
+    limit = _cached_graphs(type(model).forward) + graphs
+    print0(f"torch.compile: at most {graphs} graphs ({GRAPH_KINDS} kinds x row widths {', '.join(map(str, widths))})")
+    compiled = torch.compile(model, dynamic=False, backend=COMPILE_BACKEND)
+    run = compiled.forward
+
+    def forward(*args, **kwargs):
+        # patched per call, so other compiled code in the process keeps dynamo's defaults
+        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            try:
+                return run(*args, **kwargs)
+            except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+                raise RecompileLimitError(
+                    f"the compiled model met a new input shape after its {graphs} graphs: a caller passes rows that are "
+                    f"not padded to runtime.bucket_length (up to {max_len}) or a batch of another row count; "
+                    "TORCH_LOGS=recompiles names the shapes, and --no-compile runs uncompiled meanwhile") from exc
+
+    compiled.forward = forward
+    return compiled
+
+
+def _cached_graphs(function) -> int:
+    """Graphs dynamo holds for `function` (a private helper of torch._dynamo, there since torch 2.1)."""
+    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
 
 
 def release_cached_memory(device: torch.device) -> None:
