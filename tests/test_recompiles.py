@@ -58,14 +58,14 @@ def test_a_shape_past_the_allowed_graphs_is_an_error_not_silent_eager(counter):
     # another model's graph on the same code object, which dynamo's limit counts too
     torch.compile(tiny_model(layers=3), dynamic=False, backend="aot_eager")(torch.zeros(1, 8, dtype=torch.long))
     model = tiny_model()
-    step = compile_model(model, SEQ_LEN)
-    for width in bucket_widths(SEQ_LEN) * 2:  # every width twice: compiled once each
+    step = compile_model(model, 128)
+    for width in bucket_widths(128) * 2:  # every width twice: compiled once each
         tokens = torch.randint(400, (2, width))
         step(tokens, tokens).backward()
     with torch.no_grad():
-        for width in bucket_widths(SEQ_LEN):
+        for width in bucket_widths(128):
             step(torch.randint(400, (2, width)))
-        assert len(counter.graphs) == GRAPH_KINDS * len(bucket_widths(SEQ_LEN))
+        assert len(counter.graphs) == GRAPH_KINDS * len(bucket_widths(128))
         with pytest.raises(RecompileLimitError, match="bucket_length"):
             step(torch.randint(400, (2, 100)))  # not a bucket width
     assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == defaults
@@ -84,7 +84,7 @@ def workspace(base_dir, tmp_path, monkeypatch, one_torch_thread):
     return write_bundle(tmp_path / "bundle")
 
 
-@pytest.mark.slow  # ~40 s on 2 cores: an SFT run and a CORE pass, each compiling its graphs; `pytest -m slow`
+@pytest.mark.slow  # 20-30 s on 2 shared cores: an SFT run and a CORE pass, each compiling its graphs; `pytest -m slow`
 def test_sft_with_evaluation_and_a_core_pass_compile_a_bounded_set_of_graphs(workspace, counter, capsys):
     from scripts import base_eval, chat_sft
 
