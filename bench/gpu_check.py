@@ -75,6 +75,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -82,16 +83,15 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nanochat import ops  # noqa: E402
-from nanochat.budget import parse_duration  # noqa: E402
-from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
-from nanochat.engine import Engine  # noqa: E402
-from nanochat.gpt import GPT, GPTConfig, build_model, config_for_depth  # noqa: E402
-from nanochat.hardware import device_name, peak_flops  # noqa: E402
-from sharing.hf_export import export_hf  # noqa: E402
-from nanochat.optim import build_optimizers  # noqa: E402
-from nanochat.sampling import SamplingParams  # noqa: E402
-from nanochat.tokenizer import Tokenizer  # noqa: E402
+from bench.device_run import DONE_RE, STEP_RE, VAL_BPB_RE  # noqa: E402  (the standard library only)
+
+# The project is imported inside the checks, never here: on a borrowed machine
+# that lacks one of its dependencies the header, bf16_matmul and every check
+# that does not need the missing piece still run, and the others FAIL saying
+# which import broke.
+if TYPE_CHECKING:
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
 
 GIB = 2**30
 DEFAULT_OUT = Path(__file__).with_name("gpu_check.json")
@@ -119,8 +119,21 @@ LOGIT_STD = 5.0
 # saved tanh and log-softmax outputs plus about three fp32 gradients in
 # flight, and the compute-dtype matmul output; 7 fp32-sized tensors, rounded up.
 PLAIN_BYTES_PER_LOGIT = 7 * 4
+# bf16_matmul: the datasheet's dense peak is a ceiling no kernel reaches; large square
+# cuBLAS products are commonly reported at 60-80% of it on an H100 (not yet measured on
+# our machines). Below half, the card is throttled, shared or misconfigured, and every
+# MFU figure after this check would mislead.
+MATMUL_MIN_FRACTION = 0.5
+# attention_kernel: the aten op each SDPA backend registers -> the name we print.
+SDPA_KERNELS = {
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten::_scaled_dot_product_efficient_attention": "memory-efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cuDNN",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
 # engine_vs_transformers: a small GQA model taught a rule for this many steps.
-EXPORT_CONFIG = GPTConfig(sequence_len=128, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
+EXPORT_SHAPE = dict(sequence_len=128, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=128)
 EXPORT_STEPS = 150
 EXPORT_PROMPTS, EXPORT_PROMPT_LEN, EXPORT_NEW_TOKENS = 4, 8, 24
 
@@ -137,7 +150,10 @@ class Sizes:
     loss_rows: int  # chunked_loss: N x V logits from a width-C input
     loss_vocab: int
     loss_width: int
-    head_chunk_elements: int  # nanochat.ops.HEAD_CHUNK_ELEMENTS during chunked_loss
+    head_chunk_elements: int | None  # nanochat.ops.HEAD_CHUNK_ELEMENTS during chunked_loss and compiled_head (None: the library's)
+    head_chunk_counts: tuple[int, ...]  # compiled_head: compiled vs eager at this many chunks of rows
+    matmul_size: int  # bf16_matmul: n x n times n x n
+    matmul_iters: int
     big_depth: int  # the d20_* checks
     big_vocab: int
     big_seq: int
@@ -159,7 +175,10 @@ class Sizes:
 
 
 FULL = Sizes(depth=4, vocab=8192, seq=512, batch=8, steps=10,
-             loss_rows=65536, loss_vocab=65536, loss_width=1280, head_chunk_elements=ops.HEAD_CHUNK_ELEMENTS,
+             loss_rows=65536, loss_vocab=65536, loss_width=1280, head_chunk_elements=None,
+             # 16 chunks is what depth 20 at batch 32 x 2048 unrolls (nanochat/ops.py); 8192^3 keeps an H100 busy
+             # for ~1.5 ms per product, long beside the launch, 50 of them well under a second
+             head_chunk_counts=(1, 4, 16), matmul_size=8192, matmul_iters=50,
              big_depth=20, big_vocab=65536, big_seq=2048, compiled_batches=(32, 16), eager_batch=8, warmup=3, timed=5,
              decode_batches=(1, 8, 32), decode_prompt=16, decode_new_tokens=128,
              # recipe_ab: depth 12 trains ~60 steps of 2^19 tokens in 2.5 min on an H100 (an estimate from ~400k
@@ -171,6 +190,7 @@ FULL = Sizes(depth=4, vocab=8192, seq=512, batch=8, steps=10,
 # head_loss still loops over several chunks (8 here, 16 at full size).
 SMOKE = Sizes(depth=2, vocab=512, seq=64, batch=4, steps=10,
               loss_rows=2048, loss_vocab=1024, loss_width=64, head_chunk_elements=2**18,
+              head_chunk_counts=(1, 4, 16), matmul_size=256, matmul_iters=5,
               big_depth=2, big_vocab=512, big_seq=128, compiled_batches=(4, 2), eager_batch=2, warmup=1, timed=2,
               decode_batches=(1, 2, 4), decode_prompt=8, decode_new_tokens=16,
               # a fixed batch: the 2025-10 recipe's 2^19 tokens per step would be one step of minutes on a CPU
@@ -215,10 +235,14 @@ def gib(num_bytes: float) -> str:
 
 
 def small_config(s: Sizes) -> GPTConfig:
+    from nanochat.gpt import config_for_depth
+
     return config_for_depth(s.depth, s.vocab, max_seq_len=s.seq)
 
 
 def big_config(s: Sizes) -> GPTConfig:
+    from nanochat.gpt import config_for_depth
+
     return config_for_depth(s.big_depth, s.big_vocab, max_seq_len=s.big_seq)
 
 
@@ -226,6 +250,8 @@ def perturbed_model(config: GPTConfig, device: torch.device, dtype: torch.dtype,
     """build_model, then small noise on o_proj and fc2. They start at zero, which
     makes the step-1 gradients of q/k/v and fc1 exactly zero (their outputs
     meet zero weights), and comparing zeros would show nothing."""
+    from nanochat.gpt import build_model
+
     torch.manual_seed(seed)
     model = build_model(config, device, dtype)
     with torch.no_grad():
@@ -239,6 +265,8 @@ def successor_table(vocab_size: int, seed: int) -> torch.Tensor:
     """A random next token for every ordinary token (a permutation; special
     tokens, the last ids, never occur): a rule a small model learns in a few
     steps, so losses fall and greedy choices win by clear margins."""
+    from nanochat.conversation import SPECIAL_TOKENS
+
     ordinary = vocab_size - len(SPECIAL_TOKENS)
     return torch.randperm(ordinary, generator=torch.Generator().manual_seed(seed))
 
@@ -291,9 +319,25 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_peak(fn: Callable, device: torch.device):
-    """(fn(), peak bytes allocated during it beyond what was allocated before;
-    None on CPU, where torch keeps no such count)."""
+@dataclass(frozen=True)
+class Peak:
+    """Peak CUDA memory during one call, in bytes."""
+
+    allocated: int  # beyond what was allocated before: what the call's tensors took, comparable with an estimate
+    allocated_total: int  # max_memory_allocated, everything live at the peak
+    reserved: int  # max_memory_reserved: the caching allocator's segments, what the driver (and nvidia-smi) counts
+
+    def words(self) -> str:
+        return (f"peak allocated {gib(self.allocated)}, reserved {gib(self.reserved)} "
+                f"({self.reserved / max(self.allocated_total, 1):.2f}x the {gib(self.allocated_total)} allocated in all)")
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        return {f"{prefix}peak_gib": self.allocated / GIB, f"{prefix}reserved_gib": self.reserved / GIB,
+                f"{prefix}reserved_over_allocated": self.reserved / max(self.allocated_total, 1)}
+
+
+def measure_peak(fn: Callable, device: torch.device) -> tuple[object, Peak | None]:
+    """(fn(), its Peak; None on CPU, where torch keeps no such count)."""
     if device.type != "cuda":
         return fn(), None
     torch.cuda.synchronize(device)
@@ -301,7 +345,86 @@ def measure_peak(fn: Callable, device: torch.device):
     before = torch.cuda.memory_allocated(device)
     result = fn()
     torch.cuda.synchronize(device)
-    return result, torch.cuda.max_memory_allocated(device) - before
+    total = torch.cuda.max_memory_allocated(device)
+    return result, Peak(total - before, total, torch.cuda.max_memory_reserved(device))
+
+
+# ---------------------------------------------------------------- 0. the card: one bf16 matmul, the attention kernel
+
+
+def check_bf16_matmul(ctx: Context) -> Outcome:
+    """TFLOP/s of n x n bf16 products, against the card's datasheet peak where the project names one.
+    Needs nothing of the project to measure, so it runs even where the project does not import."""
+    s, device = ctx.sizes, ctx.device
+    n = s.matmul_size
+    a, b = (torch.randn(n, n, device=device, dtype=BF16) for _ in range(2))
+    out = torch.empty(n, n, device=device, dtype=BF16)
+    for _ in range(3):  # warm-up: cuBLAS picks its kernel, the clocks rise
+        torch.matmul(a, b, out=out)
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(s.matmul_iters):
+        torch.matmul(a, b, out=out)
+    synchronize(device)
+    seconds = time.perf_counter() - t0
+    tflops = 2 * n**3 * s.matmul_iters / seconds / 1e12
+    figures = {"tflops": tflops, "n": n, "seconds": seconds}
+    message = f"{n} x {n} x {n} bf16, {s.matmul_iters} products: {tflops:,.1f} TFLOP/s"
+    try:
+        from nanochat.hardware import peak_flops
+
+        peak, source = peak_flops(device, BF16)
+    except Exception as err:  # the figure above stands without a peak to compare it with
+        return Outcome("PASS", f"{message}; no peak to compare (project import failed: {type(err).__name__}: "
+                               f"{first_line(err)})", figures)
+    if peak is None:
+        return Outcome("PASS", f"{message}; no datasheet peak for this device", figures)
+    fraction = tflops * 1e12 / peak
+    figures["fraction_of_peak"] = fraction
+    return Outcome(verdict(fraction >= MATMUL_MIN_FRACTION),
+                   f"{message} = {fraction:.0%} of {peak / 1e12:,.0f} ({source}; >= {MATMUL_MIN_FRACTION:.0%})", figures)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def sdpa_kernels(fn: Callable[[], object]) -> list[str]:
+    """The scaled-dot-product-attention implementations fn() dispatched to, by the aten
+    op each backend registers (the profiler records ops on the CPU side, so this works
+    on every device)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ran = {event.key for event in prof.key_averages()}
+    return sorted({kernel for op, kernel in SDPA_KERNELS.items() if op in ran})
+
+
+def check_attention_kernel(ctx: Context) -> Outcome:
+    """Which SDPA backend a bf16 training forward + backward ran at the real head dimension:
+    the unfused math fallback is correct but several times slower and holds (T, T) scores,
+    and torch takes it silently when no fused kernel accepts the shapes."""
+    s, device = ctx.sizes, ctx.device
+    config = small_config(s)
+    model = perturbed_model(config, device, BF16)
+    x, y = random_batch(config.vocab_size, s.batch, config.sequence_len, device)
+
+    def step():
+        model(x, y).backward()
+        synchronize(device)
+
+    step()  # warm-up, so first-call work does not decide what is recorded
+    kernels = sdpa_kernels(step)
+    message = (f"depth {s.depth}, head dim {config.n_embd // config.n_head}, {config.n_head} heads, "
+               f"{config.n_kv_head} kv heads, seq {config.sequence_len}, bf16 forward + backward: "
+               f"{', '.join(kernels) or 'no SDPA op recorded'}")
+    fused = bool(kernels) and "math" not in kernels
+    figures = {"fused": fused, "math": "math" in kernels}
+    if device.type != "cuda":
+        return Outcome(verdict(bool(kernels)), message + " (CPU: recorded, not judged)", figures)
+    return Outcome(verdict(fused), message + (" (fused)" if fused else " (the unfused math fallback)"), figures)
 
 
 # ---------------------------------------------------------------- 1. bf16 vs fp32
@@ -309,6 +432,8 @@ def measure_peak(fn: Callable, device: torch.device):
 
 def train_steps(model: GPT, x: torch.Tensor, y: torch.Tensor, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """Losses of `steps` optimizer steps on one batch, and the gradients of the first."""
+    from nanochat.optim import build_optimizers
+
     optimizers = build_optimizers(model)
     losses, first = [], {}
     for step in range(steps):
@@ -383,10 +508,27 @@ def check_compile_vs_eager(ctx: Context) -> Outcome:
 # ---------------------------------------------------------------- 3. chunked loss
 
 
-def chunked_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: int, cap: float) -> float:
-    loss = ops.head_loss(x, weight, targets, torch.full_like(targets, 1.0 / counted, dtype=torch.float32), cap)
+def head_inputs(ctx: Context, rows: int, dtype: torch.dtype, seed: int = 0):
+    """(x, weight, targets, row weights) for the head loss: every 16th target ignored, weights 1/counted."""
+    s, device = ctx.sizes, ctx.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(rows, s.loss_width, device=device, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(s.loss_vocab, s.loss_width, device=device, generator=gen).mul_(LOGIT_STD / math.sqrt(s.loss_width))
+    weight.requires_grad_()
+    targets = torch.randint(0, s.loss_vocab, (rows,), device=device, generator=gen)
+    targets[::16] = -1  # ignored rows must count neither in the loss nor in the gradients
+    row_weights = torch.full((rows,), 1.0 / int((targets != -1).sum()), device=device)
+    return x, weight, targets, row_weights
+
+
+def head_step(fn: Callable, inputs: tuple, cap: float) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(loss, grad x, grad weight) of one forward + backward of fn, the gradients taken off the inputs."""
+    x, weight, _, _ = inputs
+    loss = fn(*inputs, cap)
     loss.backward()
-    return loss.item()
+    grads = x.grad, weight.grad
+    x.grad = weight.grad = None
+    return loss.item(), *grads
 
 
 def plain_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, counted: int, cap: float, rows: int) -> float:
@@ -413,17 +555,13 @@ def plain_slice_rows(rows: int, vocab: int, device: torch.device) -> int:
 
 
 def compare_head_loss(ctx: Context, dtype: torch.dtype) -> dict:
+    from nanochat import ops
+
     s, device, cap = ctx.sizes, ctx.device, small_config(ctx.sizes).logit_softcap  # the model's cap, 15
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(s.loss_rows, s.loss_width, device=device, generator=gen).to(dtype).requires_grad_()
-    weight = torch.randn(s.loss_vocab, s.loss_width, device=device, generator=gen).mul_(LOGIT_STD / math.sqrt(s.loss_width))
-    weight.requires_grad_()
-    targets = torch.randint(0, s.loss_vocab, (s.loss_rows,), device=device, generator=gen)
-    targets[::16] = -1  # ignored rows must count neither in the loss nor in the gradients
+    inputs = head_inputs(ctx, s.loss_rows, dtype)
+    x, weight, targets, _ = inputs
     counted = int((targets != -1).sum())
-    chunked, chunked_peak = measure_peak(lambda: chunked_loss(x, weight, targets, counted, cap), device)
-    chunked_grads = (x.grad, weight.grad)
-    x.grad = weight.grad = None
+    (chunked, *chunked_grads), chunked_peak = measure_peak(lambda: head_step(ops.head_loss, inputs, cap), device)
     rows = plain_slice_rows(s.loss_rows, s.loss_vocab, device)
     plain, plain_peak = measure_peak(lambda: plain_loss(x, weight, targets, counted, cap, rows), device)
     return {"loss_rel": abs(chunked - plain) / abs(plain), "grad_x_rel": relative_error(chunked_grads[0], x.grad),
@@ -432,6 +570,8 @@ def compare_head_loss(ctx: Context, dtype: torch.dtype) -> dict:
 
 
 def check_chunked_loss(ctx: Context) -> Outcome:
+    from nanochat import ops
+
     s = ctx.sizes
     full_logits = s.loss_rows * s.loss_vocab * 4  # one (N, V) fp32 tensor
     statuses, words, figures = [], [], {}
@@ -449,14 +589,69 @@ def check_chunked_loss(ctx: Context) -> Outcome:
             if r["chunked_peak"] is None:
                 text += ", peak memory n/a (CPU)"
             else:
-                ok = ok and r["chunked_peak"] < full_logits
-                text += (f", peak chunked {gib(r['chunked_peak'])} vs plain {gib(r['plain_peak'])} "
+                chunked, plain = r["chunked_peak"], r["plain_peak"]
+                ok = ok and chunked.allocated < full_logits
+                text += (f", chunked {chunked.words()} vs plain {plain.words()} "
                          f"(in {r['plain_slices']} slice(s); one (N,V) fp32 = {gib(full_logits)})")
-                figures.update({f"chunked_peak_gib_{name}": r["chunked_peak"] / GIB, f"plain_peak_gib_{name}": r["plain_peak"] / GIB})
+                figures.update({**chunked.figures(f"chunked_{name}_"), **plain.figures(f"plain_{name}_")})
             statuses.append(verdict(ok))
             words.append(text)
     figures.update({"rows": s.loss_rows, "vocab": s.loss_vocab, "chunks": chunks})
     message = f"N={s.loss_rows:,} x V={s.loss_vocab:,}, C={s.loss_width}, {chunks} chunks; " + "; ".join(words)
+    return Outcome(worst(statuses), message, figures)
+
+
+def compiled_vs_eager_head(ctx: Context, rows: int, chunk_rows: int) -> dict:
+    """nanochat.ops.head_loss eager and compiled (a fresh compile: dynamic=False specialises on the
+    rows, as training does) on the same bf16 inputs: errors, compile seconds and both peaks."""
+    from nanochat import ops
+
+    device, cap = ctx.device, small_config(ctx.sizes).logit_softcap
+    inputs = head_inputs(ctx, rows, BF16)
+    (eager, *eager_grads), eager_peak = measure_peak(lambda: head_step(ops.head_loss, inputs, cap), device)
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(ops.head_loss, backend=ctx.compile_backend, dynamic=False)
+    t0 = time.perf_counter()
+    head_step(compiled_fn, inputs, cap)  # the compile; its own allocations are not the graph's
+    synchronize(device)
+    compile_s = time.perf_counter() - t0
+    (compiled, *compiled_grads), compiled_peak = measure_peak(lambda: head_step(compiled_fn, inputs, cap), device)
+    return {"loss_rel": abs(compiled - eager) / abs(eager), "grad_x_rel": relative_error(compiled_grads[0], eager_grads[0]),
+            "grad_w_rel": relative_error(compiled_grads[1], eager_grads[1]), "compile_s": compile_s,
+            "eager_peak": eager_peak, "compiled_peak": compiled_peak,
+            "chunk_bytes": chunk_rows * ctx.sizes.loss_vocab * 4}
+
+
+def check_compiled_head(ctx: Context) -> Outcome:
+    """The compiled head loss against eager at 1, 4 and 16 chunks of rows: the chunk loop unrolls
+    into the graph, so a count that compiles wrongly, or keeps every chunk's logits alive, shows
+    only at that count (depth 20 at batch 32 x 2048 runs 16)."""
+    from nanochat import ops
+
+    s = ctx.sizes
+    loss_tol, grad_tol = HEAD_TOLERANCES[BF16]  # eager and compiled bf16 differ as chunked and plain do, in rounding
+    statuses, words, figures = [], [], {}
+    with ops.head_chunk_elements(gpu=s.head_chunk_elements):
+        chunk_rows = ops._chunk_rows(s.loss_vocab, ctx.device)
+        for chunks in s.head_chunk_counts:
+            r = compiled_vs_eager_head(ctx, chunks * chunk_rows, chunk_rows)
+            ok = r["loss_rel"] <= loss_tol and max(r["grad_x_rel"], r["grad_w_rel"]) <= grad_tol
+            text = (f"{chunks} chunk(s): loss rel {r['loss_rel']:.1e}, grad x {r['grad_x_rel']:.1e}, "
+                    f"grad W {r['grad_w_rel']:.1e}, compile {r['compile_s']:.1f} s")
+            figures.update({f"c{chunks}_loss_rel": r["loss_rel"], f"c{chunks}_grad_x_rel": r["grad_x_rel"],
+                            f"c{chunks}_grad_w_rel": r["grad_w_rel"], f"c{chunks}_compile_s": r["compile_s"]})
+            eager_peak, compiled_peak = r["eager_peak"], r["compiled_peak"]
+            if compiled_peak is not None:
+                # a compiled graph may hold one chunk more in flight than eager; one that keeps
+                # every chunk's logits grows with the count and fails here
+                ok = ok and compiled_peak.allocated <= eager_peak.allocated + r["chunk_bytes"]
+                text += f"; compiled {compiled_peak.words()}; eager {eager_peak.words()}"
+                figures.update({**compiled_peak.figures(f"c{chunks}_compiled_"), **eager_peak.figures(f"c{chunks}_eager_")})
+            statuses.append(verdict(ok))
+            words.append(text)
+            release_memory(ctx.device)
+    message = (f"V={s.loss_vocab:,}, C={s.loss_width}, {chunk_rows:,} rows per chunk, bf16, backend {ctx.compile_backend}, "
+               f"tolerances {loss_tol:.0e} / {grad_tol:.0e}: " + "; ".join(words))
     return Outcome(worst(statuses), message, figures)
 
 
@@ -467,18 +662,28 @@ def generated_tokenizer(vocab_size: int) -> Tokenizer:
     """A tokenizer of exactly vocab_size ids trained on made-up words, about a
     second at 65,536: vocab_size distinct words, each used ~10 times, give BPE
     more than enough pairs that occur twice."""
+    from nanochat.tokenizer import Tokenizer
+
     rng = random.Random(0)
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 9))) for _ in range(vocab_size)]
     texts = [" ".join(rng.choices(words, k=200)) for _ in range(max(300, vocab_size // 20))]
     return Tokenizer.train_from_iterator(texts, vocab_size)
 
 
+def export_config() -> GPTConfig:
+    from nanochat.gpt import GPTConfig
+
+    return GPTConfig(**EXPORT_SHAPE)
+
+
 def rule_trained_model(device: torch.device, successor: torch.Tensor) -> GPT:
-    """EXPORT_CONFIG taught the successor rule with AdamW, so its greedy choices
+    """EXPORT_SHAPE taught the successor rule with AdamW, so its greedy choices
     win by margins far above bf16 rounding and two implementations cannot
     disagree by a near tie."""
+    from nanochat.gpt import build_model
+
     torch.manual_seed(0)
-    model = build_model(EXPORT_CONFIG, device)
+    model = build_model(export_config(), device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(EXPORT_STEPS):
         x, y = inputs_targets(follow(successor, 16, 65, seed=100 + step), device)
@@ -510,11 +715,15 @@ def check_engine_vs_transformers(ctx: Context) -> Outcome:
     except ImportError:
         return Outcome("SKIP", "transformers is not installed", {})
     transformers.utils.logging.disable_progress_bar()  # its weight-loading bar would break up our lines
+    from nanochat.engine import Engine
+    from nanochat.sampling import SamplingParams
+    from sharing.hf_export import export_hf
+
     device = ctx.device
-    successor = successor_table(EXPORT_CONFIG.vocab_size, seed=5)
+    successor = successor_table(EXPORT_SHAPE["vocab_size"], seed=5)
     model = rule_trained_model(device, successor).to(BF16)  # bf16 weights, as `chat_service -d bfloat16` runs
     model.compute_dtype = BF16
-    tokenizer = generated_tokenizer(EXPORT_CONFIG.vocab_size)
+    tokenizer = generated_tokenizer(EXPORT_SHAPE["vocab_size"])
     folder = export_hf(model, tokenizer, ctx.workdir / "hf")
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=BF16).to(device).eval()
     engine = Engine(model, tokenizer, max_batch=1)
@@ -565,6 +774,10 @@ def memory_estimate(config: GPTConfig, batch: int, seq: int, dtype: torch.dtype)
 
 def timed_training(ctx: Context, config: GPTConfig, batch: int, compiled: bool) -> dict:
     """Real steps (model, Muon + AdamW) on random tokens: seconds, tokens/s, MFU, peak."""
+    from nanochat.gpt import build_model
+    from nanochat.hardware import peak_flops
+    from nanochat.optim import build_optimizers
+
     s, device = ctx.sizes, ctx.device
     release_memory(device)
 
@@ -622,16 +835,18 @@ def describe_run(run: dict) -> tuple[str, str, dict]:
     figures = {f"b{b}_estimate_gib": est.total / GIB} if est.total is not None else {}
     if "oom" in run:
         return "FAIL", f"batch {b}: out of memory ({run['oom'][:120]}); estimate {est.note}", figures
-    status, memory_words = memory_verdict(run["peak"], est)
+    peak: Peak | None = run["peak"]
+    status, memory_words = memory_verdict(peak and peak.allocated, est)
     mfu = f"MFU {run['mfu']:.1%}" if run["mfu"] is not None else "MFU n/a"
     figures.update({f"b{b}_tok_per_s": run["tok_per_s"], f"b{b}_step_ms": 1000 * run["step_s"],
                     f"b{b}_first_step_s": run["first_step_s"]})
     if run["mfu"] is not None:
         figures[f"b{b}_mfu"] = run["mfu"]
-    if run["peak"] is not None:
-        figures[f"b{b}_peak_gib"] = run["peak"] / GIB
+    if peak is not None:
+        figures.update(peak.figures(f"b{b}_"))
+        memory_words += f"; {peak.words()}"
         if est.total is not None:
-            figures[f"b{b}_peak_over_estimate"] = run["peak"] / est.total
+            figures[f"b{b}_peak_over_estimate"] = peak.allocated / est.total
     words = (f"batch {b}: {run['tok_per_s']:,.0f} tok/s, {mfu}, step {1000 * run['step_s']:.0f} ms "
              f"(first {run['first_step_s']:.1f} s); {memory_words}")
     return status, words, figures
@@ -664,6 +879,11 @@ def check_d20_compiled(ctx: Context) -> Outcome:
 
 
 def check_d20_decode(ctx: Context) -> Outcome:
+    from nanochat.conversation import SPECIAL_TOKENS
+    from nanochat.engine import Engine
+    from nanochat.gpt import build_model
+    from nanochat.sampling import SamplingParams
+
     s, device = ctx.sizes, ctx.device
     config = big_config(s)
     torch.manual_seed(0)
@@ -699,9 +919,6 @@ def check_d20_decode(ctx: Context) -> Outcome:
 
 RECIPE_AB = (("old", "2025-10"), ("new", "2026"))
 AB_SEED = 42
-VAL_BPB_RE = re.compile(r"^step (\d+) \| validation bits per byte: ([\d.]+)$", re.MULTILINE)
-DONE_RE = re.compile(r"^training done: ([\d,]+) steps", re.MULTILINE)
-STEP_TOK_RE = re.compile(r"^step \d+/\d+ .*\| tok/s ([\d,]+) \|", re.MULTILINE)
 TAIL_LINES = 6  # of a failed run's output, in the FAIL message (the whole output is in its log)
 
 
@@ -723,7 +940,7 @@ class RecipeRun:
         """Final validation bpb, evaluations, steps and the median step's tokens/s, read from the log."""
         evaluations = VAL_BPB_RE.findall(self.output)
         done = DONE_RE.search(self.output)
-        speeds = [float(v.replace(",", "")) for v in STEP_TOK_RE.findall(self.output)]
+        speeds = [float(tok.replace(",", "")) for _, _, tok, _ in STEP_RE.findall(self.output)]
         if not evaluations or not done or not speeds:
             return {}
         # the first step compiles; the median of the rest is the speed the run trained at
@@ -797,6 +1014,8 @@ def ab_tokenizer(ctx: Context) -> tuple[Path | None, str]:
 
 def train_recipe(ctx: Context, recipe: str, tokenizer: Path) -> RecipeRun:
     """scripts.base_train with this recipe for the budget, in a fresh $NANOCHAT_BASE_DIR holding a copy of the tokenizer."""
+    from nanochat.budget import parse_duration
+
     s = ctx.sizes
     base = ctx.workdir / "recipe_ab" / recipe
     shutil.copytree(tokenizer, base / "tokenizer")
@@ -844,8 +1063,11 @@ def check_recipe_ab(ctx: Context) -> Outcome:
 
 
 CHECKS: list[tuple[str, Callable[[Context], Outcome]]] = [
+    ("bf16_matmul", check_bf16_matmul),
+    ("attention_kernel", check_attention_kernel),
     ("bf16_vs_fp32", check_bf16_vs_fp32),
     ("chunked_loss", check_chunked_loss),
+    ("compiled_head", check_compiled_head),
     ("engine_vs_transformers", check_engine_vs_transformers),
     ("compile_vs_eager", check_compile_vs_eager),
     ("d20_eager_memory", check_d20_eager_memory),
@@ -884,20 +1106,34 @@ def run_check(name: str, fn: Callable[[Context], Outcome], ctx: Context, started
             "figures": numeric_figures(outcome.figures)}
 
 
+def installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def header(ctx: Context) -> dict:
+    """Versions and the device, from torch and package metadata; the project's
+    own words (device name, MFU peak) only where it imports."""
     device = ctx.device
-    info = {"device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "cuda": torch.version.cuda or "none",
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "sizes": "smoke" if ctx.smoke else "full", "compile backend": ctx.compile_backend}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update({"gpu memory": gib(props.total_memory), "compute capability": f"{props.major}.{props.minor}",
                      "cudnn": str(torch.backends.cudnn.version()), "tf32 matmul": str(torch.backends.cuda.matmul.allow_tf32)})
+    for distribution in ("triton", "transformers"):
+        info[distribution] = installed_version(distribution)
     try:
-        info["transformers"] = importlib.metadata.version("transformers")
-    except importlib.metadata.PackageNotFoundError:
-        info["transformers"] = "not installed"
-    info["bf16 peak for MFU"] = peak_flops(device, BF16)[1]
+        from nanochat.hardware import device_name, peak_flops
+
+        info["device"] = device_name(device)
+        info["bf16 peak for MFU"] = peak_flops(device, BF16)[1]
+    except Exception as err:  # the checks that need the project will say so too; the header still prints
+        info["project"] = f"import failed: {type(err).__name__}: {first_line(err)}"
     return info
 
 

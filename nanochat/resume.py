@@ -51,7 +51,7 @@ def newest_meta(tag_dir: Path) -> dict | None:
     return None
 
 
-def mismatches(meta: dict, model_config: dict, args: dict, started_from: dict | None = None) -> list[str]:
+def mismatches(meta: dict, model_config: dict, settings: dict, started_from: dict | None = None) -> list[str]:
     """What differs between a saved run and this one, as 'name: saved -> now' lines."""
     saved_config, saved_args = meta.get("model_config", {}), meta.get("args", {})
     if started_from is not None and meta.get("started_from") != started_from:
@@ -60,8 +60,8 @@ def mismatches(meta: dict, model_config: dict, args: dict, started_from: dict | 
         found = []
     found += [f"model {key}: {saved_config.get(key)} -> {value}" for key, value in model_config.items()
               if saved_config.get(key) != value]
-    found += [f"--{key.replace('_', '-')}: {saved_args[key]} -> {args[key]}" for key in MATCHING_ARGS
-              if key in saved_args and args.get(key) is not None and saved_args[key] != args[key]]
+    found += [f"--{key.replace('_', '-')}: {saved_args[key]} -> {settings[key]}" for key in MATCHING_ARGS
+              if key in saved_args and settings.get(key) is not None and saved_args[key] != settings[key]]
     return found
 
 
@@ -75,9 +75,9 @@ def move_aside(tag_dir: Path) -> Path:
     return aside
 
 
-def decide(tag_dir: Path, mode: str, model_config: dict, args: dict, started_from: dict | None = None) -> dict | None:
+def decide(tag_dir: Path, mode: str, model_config: dict, settings: dict, started_from: dict | None = None) -> dict | None:
     """The saved meta of the checkpoint to continue from, or None to start at step 0 (after --fresh's move).
-    started_from: for a stage that continues another's model, {source, model_tag, step} of that model."""
+    settings: this run's flag values, as its checkpoints record them ("args"). started_from: for a stage that continues another's model, {source, model_tag, step} of that model."""
     if mode not in MODES:
         raise ValueError(f"unknown resume mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "fresh":
@@ -91,7 +91,7 @@ def decide(tag_dir: Path, mode: str, model_config: dict, args: dict, started_fro
         if mode == "resume":
             raise CheckpointError(f"--resume: no checkpoint in {tag_dir} to continue")
         return None
-    differences = mismatches(meta, model_config, args, started_from)
+    differences = mismatches(meta, model_config, settings, started_from)
     if differences:
         raise CheckpointError(
             f"{tag_dir} holds a run made with other settings ({'; '.join(differences)}): run with its settings "

@@ -65,9 +65,9 @@ class Resumed:
     meta: dict = field(default_factory=dict)
 
 
-def cost_settings(args) -> dict:
-    """The EnergyReport cost figures from add_cost_args flags."""
-    return {"price_per_kwh": args.price_per_kwh, "hardware_price": args.hardware_price, "lifetime_years": args.hardware_lifetime_years}
+def cost_settings(price_per_kwh: float, hardware_price: float, hardware_lifetime_years: float) -> dict:
+    """The EnergyReport cost figures from add_cost_args' values."""
+    return {"price_per_kwh": price_per_kwh, "hardware_price": hardware_price, "lifetime_years": hardware_lifetime_years}
 
 
 def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:

@@ -43,8 +43,8 @@ from nanochat.optim import MuonOptions, add_lr_args, batch_lr_scale, build_optim
 from nanochat.report import write_section
 from nanochat.shards import data_dir
 from nanochat.resume import add_resume_args, decide as decide_resume, newest_meta
-from nanochat.runtime import (MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model,
-                              release_cached_memory, set_compute_dtype, wants_compile)
+from nanochat.runtime import (BatchRequest, ComputeSettings, MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch,
+                              prepare_model, release_cached_memory, set_compute_dtype, wants_compile)
 from nanochat.schedule import (BATCH_ANCHOR_DEPTH, BATCH_ANCHOR_TOKENS, DEFAULT_RECIPE, RECIPES, WARMDOWN_RATIO, PlanError,
                                derive_plan, power_lines_batch)
 from nanochat.stages import STAGES
@@ -197,6 +197,14 @@ def main(argv=None) -> int:
         compute_cleanup()
 
 
+def batch_request(args) -> BatchRequest:
+    return BatchRequest(DEFAULT_DEVICE_BATCH, args.device_batch_size, args.auto_batch, args.ignore_memory_check, args.memory_limit)
+
+
+def compute_settings(args) -> ComputeSettings:
+    return ComputeSettings(args.dtype, args.compile, args.activation_checkpointing)
+
+
 def muon_options(args) -> MuonOptions:
     return MuonOptions(orthogonalizer=args.orthogonalizer, normuon=args.normuon == "on", weight_decay=args.weight_decay,
                        cautious=args.cautious_weight_decay == "on")
@@ -220,8 +228,9 @@ def train(args, info) -> int:
     continuing = decide_resume(tag_dir, args.resume_mode, model.config.to_dict(), vars(args))
     if continuing and args.device_batch_size is None:  # the run's own batch, not a new measurement
         args.device_batch_size = continuing.get("args", {}).get("device_batch_size")
-    set_compute_dtype(model, args, device)
-    args.device_batch_size, memory_estimate = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, args.max_seq_len, info, "base")
+    set_compute_dtype(model, args.dtype, device)
+    args.device_batch_size, memory_estimate = fit_device_batch(model, batch_request(args), args.max_seq_len, info, "base",
+                                                               checkpoint_blocks=args.activation_checkpointing)
     plan = derive_plan(
         device_batch_size=args.device_batch_size, seq_len=args.max_seq_len, world_size=info.world_size,
         total_batch_size=args.total_batch_size, num_params=counted, flops_per_token=model.estimate_flops(),
@@ -230,10 +239,11 @@ def train(args, info) -> int:
         warmdown_ratio=args.warmdown_ratio,
     )
     # a budget run compiles (or not) as its probe did, so the measured speed is the speed it trains at
-    step_model = prepare_model(model, args, device, None if budget else plan.num_iterations)
+    step_model = prepare_model(model, compute_settings(args), device, None if budget else plan.num_iterations)
     peak, peak_source = peak_flops(device, model.compute_dtype)
     print_plan(model, plan, args, peak_source, budget)
-    optimizers = build_optimizers(model, **learning_rates(args), muon=muon_options(args), lr_scale=lr_scale(args),
+    rates = learning_rates(args.matrix_lr, args.embedding_lr, args.unembedding_lr)
+    optimizers = build_optimizers(model, **rates, muon=muon_options(args), lr_scale=lr_scale(args),
                                   world_size=info.world_size)
     resumed = resume_from(tag_dir, model, optimizers, info) if continuing else Resumed()
     loader = PretrainLoader(
@@ -243,7 +253,7 @@ def train(args, info) -> int:
     settings = LoopSettings(
         num_iterations=plan.num_iterations, grad_accum_steps=plan.grad_accum_steps, warmdown_ratio=plan.warmdown_ratio,
         eval_every=args.eval_every, sample_every=args.sample_every, save_every=args.save_every, keep_last=args.keep_last,
-        cost=cost_settings(args),
+        cost=cost_settings(args.price_per_kwh, args.hardware_price, args.hardware_lifetime_years),
     )
     meta = {"model_config": model.config.to_dict(), "plan": plan.to_dict(), "args": vars(args)}
     hooks = Hooks(evaluate=lambda step: {"val_bpb": validation_bpb(args, info, step_model, tokenizer, step)},
@@ -331,8 +341,8 @@ def probe_depth(args, info, vocab: int, depth: int) -> Probe:
     began = time.perf_counter()
     device = info.device
     model = build_model(model_config(args, vocab, depth), device)
-    set_compute_dtype(model, args, device)
-    batch, _ = fit_device_batch(model, args, DEFAULT_DEVICE_BATCH, args.max_seq_len, info, "base")
+    set_compute_dtype(model, args.dtype, device)
+    batch, _ = fit_device_batch(model, batch_request(args), args.max_seq_len, info, "base", checkpoint_blocks=args.activation_checkpointing)
     compiled = wants_compile(args.compile, device.type, None)
     step_model = torch.compile(model, dynamic=False) if compiled else model
     optimizers = build_optimizers(model, muon=muon_options(args), world_size=info.world_size)

@@ -113,14 +113,11 @@ def chat_core(results: dict[str, tuple[float, str]]) -> float:
     return sum(centered) / len(centered)
 
 
-def final_chat_eval(stage: str, args, tasks: list[str] | None = None) -> int:
-    """The chat evaluation that ends a post-training stage, from the stage's flags (nothing with --no-eval)."""
-    if args.no_eval:
-        return 0
-    return run_chat_eval(EvalSettings(
-        source=stage, tasks=tasks, model_tag=args.model_tag, max_problems=args.eval_problems or None,
-        device=args.device, dtype=args.dtype,
-    ))
+def final_chat_eval(stage: str, *, model_tag: str | None, max_problems: int | None, device: str | None,
+                    dtype: str | None, tasks: list[str] | None = None) -> int:
+    """The chat evaluation that ends a post-training stage (the newest model of its tag)."""
+    return run_chat_eval(EvalSettings(source=stage, tasks=tasks, model_tag=model_tag, max_problems=max_problems or None,
+                                      device=device, dtype=dtype))
 
 
 def run_chat_eval(settings: EvalSettings) -> int:
@@ -136,25 +133,25 @@ def run_chat_eval(settings: EvalSettings) -> int:
         compute_cleanup()
 
 
-def evaluate(args: EvalSettings, info) -> None:
+def evaluate(settings: EvalSettings, info) -> None:
     t0 = time.time()
     tokenizer = get_tokenizer()
-    model, meta = load_model(args.source, args.model_tag, args.step, device=info.device)
-    set_compute_dtype(model, args, info.device)
+    model, meta = load_model(settings.source, settings.model_tag, settings.step, device=info.device)
+    set_compute_dtype(model, settings.dtype, info.device)
     table = task_table()
-    names = args.tasks or list(table)
+    names = settings.tasks or list(table)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise PlanError(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(table)}")
-    engine = Engine(model, tokenizer, max_batch=args.batch_size)
+    engine = Engine(model, tokenizer, max_batch=settings.batch_size)
     results = {}
     for name in names:
         task = table[name]()
-        indices = my_indices(len(task), info.rank, info.world_size, args.max_problems)
+        indices = my_indices(len(task), info.rank, info.world_size, settings.max_problems)
         if task.eval_type == "categorical":
-            correct = score_categorical(model, tokenizer, task, indices, args.batch_size)
+            correct = score_categorical(model, tokenizer, task, indices, settings.batch_size)
         else:
-            correct = score_generative(engine, tokenizer, task, indices, args.batch_size, args.max_new_tokens)
+            correct = score_generative(engine, tokenizer, task, indices, settings.batch_size, settings.max_new_tokens)
         correct, total = all_reduce_counts(correct, len(indices), info.device)
         results[name] = (correct / max(total, 1), task.eval_type)
         print0(f"{name:<14} {correct:>5}/{total:<5} = {100 * correct / max(total, 1):6.2f}%")
@@ -163,4 +160,4 @@ def evaluate(args: EvalSettings, info) -> None:
     if info.is_master:
         items = {name: acc for name, (acc, _) in results.items()}
         items.update({"ChatCORE": score, "model": f"{meta['model_tag']} step {meta['step']}", "wall time (s)": round(time.time() - t0, 1)})
-        write_section(chat_eval_section(args.source), f"Chat evaluation ({args.source})", items)
+        write_section(chat_eval_section(settings.source), f"Chat evaluation ({settings.source})", items)

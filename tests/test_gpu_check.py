@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ holds scripts, not an installed package
 
 from bench import gpu_check  # noqa: E402
-from bench.gpu_check import Estimate, Outcome  # noqa: E402
+from bench.gpu_check import Estimate, Outcome, Peak  # noqa: E402
 
 GIB = 2**30
 STATUSES = ("PASS", "FAIL", "SKIP")
@@ -40,8 +40,8 @@ def status_lines(stdout: str) -> dict[str, str]:
     return found
 
 
-# The checks that need neither torch.compile nor transformers: ~10 s of the ~50 s the whole smoke run takes.
-QUICK = ["bf16_vs_fp32", "chunked_loss", "d20_eager_memory", "d20_decode"]
+# The checks that need neither torch.compile nor transformers: ~10 s of the ~70 s the whole smoke run takes.
+QUICK = ["bf16_matmul", "attention_kernel", "bf16_vs_fp32", "chunked_loss", "d20_eager_memory", "d20_decode"]
 
 
 def check_results(stdout: str, out: Path, names: list[str]) -> None:
@@ -192,7 +192,7 @@ def test_missing_estimator_is_a_skip_not_a_crash(monkeypatch):
     estimate = gpu_check.memory_estimate(gpu_check.big_config(gpu_check.SMOKE), 2, 128, torch.bfloat16)
     assert (estimate.total, estimate.status, estimate.note) == (None, "SKIP", "SKIP (estimate unavailable)")
     run = {"batch": 2, "estimate": estimate, "tok_per_s": 100.0, "mfu": None, "step_s": 0.1, "first_step_s": 1.0,
-           "peak": 3 * GIB}
+           "peak": Peak(3 * GIB, 3 * GIB, 4 * GIB)}
     ctx = gpu_check.Context(torch.device("cpu"), gpu_check.SMOKE, True, "aot_eager")
     memory = gpu_check.training_outcome(ctx, [run], "eager", memory_only=True)
     assert memory.status == "SKIP" and "SKIP (estimate unavailable)" in memory.message and "3.00 GiB" in memory.message
