@@ -2,4 +2,4 @@
 # Reinforcement learning on GSM8K, then evaluate it (scripts.chat_eval). ./rl.sh --help
 set -euo pipefail
 source "$(dirname "$0")/scripts/common.sh"
-post_stage rl "Reinforcement learning on GSM8K" "$@"
+post_stage scripts.chat_rl "$@"

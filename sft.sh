@@ -2,4 +2,4 @@
 # Supervised finetuning on conversations, then evaluate it (scripts.chat_eval). ./sft.sh --help
 set -euo pipefail
 source "$(dirname "$0")/scripts/common.sh"
-post_stage sft "Supervised finetuning on conversations" "$@"
+post_stage scripts.chat_sft "$@"

@@ -260,22 +260,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.which:
             print(chosen_dataset().name)
             return 0
-        return _import(args) if args.source is not None else _download(args)
+        if args.source is not None:
+            return _import(args.source, args.data_dir, args.keep_existing, shard_chars=args.shard_chars,
+                           max_doc_chars=args.max_doc_chars, val_fraction=args.val_fraction, overwrite=args.overwrite)
+        return _download(args.dataset, args.url, args.last_shard, args.num_shards, args.data_dir,
+                         workers=args.workers, retries=args.retries, backoff=args.backoff)
     except DataChoiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _import(args: argparse.Namespace) -> int:
-    directory = args.data_dir or choose_folder(DEFAULT_FOLDER)
-    if args.keep_existing and list_shards(directory):
+def _import(source: str, data_dir: str | None, keep_existing: bool, **options) -> int:
+    """Import `source` into shards (import_corpus's options); the exit code."""
+    directory = data_dir or choose_folder(DEFAULT_FOLDER)
+    if keep_existing and list_shards(directory):
         print(f"shards already present in {directory}; keeping them (remove the folder to re-import)")
         return 0
     try:
-        stats = import_corpus(
-            args.source, directory, shard_chars=args.shard_chars, max_doc_chars=args.max_doc_chars,
-            val_fraction=args.val_fraction, overwrite=args.overwrite,
-        )
+        stats = import_corpus(source, directory, **options)
     except CorpusError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -283,18 +285,20 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _download(args: argparse.Namespace) -> int:
-    dataset = DATASETS[args.dataset] if args.dataset else chosen_dataset()
-    url = args.url or os.environ.get(URL_ENV) or dataset.url
-    last = dataset.last_shard if args.last_shard is None else args.last_shard
+def _download(name: str | None, url: str | None, last_shard: int | None, num_shards: int, data_dir: str | None,
+              **fetching) -> int:
+    """Download the named (else the chosen) dataset's shards (download_shards' workers, retries, backoff); the exit code."""
+    dataset = DATASETS[name] if name else chosen_dataset()
+    url = url or os.environ.get(URL_ENV) or dataset.url
+    last = dataset.last_shard if last_shard is None else last_shard
     # chosen before fetching, not after: prepare.sh's background download ends hours later, and must not
     # switch the readers back if another dataset was chosen meanwhile
-    directory = args.data_dir or choose_folder(dataset.folder)
-    count = last if args.num_shards == -1 else args.num_shards
+    directory = data_dir or choose_folder(dataset.folder)
+    count = last if num_shards == -1 else num_shards
     try:
         failed = download_shards(
             shards_to_fetch(count, last), base_url=url, directory=directory,
-            workers=args.workers, retries=args.retries, backoff=args.backoff, remote_name=dataset.remote_name,
+            remote_name=dataset.remote_name, **fetching,
         )
     except Unreachable as exc:
         print(f"error: {exc} (shards from {url})\n{OFFLINE_HINT}", file=sys.stderr)

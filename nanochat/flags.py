@@ -9,11 +9,12 @@ them after a `--`, as in its README:
 underscores becomes the hyphenated option it names (`--device_batch_size=32` ->
 `--device-batch-size=32`), but only when the parser knows that option (or, as
 argparse allows, an option it abbreviates); the value after `=` and every other
-argument are left as they are, and nothing after a `--` changes. A leading `--` is
-dropped when the parser takes no positional arguments, so it can only have been a
-launcher's separator (torchrun removes it itself on Python 3.11, but
-`python -m scripts.base_train -- --depth=20` keeps it). `--help` and error messages
-name the hyphenated spelling only.
+argument are left as they are. A parser that takes no positional arguments drops
+every `--`, which can only have been a launcher's separator (torchrun removes a
+leading one itself on Python 3.11, but `python -m scripts.base_train -- --depth=20`
+keeps it, and `./sft.sh -d 20 -- --num_iterations=1` passes its own on); for one
+that does, nothing after a `--` changes. `--help` and error messages name the
+hyphenated spelling only.
 """
 
 from __future__ import annotations
@@ -27,19 +28,18 @@ from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, comp
 
 
 class FlagParser(argparse.ArgumentParser):
-    def parse_known_args(self, args=None, namespace=None):
-        args = sys.argv[1:] if args is None else list(args)
-        return super().parse_known_args(self._canonical(args), namespace)
+    def parse_known_args(self, argv=None, namespace=None):
+        argv = sys.argv[1:] if argv is None else list(argv)
+        return super().parse_known_args(self._canonical(argv), namespace)
 
-    def _canonical(self, args: list[str]) -> list[str]:
+    def _canonical(self, argv: list[str]) -> list[str]:
         takes_positionals = any(not action.option_strings for action in self._actions)
-        if args[:1] == ["--"] and not takes_positionals:
-            args = args[1:]
         out = []
-        for i, arg in enumerate(args):
-            if arg == "--":
-                return out + args[i:]
-            out.append(self._hyphenated(arg))
+        for i, arg in enumerate(argv):
+            if arg == "--" and takes_positionals:
+                return out + argv[i:]
+            if arg != "--":
+                out.append(self._hyphenated(arg))
         return out
 
     def _hyphenated(self, arg: str) -> str:
@@ -71,9 +71,10 @@ def add_model_args(parser: argparse.ArgumentParser, temperature: float, max_toke
                              "after compiling it once per batch size at startup (about half a minute each on 2 cores)")
 
 
-def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(autodetect_device_type(args.device))
-    return device, compute_dtype(device.type, args.dtype)
+def device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """The device --device names (else the autodetected one) and the dtype --dtype names (else the device's natural one)."""
+    chosen = torch.device(autodetect_device_type(device))
+    return chosen, compute_dtype(chosen.type, dtype)
 
 
 def warm_up(engine) -> None:

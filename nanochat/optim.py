@@ -140,10 +140,10 @@ def add_lr_args(group, init_lr_frac: float | None = None) -> None:
                            help=f"AdamW lr of {what} at width {TUNED_AT_DIM}, scaled by width{times} (default %(default)s)")
 
 
-def learning_rates(args) -> dict[str, float]:
-    """build_optimizers' learning-rate arguments from add_lr_args' flags."""
-    frac = getattr(args, "init_lr_frac", 1.0)
-    return {name: getattr(args, name) * frac for name in LEARNING_RATES}
+def learning_rates(matrix_lr: float, embedding_lr: float, unembedding_lr: float, init_lr_frac: float = 1.0) -> dict[str, float]:
+    """build_optimizers' learning-rate arguments from add_lr_args' values."""
+    rates = {"matrix_lr": matrix_lr, "embedding_lr": embedding_lr, "unembedding_lr": unembedding_lr}
+    return {name: rate * init_lr_frac for name, rate in rates.items()}
 
 
 def build_optimizers(

@@ -1,55 +1,39 @@
-"""What the post-training stages share: flags, loading the previous stage, the loop, the report.
+"""The pieces a post-training stage calls by name as its script tells its story (scripts.mid_train,
+scripts.chat_sft, scripts.chat_rl): the flags they share, the model a stage continues, the optimizer
+step's accumulation, optimizers and resume, the validation hook, the one training loop, the report.
 
-A stage is described by a `StageSpec` (which stage it is, how it batches, which
-mixtures it trains and validates on); `run_stage` does the rest with the same
-loop, checkpoints and resume as pretraining. RL (scripts.chat_rl) trains on
-rollouts instead of a mixture and uses the pieces: load_start, prepare_training,
-train_stage and report_stage.
+Every function takes values; each stage's main() owns its flags and passes them on.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nanochat.checkpoint import CheckpointError, load_model, stage_dir
-from nanochat.common import DataError, DistInfo, add_device_arg, compute_cleanup, compute_init, print0, setup_logging
+from nanochat.checkpoint import load_model, stage_dir
+from nanochat.common import DistInfo, add_device_arg, print0, setup_logging
 from nanochat.energy import add_cost_args
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import add_lr_args, build_optimizers, learning_rates
+from nanochat.optim import add_lr_args, build_optimizers
 from nanochat.report import write_section
 from nanochat.resume import add_resume_args, decide as decide_resume
-from nanochat.runtime import MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch, prepare_model, set_compute_dtype
+from nanochat.runtime import ComputeSettings, add_compute_args, add_memory_args, prepare_model, set_compute_dtype
 from nanochat.schedule import WARMDOWN_RATIO, PlanError
 from nanochat.stages import get_stage
-from nanochat.tokenizer import TokenizerError, get_tokenizer
 from nanochat.tracking import Tracker, add_run_arg
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, cost_settings, resume_from
+from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, resume_from, run_guarded
 
 
-@dataclass
-class StageSpec:
-    name: str  # "mid" or "sft": the stage (nanochat.stages) it writes, which names its title and predecessor
-    batches: type  # PackedConversations or PaddedConversations
-    train_mixture: Callable  # args -> task
-    val_mixture: Callable  # args -> task
-    steps_for: Callable  # (args, train_task, tokenizer, rows_per_step, seq_len) -> num_iterations
-    rows_per_step: Callable  # (args, seq_len) -> rows per optimizer step across all ranks
+# ---------------------------------------------------------------- flags
 
 
-def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_frac: float) -> None:
-    g = p.add_argument_group("model and output")
-    g.add_argument("--source", default=None, help="stage to start from (default: this stage's usual predecessor)")
-    g.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
-    g.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
+def add_stage_args(p: argparse.ArgumentParser, stage: str, *, device_batch: int, init_lr_frac: float) -> None:
+    """The flags of a stage that trains on a conversation mixture (midtraining, SFT)."""
+    add_start_args(p, stage, device_batch)
     g = p.add_argument_group("batch and horizon")
-    g.add_argument("--device-batch-size", type=int, default=None,
-                   help=f"rows per forward pass per GPU (default: {device_batch}, or the largest power of two below it whose measured step fits in memory)")
-    p.set_defaults(default_device_batch=device_batch)
     g.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's context)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (default: derived from --epochs)")
     g.add_argument("--epochs", type=float, default=1.0, help="passes over the training mixture (default %(default)s)")
@@ -63,44 +47,40 @@ def add_stage_args(p: argparse.ArgumentParser, *, device_batch: int, init_lr_fra
     add_run_args(g, save_every=500)
 
 
+def depth_tag(depth: str) -> str:
+    """-d N: the model tag the original nanochat gives a model of depth N."""
+    return f"d{int(depth)}"
+
+
+def add_start_args(p: argparse.ArgumentParser, stage: str, device_batch: int) -> None:
+    """Which model a stage continues, and its device batch; the stage script's launch flag in the epilog."""
+    p.epilog = (f"{get_stage(stage).script} passes its flags on to this, except --gpus N: the processes (GPUs) it "
+                "launches with torchrun (default: every visible GPU, 1 without one).")
+    g = p.add_argument_group("model and output")
+    g.add_argument("--source", default=None, help=f"stage to start from (default: {get_stage(stage).starts_from})")
+    tag = g.add_mutually_exclusive_group()
+    tag.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
+    tag.add_argument("-d", "--depth", dest="model_tag", type=depth_tag, metavar="N", help="the model of depth N: --model-tag dN")
+    g.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
+    g.add_argument("-b", "--batch-size", "--device-batch-size", dest="device_batch_size", type=int, default=None, metavar="N",
+                   help=f"rows per forward pass per GPU (default: {device_batch}, or the largest power of two below it "
+                        "whose measured step fits in memory)")
+
+
 def add_run_args(group, *, save_every: int) -> None:
     """Checkpoints, resume, wandb, the final chat evaluation, cost figures and device: every post-training stage's."""
     add_checkpoint_args(group, save_every=save_every, keep_last=2)
     add_resume_args(group)
     add_run_arg(group)
-    add_final_eval_args(group)
+    group.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
+    group.add_argument("--eval-problems", type=int, default=None, help="problems per task in that evaluation (default: all)")
     add_cost_args(group)
     add_device_arg(group)
     add_compute_args(group)
     add_memory_args(group)
 
 
-def add_final_eval_args(group) -> None:
-    group.add_argument("--no-eval", action="store_true", help="skip the chat evaluation at the end")
-    group.add_argument("--eval-problems", type=int, default=None, help="problems per task in that evaluation (default: all)")
-
-
-def stage_main(spec: StageSpec, args) -> int:
-    """What a mid/SFT stage script's main() does before its final chat evaluation."""
-    return guarded_main(lambda args, info: run_stage(spec, args, info), args)
-
-
-def guarded_main(train: Callable, args) -> int:
-    """Set up the device and process group, train(args, info), clean up; the exit code. Errors a user
-    can act on (no checkpoint, tokenizer or data; sizes that do not fit) are one line and exit 2, a
-    memory refusal exits 3; anything else is a bug and keeps its traceback."""
-    setup_logging()
-    info = compute_init(args.device)
-    try:
-        return train(args, info)
-    except (CheckpointError, TokenizerError, FileNotFoundError, PlanError, DataError) as exc:
-        print0(f"error: {exc}")
-        return 2
-    except MemoryRefusal as exc:
-        print0(f"error: {exc}")
-        return 3
-    finally:
-        compute_cleanup()
+# ---------------------------------------------------------------- the pieces, in a stage's order
 
 
 @dataclass
@@ -111,7 +91,7 @@ class Start:
     model: object
     meta: dict  # the checkpoint metadata of the model it starts from
     tag_dir: Path
-    memory_estimate: int | None
+    memory_estimate: int | None = None  # bytes, of the fitted device batch's step
     optimizers: list | None = None
     resumed: Resumed | None = None
     step_model: object = None
@@ -124,29 +104,51 @@ class Start:
         return f"{self.meta['source']} {self.meta['model_tag']} step {self.meta['step']}"
 
 
-def load_start(stage: str, source: str | None, args, info: DistInfo, default_batch: int, seq_len: int | None) -> Start:
-    """The model a stage continues (`source`, else the stage it starts from), in training mode and the
-    compute dtype, with the device batch measured to fit rows of seq_len (the model's context if None)."""
-    model, meta = load_model(source or get_stage(stage).starts_from, args.model_tag, args.step, device=info.device)
+def load_start(stage: str, source: str | None, model_tag: str | None, step: int | None, info: DistInfo,
+               dtype: str | None) -> Start:
+    """The model a stage continues (`source`, else the stage it starts from), in training mode and the compute dtype."""
+    model, meta = load_model(source or get_stage(stage).starts_from, model_tag, step, device=info.device)
     model.train()
-    set_compute_dtype(model, args, info.device)
-    args.device_batch_size, estimate = fit_device_batch(model, args, default_batch, seq_len or model.config.sequence_len, info, stage)
-    return Start(stage, model, meta, stage_dir(stage) / meta["model_tag"], estimate)
+    set_compute_dtype(model, dtype, info.device)
+    return Start(stage, model, meta, stage_dir(stage) / meta["model_tag"])
 
 
-def prepare_training(start: Start, args, info: DistInfo, steps: int) -> Start:
-    """Optimizers at the stage's learning rates, the stage's own checkpoint loaded with --resume, the model to step."""
-    start.optimizers = build_optimizers(start.model, **learning_rates(args), world_size=info.world_size)
-    continuing = decide_resume(start.tag_dir, args.resume_mode, start.model.config.to_dict(), vars(args), start.origin())
+def accumulation_steps(rows_per_step: int, device_batch: int, world_size: int) -> int:
+    """Forward passes per optimizer step on each rank."""
+    per_pass = device_batch * world_size
+    if rows_per_step % per_pass:
+        raise PlanError(f"rows per step ({rows_per_step}) must be a multiple of device batch x ranks ({per_pass})")
+    return rows_per_step // per_pass
+
+
+def prepare_training(start: Start, info: DistInfo, steps: int, *, rates: dict, resume_mode: str, settings: dict,
+                     compute: ComputeSettings) -> Start:
+    """Optimizers at the stage's learning rates, the stage's own checkpoint loaded when resume_mode says so
+    (nanochat.resume, comparing the run's `settings` with the saved ones), the model to step."""
+    start.optimizers = build_optimizers(start.model, **rates, world_size=info.world_size)
+    continuing = decide_resume(start.tag_dir, resume_mode, start.model.config.to_dict(), settings, start.origin())
     start.resumed = resume_from(start.tag_dir, start.model, start.optimizers, info) if continuing else Resumed()
-    start.step_model = prepare_model(start.model, args, info.device, steps)
+    start.step_model = prepare_model(start.model, compute, info.device, steps)
     return start
 
 
-def train_stage(start: Start, args, info: DistInfo, batches, settings: LoopSettings, hooks: Hooks, loss_fn=None) -> tuple[int, TrainLoop]:
-    """Run the one training loop for a stage (checkpoints, resume, wandb); (exit code, the loop)."""
-    meta = {"model_config": start.model.config.to_dict(), "args": vars(args), "started_from": start.origin()}
-    tracker = Tracker(args.run, {"args": vars(args), "stage": start.stage}, info.is_master)
+def validation(start: Start, batches: Callable[[], object], steps: int, token_bytes) -> Callable[[int], dict]:
+    """The evaluation hook: validation bits per byte over `steps` batches of a fresh batches()."""
+
+    def validate(step: int) -> dict:
+        bpb = evaluate_bpb(start.step_model, batches(), steps, token_bytes)
+        print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
+        return {"val_bpb": bpb}
+
+    return validate
+
+
+def train_stage(start: Start, info: DistInfo, batches, settings: LoopSettings, hooks: Hooks, *, run: str | None,
+                flags: dict, loss_fn=None) -> tuple[int, TrainLoop]:
+    """Run the one training loop (checkpoints, resume, wandb run `run`; `flags` recorded with each checkpoint);
+    (exit code, the loop)."""
+    meta = {"model_config": start.model.config.to_dict(), "args": flags, "started_from": start.origin()}
+    tracker = Tracker(run, {"args": flags, "stage": start.stage}, info.is_master)
     loop = TrainLoop(model=start.model, step_model=start.step_model, optimizers=start.optimizers, batches=batches, settings=settings,
                      info=info, tag_dir=start.tag_dir, meta=meta, hooks=hooks, tracker=tracker, resumed=start.resumed,
                      loss_fn=loss_fn, memory_estimate=start.memory_estimate)
@@ -160,47 +162,6 @@ def report_stage(start: Start, items: dict, loop: TrainLoop, t0: float) -> None:
     stage = get_stage(start.stage)
     write_section(stage.train_section, stage.title, {"started from": start.started_from(), **items,
                                                      "wall time (s)": round(time.time() - t0, 1), **loop.energy_items()})
-
-
-def run_stage(spec: StageSpec, args, info: DistInfo) -> int:
-    """Train one post-training stage (midtraining or SFT); returns the exit code."""
-    t0 = time.time()
-    tokenizer = get_tokenizer()
-    start = load_start(spec.name, args.source, args, info, args.default_device_batch, args.max_seq_len)
-    seq_len = args.max_seq_len or start.model.config.sequence_len
-    rows_per_step = spec.rows_per_step(args, seq_len)
-    per_pass = args.device_batch_size * info.world_size
-    if rows_per_step % per_pass:
-        raise PlanError(f"rows per step ({rows_per_step}) must be a multiple of device batch x ranks ({per_pass})")
-    train_task = spec.train_mixture(args)
-    steps = args.num_iterations if args.num_iterations > 0 else spec.steps_for(args, train_task, tokenizer, rows_per_step, seq_len)
-    print0(f"{get_stage(spec.name).title}: from {start.started_from()}; {len(train_task):,} training conversations, "
-           f"{steps:,} steps of {rows_per_step} rows x {seq_len} tokens ({rows_per_step // per_pass} accumulation step(s))")
-    prepare_training(start, args, info, steps)
-    batches = spec.batches(tokenizer, train_task, args.device_batch_size, seq_len, device=info.device, rank=info.rank,
-                           world_size=info.world_size, state=start.resumed.data_state)
-    val_task = spec.val_mixture(args)
-
-    def validate(step: int) -> dict:
-        val = spec.batches(tokenizer, val_task, args.device_batch_size, seq_len, device=info.device, rank=info.rank, world_size=info.world_size)
-        bpb = evaluate_bpb(start.step_model, val, args.eval_steps, tokenizer.token_bytes())
-        print0(f"step {step:06d} | validation bits per byte: {bpb:.4f}")
-        return {"val_bpb": bpb}
-
-    settings = LoopSettings(num_iterations=steps, grad_accum_steps=rows_per_step // per_pass, warmdown_ratio=args.warmdown_ratio,
-                            eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,
-                            cost=cost_settings(args))
-    code, loop = train_stage(start, args, info, batches, settings, Hooks(evaluate=validate))
-    if code == 0 and info.is_master:
-        report_stage(start, {"steps": steps, "training conversations": len(train_task),
-                             "val bpb": loop.metrics.get("val_bpb", float("nan"))}, loop, t0)
-    return code
-
-
-def steps_for_epochs(args, rows: int, rows_per_step: int) -> int:
-    """Optimizer steps for args.epochs passes over `rows` rows."""
-    return max(1, math.ceil(args.epochs * rows / rows_per_step))
-
 
 
 class FirstN:

@@ -1,14 +1,18 @@
 """How a stage runs the model: its compute dtype and whether it is compiled.
 
-Every training stage and evaluation takes the same flags (add_compute_args)
-and turns them into a model set up the same way (prepare_model).
+Every training stage and evaluation takes the same flags (add_compute_args),
+passes their values as a ComputeSettings, and gets a model set up the same way
+(prepare_model). Its device batch is fitted in memory before step 1, the same on
+every rank (fit_device_batch).
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from nanochat.common import DTYPES, compute_dtype, print0
 from nanochat.memory import available_memory, choose_device_batch, measure_training_memory
@@ -45,25 +49,34 @@ def add_compute_args(group: argparse.ArgumentParser | argparse._ArgumentGroup) -
                             "matmul FLOPs, for models that do not fit otherwise")
 
 
+@dataclass(frozen=True)
+class ComputeSettings:
+    """The values of add_compute_args' flags."""
+
+    dtype: str | None = None  # None: the device's natural compute dtype (common.compute_dtype)
+    compile: str = "auto"  # auto / yes / no
+    activation_checkpointing: bool = False
+
+
 def wants_compile(choice: str, device_type: str, num_steps: int | None = None) -> bool:
     if choice != "auto":
         return choice == "yes"
     return device_type == "cuda" or (num_steps is not None and num_steps >= CPU_COMPILE_MIN_STEPS)
 
 
-def prepare_model(model, args, device: torch.device, num_steps: int | None = None):
-    """Set the model's compute dtype from --dtype; return what to call for
-    steps: the model compiled (per --compile) or the model itself."""
-    set_compute_dtype(model, args, device)
-    model.checkpoint_blocks = args.activation_checkpointing
-    compiled = wants_compile(args.compile, device.type, num_steps)
+def prepare_model(model, compute: ComputeSettings, device: torch.device, num_steps: int | None = None):
+    """Set the model's compute dtype; return what to call for steps: the model
+    compiled (per compute.compile) or the model itself."""
+    set_compute_dtype(model, compute.dtype, device)
+    model.checkpoint_blocks = compute.activation_checkpointing
+    compiled = wants_compile(compute.compile, device.type, num_steps)
     print0(f"compute dtype {str(model.compute_dtype).removeprefix('torch.')}; torch.compile {'on' if compiled else 'off'}")
     return compile_model(model, model.config.sequence_len) if compiled else model
 
 
-def set_compute_dtype(model, args, device: torch.device) -> None:
-    """The model computes in --dtype (its weights stay as they are)."""
-    model.compute_dtype = compute_dtype(device.type, args.dtype)
+def set_compute_dtype(model, dtype: str | None, device: torch.device) -> None:
+    """The model computes in `dtype` (None: the device's natural one); its weights stay as they are."""
+    model.compute_dtype = compute_dtype(device.type, dtype)
 
 
 def bucket_length(length: int, limit: int) -> int:
@@ -149,42 +162,71 @@ def add_memory_args(group) -> None:
                             "(default: what the device has available)")
 
 
-def _memory_to_plan_for(args, device: torch.device) -> tuple[int | None, str]:
+@dataclass(frozen=True)
+class BatchRequest:
+    """What a stage asks of its device batch: its default and the values of --device-batch-size and add_memory_args' flags."""
+
+    default: int  # the stage's batch when memory allows
+    given: int | None = None  # --device-batch-size: refused when it does not fit, unless one of the next two
+    auto_batch: bool = False
+    ignore_memory_check: bool = False
+    memory_limit_gib: float | None = None
+
+
+def _memory_to_plan_for(limit_gib: float | None, device: torch.device) -> tuple[int | None, str]:
     free, source = available_memory(device)
-    if args.memory_limit is None:
+    if limit_gib is None:
         return free, source
-    limit = int(args.memory_limit * 2**30)
+    limit = int(limit_gib * 2**30)
     if free is not None and free < limit:
-        return free, f"{source}, under --memory-limit {args.memory_limit:g} GiB"
-    return limit, f"--memory-limit {args.memory_limit:g} GiB"
+        return free, f"{source}, under --memory-limit {limit_gib:g} GiB"
+    return limit, f"--memory-limit {limit_gib:g} GiB"
 
 
-def fit_device_batch(model, args, default_batch: int, seq_len: int, info, stage: str) -> tuple[int, int]:
+def fit_device_batch(model, request: BatchRequest, seq_len: int, info, stage: str, *,
+                     checkpoint_blocks: bool = False) -> tuple[int, int]:
     """(the device batch to train with, its measured peak in bytes), decided before step 1 from the training
-    step measured on fake tensors (nanochat.memory) against the memory this
-    device has. An unset --device-batch-size means default_batch or the largest
-    power of two below it that fits; a batch the user set is refused when it
-    does not fit, unless --auto-batch or --ignore-memory-check."""
-    requested = args.device_batch_size or default_batch
-    recompute = args.activation_checkpointing
+    step measured on fake tensors (nanochat.memory) against the memory this device has. No batch given means
+    the default or the largest power of two below it that fits; a batch given is refused when it does not
+    fit, unless auto_batch or ignore_memory_check. Every rank takes the smallest batch any rank chose (and
+    refuses when any rank refuses): ranks that disagree would split the optimizer step differently and wait
+    at different collectives."""
+    chosen = _batch_this_rank_fits(model, request, seq_len, info, stage, checkpoint_blocks)
+    agreed = smallest_over_ranks(chosen or 0, info)
+    if agreed == 0:
+        raise MemoryRefusal("refusing to start: the step does not fit" + (" on every rank" if info.world_size > 1 else "")
+                            + " (--auto-batch picks a batch that does; --ignore-memory-check starts anyway)")
+    if agreed != chosen:
+        print0(f"device batch {agreed}: the largest that fits on every rank")
+    estimate = measure_training_memory(model.config, agreed, seq_len, model.compute_dtype, info.world_size, stage,
+                                       checkpoint_blocks=checkpoint_blocks)  # cached: measured already while choosing
+    return agreed, estimate.total
+
+
+def _batch_this_rank_fits(model, request: BatchRequest, seq_len: int, info, stage: str, checkpoint_blocks: bool) -> int | None:
+    """The device batch this rank's memory allows under the request, or None for a refusal; says why."""
+    requested = request.given or request.default
     chosen, lines = choose_device_batch(model.config, requested, seq_len, model.compute_dtype, info.world_size,
-                                        _memory_to_plan_for(args, info.device), stage, checkpoint_blocks=recompute)
+                                        _memory_to_plan_for(request.memory_limit_gib, info.device), stage,
+                                        checkpoint_blocks=checkpoint_blocks)
     for line in lines:
         print0(line)
-
-    def measured(batch: int) -> tuple[int, int]:  # cached: measured already while choosing
-        estimate = measure_training_memory(model.config, batch, seq_len, model.compute_dtype, info.world_size, stage,
-                                           checkpoint_blocks=recompute)
-        return batch, estimate.total
-
     if chosen == requested:
-        return measured(requested)
-    if args.ignore_memory_check:
+        return requested
+    if request.ignore_memory_check:
         print0(f"--ignore-memory-check: starting at device batch {requested} anyway")
-        return measured(requested)
-    if chosen is None or not (args.device_batch_size is None or args.auto_batch):
-        raise MemoryRefusal("refusing to start: the step does not fit (--auto-batch picks a batch that does; "
-                            "--ignore-memory-check starts anyway)")
-    why = "--auto-batch" if args.auto_batch else f"the default {default_batch} does not fit"
+        return requested
+    if chosen is None or not (request.given is None or request.auto_batch):
+        return None
+    why = "--auto-batch" if request.auto_batch else f"the default {request.default} does not fit"
     print0(f"device batch {chosen} ({why}); gradient accumulation keeps the tokens per optimizer step")
-    return measured(chosen)
+    return chosen
+
+
+def smallest_over_ranks(value: int, info) -> int:
+    """The smallest `value` over all ranks (all-reduce MIN)."""
+    if info.world_size == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())

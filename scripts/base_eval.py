@@ -19,7 +19,7 @@ from nanochat.core_eval import CoreResult, evaluate_core
 from nanochat.eval_bundle import BUNDLE_ENV, BundleError, resolve_bundle_dir
 from nanochat.flags import FlagParser
 from nanochat.report import write_section
-from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.runtime import ComputeSettings, add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         print0(f"error: {exc}")
         compute_cleanup()
         return 2
-    step_model = prepare_model(model, args, info.device)
+    step_model = prepare_model(model, ComputeSettings(args.dtype, args.compile, args.activation_checkpointing), info.device)
     subset = "all examples" if args.max_per_task is None else f"at most {args.max_per_task} examples per task"
     print0(f"CORE of {meta['model_tag']} step {meta['step']:,} ({subset}, {info.world_size} rank(s), bundle {bundle})")
     result = evaluate_core(step_model, tokenizer, bundle, args.max_per_task)

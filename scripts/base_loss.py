@@ -17,7 +17,7 @@ from nanochat.flags import FlagParser
 from nanochat.loss_eval import SAMPLE_PROMPTS, greedy_complete
 from nanochat.loss_eval import corpus_bpb
 from nanochat.report import write_section
-from nanochat.runtime import add_compute_args, prepare_model
+from nanochat.runtime import ComputeSettings, add_compute_args, prepare_model
 from nanochat.tokenizer import TokenizerError, get_tokenizer
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
         print0(f"error: {exc}")
         compute_cleanup()
         return 2
-    step_model = prepare_model(model, args, info.device)
+    step_model = prepare_model(model, ComputeSettings(args.dtype, args.compile, args.activation_checkpointing), info.device)
     print0(f"evaluating {meta['model_tag']} step {meta['step']:,} on {args.split_tokens:,} tokens per split")
     seq_len = model.config.sequence_len
     results = {split: corpus_bpb(step_model, tokenizer, split, args.split_tokens, args.device_batch_size, seq_len, info, args.data_dir)

@@ -49,7 +49,7 @@ def answer(engine: Engine, tokenizer, messages: list[dict], params: SamplingPara
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = device_and_dtype(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         params = SamplingParams(temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
         tokenizer = get_tokenizer()

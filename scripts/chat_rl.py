@@ -19,16 +19,16 @@ import time
 
 import torch
 
-from nanochat.common import print0
+from nanochat.common import print0, setup_logging
 from nanochat.engine import Engine
 from nanochat.flags import FlagParser
-from nanochat.optim import add_lr_args
-from nanochat.posttrain import add_run_args, guarded_main, load_start, prepare_training, report_stage, train_stage
-from nanochat.runtime import bucket_length
+from nanochat.optim import add_lr_args, learning_rates
+from nanochat.posttrain import add_run_args, add_start_args, load_start, prepare_training, report_stage, train_stage
+from nanochat.runtime import BatchRequest, ComputeSettings, bucket_length, fit_device_batch
 from nanochat.sampling import SamplingParams
 from nanochat.schedule import PlanError
 from nanochat.tokenizer import get_tokenizer
-from nanochat.training import Hooks, LoopSettings, cost_settings
+from nanochat.training import Hooks, LoopSettings, cost_settings, run_guarded
 from tasks.chat_eval import final_chat_eval
 from tasks.gsm8k import GSM8K
 
@@ -37,14 +37,11 @@ DEFAULT_DEVICE_BATCH = 8
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = FlagParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K.")
-    p.add_argument("--source", default=None, help="stage to start from (default: the stage before RL, sft)")
-    p.add_argument("--model-tag", default=None, help="model tag to start from (default: the newest); also the output tag")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step to start from (default: the newest)")
+    p = FlagParser(prog="python -m scripts.chat_rl", description="Policy-gradient RL on GSM8K, then the chat evaluation. "
+                   "Safe to stop with Ctrl-C (a checkpoint is saved): run it again and it continues.")
+    add_start_args(p, "rl", DEFAULT_DEVICE_BATCH)
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step across all ranks (default %(default)s)")
     p.add_argument("--num-samples", type=int, default=16, help="answers sampled per question (default %(default)s)")
-    p.add_argument("--device-batch-size", type=int, default=None,
-                   help=f"sequences per training forward pass (default: {DEFAULT_DEVICE_BATCH}, or the largest power of two below it whose measured step fits)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest sampled answer (default %(default)s)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="sampling top-k (default %(default)s)")
@@ -161,33 +158,45 @@ def pass_at_k(engine: Engine, task, args, indices: list[int]) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    code = guarded_main(train, args)
-    if code == 0:
-        code = final_chat_eval("rl", args, ["GSM8K"])
+    setup_logging()
+    code = run_guarded(lambda info: train(args, info), device=args.device,
+                       device_batch=lambda: args.device_batch_size or DEFAULT_DEVICE_BATCH)
+    if code == 0 and not args.no_eval:
+        code = final_chat_eval("rl", model_tag=args.model_tag, max_problems=args.eval_problems, device=args.device,
+                               dtype=args.dtype, tasks=["GSM8K"])
     return code
 
 
 def train(args, info) -> int:
     t0 = time.time()
     tokenizer = get_tokenizer()
-    # rollouts are at most the model's context long, and so are the rows trained on
-    start = load_start("rl", args.source, args, info, DEFAULT_DEVICE_BATCH, None)
-    if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % args.device_batch_size:
+    # the model: the newest SFT model (or --source); rollouts are at most its context long, and so are the rows trained on
+    start = load_start("rl", args.source, args.model_tag, args.step, info, args.dtype)
+    request = BatchRequest(DEFAULT_DEVICE_BATCH, args.device_batch_size, args.auto_batch, args.ignore_memory_check, args.memory_limit)
+    batch, start.memory_estimate = fit_device_batch(start.model, request, start.model.config.sequence_len, info, "rl",
+                                                    checkpoint_blocks=args.activation_checkpointing)
+    args.device_batch_size = batch  # Rollouts' micro-batches
+    # the plan: per step, each rank's questions x samples, trained on in micro-batches of the device batch
+    if args.examples_per_step % info.world_size or (args.examples_per_step // info.world_size * args.num_samples) % batch:
         raise PlanError("--examples-per-step must divide among ranks, and each rank's samples among --device-batch-size rows")
     train_task, test_task = GSM8K("train", stop=args.max_examples), GSM8K("test")
     steps = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
-    prepare_training(start, args, info, steps)  # rollouts run the model itself, through the engine
+    # the loop: rollouts sample through the engine from the model itself; pass@k on held-out questions
+    compute = ComputeSettings(args.dtype, args.compile, args.activation_checkpointing)
+    rates = learning_rates(args.matrix_lr, args.embedding_lr, args.unembedding_lr, args.init_lr_frac)
+    prepare_training(start, info, steps, rates=rates, resume_mode=args.resume_mode, settings=vars(args), compute=compute)
     engine = Engine(start.model, tokenizer, max_batch=args.num_samples)
     rollouts = Rollouts(engine, train_task, args, info, start.resumed.data_state)
     eval_indices = list(range(info.rank, min(len(test_task), args.eval_examples), info.world_size))
     hooks = Hooks(evaluate=lambda step: _report_pass_at_k(step, engine, test_task, args, eval_indices),
                   step_metrics=lambda: {"reward": rollouts.last_reward})  # this rank's mean, as its rollout line says
-    micro = args.examples_per_step // info.world_size * args.num_samples // args.device_batch_size
+    micro = args.examples_per_step // info.world_size * args.num_samples // batch
     settings = LoopSettings(num_iterations=steps, grad_accum_steps=micro, warmdown_ratio=1.0, eval_every=args.eval_every,
                             save_every=args.save_every, keep_last=args.keep_last, warm_momentum=False,
-                            cost=cost_settings(args))
+                            cost=cost_settings(args.price_per_kwh, args.hardware_price, args.hardware_lifetime_years))
     print0(f"RL: from {start.started_from()}; {steps} steps of {args.examples_per_step} questions x {args.num_samples} samples")
-    code, loop = train_stage(start, args, info, rollouts, settings, hooks, loss_fn=policy_gradient_loss)
+    code, loop = train_stage(start, info, rollouts, settings, hooks, run=args.run, flags=vars(args), loss_fn=policy_gradient_loss)
+    # the report (the chat evaluation follows in main)
     if code == 0 and info.is_master:
         report_stage(start, {"steps": steps, "last mean reward": rollouts.last_reward, **loop.metrics}, loop, t0)
     return code

@@ -88,7 +88,7 @@ def banner(args, meta: dict, device) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = device_and_dtype(args)
+    device, dtype = device_and_dtype(args.device, args.dtype)
     try:
         tokenizer = get_tokenizer()
         model, meta = load_model(args.source, args.model_tag, args.step, device=device, dtype=dtype)

@@ -40,54 +40,22 @@ launch() {
 # visible_gpus: how many CUDA devices torch sees (at least 1, so CPU runs one process)
 visible_gpus() { python -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 
-# post_stage STAGE WHAT ARGS...: the shared body of midtrain.sh, sft.sh and rl.sh; the stage's
-# entry point and predecessor come from the stage registry (nanochat.stages)
+# post_stage MODULE ARGS...: the body of midtrain.sh, sft.sh and rl.sh. The entry point parses every flag
+# (python -m MODULE --help lists them, short forms and the original's spellings included); this only takes
+# the launch flag --gpus N (before any `--`) and starts MODULE on that many processes.
 post_stage() {
-  local stage="$1" what="$2" module from name
-  module=$(python -m nanochat.stages module "$stage")
-  from=$(python -m nanochat.stages starts-from "$stage")
-  name=$(basename "$0" .sh)
-  shift 2
-  local gpus="" extra=()
-  canonical_flags "$@"; set -- "${FLAGS[@]}"
+  local module="$1" gpus="" args=()
+  shift
   while [ $# -gt 0 ]; do
     case "$1" in
-      --gpus) gpus="$2"; shift 2 ;;
-      -b|--batch-size) extra+=(--device-batch-size "$2"); shift 2 ;;
-      -d|--depth) extra+=(--model-tag "d$2"); shift 2 ;;
-      --resume|--fresh) extra+=("$1"); shift ;;
-      --run) extra+=(--run "$2"); shift 2 ;;
-      --no-eval) extra+=(--no-eval); shift ;;
-      --eval-problems) extra+=(--eval-problems "$2"); shift 2 ;;
-      -h|--help)
-        cat <<USAGE
-Usage: ./$name.sh [--gpus N] [-b N] [-d N] [--resume | --fresh] [--run NAME] [--no-eval] [--eval-problems N] [-- extra flags for $module]
-
-$what, starting from the newest $from model,
-then runs the chat evaluation and writes the report sections.
-Safe to stop with Ctrl-C (a checkpoint is saved): run it again and it continues.
-
-Options:
-  --gpus N      processes/GPUs (default: all visible GPUs, 1 without GPU)
-  -b, --batch-size N
-                rows per forward pass per GPU (default: measured to fit)
-  -d, --depth N the model of that depth (model tag dN; default: the newest)
-  --resume      continue, and fail when there is no checkpoint to continue
-                (default: continue a matching run when there is one, else start)
-  --fresh       start at step 0, moving this stage's old run aside
-  --run NAME    log to wandb under this run name
-  --no-eval     skip the chat evaluation at the end
-  --eval-problems N
-                evaluate on N problems per task (quick)
-  -h, --help    show this help
-Everything after \`--\` goes to $module (python -m $module --help).
-USAGE
-        exit 0 ;;
-      --) shift; extra+=("$@"); break ;;
-      *) die "unknown option '$1' (see --help)" ;;
+      --gpus) [ $# -ge 2 ] || die "--gpus needs a number"; gpus="$2"; shift 2 ;;
+      --gpus=*) gpus="${1#*=}"; shift ;;
+      -h|--help) exec python -m "$module" --help ;;
+      --) args+=("$@"); break ;;
+      *) args+=("$1"); shift ;;
     esac
   done
   GPUS=${gpus:-$(visible_gpus)}
-  step "$name ($GPUS process(es))"
-  launch "$module" "${extra[@]}"
+  step "$(basename "$0" .sh) ($GPUS process(es))"
+  launch "$module" "${args[@]}"
 }

@@ -23,6 +23,7 @@ from nanochat.checkpoint import load_model, resolve_source, save_checkpoint
 from nanochat.curves import read_records
 from nanochat.engine import Engine
 from nanochat.sampling import SamplingParams
+from nanochat.stages import STAGES
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
 from tasks.sample_data import write_sample_task_files
@@ -243,11 +244,19 @@ def test_rl_resume_ends_on_the_weights_of_the_run_never_stopped(workspace, tmp_p
 
 
 @pytest.mark.parametrize("script", ["midtrain.sh", "sft.sh", "rl.sh"])
-def test_stage_scripts_help(script):
+def test_stage_scripts_help_is_their_entry_points(script):
     out = subprocess.run(["bash", script, "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0 and "--resume" in out.stdout and "--gpus" in out.stdout
-    bad = subprocess.run(["bash", script, "--bogus"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown option" in bad.stderr
+    assert out.returncode == 0 and "--resume" in out.stdout and "--gpus" in out.stdout and "-d N" in out.stdout
+    assert f"python -m {STAGES[stage_of_script(script)].module}" in out.stdout
+
+
+def stage_of_script(script: str) -> str:
+    return next(stage.name for stage in STAGES.values() if stage.script == f"./{script}")
+
+
+def test_a_stage_script_passes_an_unknown_option_to_the_entry_point_which_refuses_it():
+    bad = subprocess.run(["bash", "sft.sh", "--gpus", "1", "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
 
 
 def test_stage_scripts_take_the_evaluation_flags_the_readme_shows(tmp_path):
@@ -276,3 +285,63 @@ def test_sample_task_answers_are_right():
         for expr, result in re.findall(r"<<([^=]+)=([^>]+)>>", row["answer"]):
             assert eval(expr) == int(result)  # the fixture's own arithmetic, nothing untrusted
         assert row["answer"].endswith(f"#### {result}")
+
+
+def test_the_stage_scripts_short_forms_and_separator_reach_the_entry_point():
+    """./sft.sh's flags are scripts.chat_sft's: -d N is --model-tag dN, -b N the device batch, a `--` is dropped."""
+    from scripts import chat_rl, chat_sft, mid_train
+
+    for script in (chat_sft, mid_train, chat_rl):
+        args = script.parse_args(["-d", "12", "-b", "4", "--", "--no_eval"])
+        assert (args.model_tag, args.device_batch_size, args.no_eval) == ("d12", 4, True)
+        assert script.parse_args(["--batch_size=2", "--model-tag", "x"]).device_batch_size == 2
+    with pytest.raises(SystemExit):
+        chat_sft.parse_args(["-d", "12", "--model-tag", "d3"])
+
+
+# ---------------------------------------------------------------- ranks agree on the device batch
+
+TINY = GPTConfig(sequence_len=64, vocab_size=256, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+
+
+def _fit_on_rank(rank: int, port: int, limits: list, given: list, out: str) -> None:
+    import torch.distributed as dist
+
+    from nanochat.common import DistInfo
+    from nanochat.runtime import BatchRequest, MemoryRefusal, fit_device_batch
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(True, rank, rank, 2, torch.device("cpu"))
+    model = build_model(TINY, "cpu")
+    model.compute_dtype = torch.float32
+    results = []
+    try:
+        for limit, batch in zip(limits[rank], given[rank]):
+            try:
+                results.append(fit_device_batch(model, BatchRequest(8, batch, memory_limit_gib=limit), 64, info, "sft")[0])
+            except MemoryRefusal:
+                results.append("refused")
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def test_ranks_train_with_the_smallest_device_batch_any_of_them_fits(tmp_path):
+    """Rank 1 is told it has memory for device batch 2 but not 4; rank 0 has room for the default 8. Both train at 2;
+    and when rank 1 cannot fit a batch the user gave, both refuse (neither waits alone at the next collective)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from nanochat.memory import DEFAULT_MARGIN, measure_training_memory
+
+    peak = {b: measure_training_memory(TINY, b, 64, torch.float32, 2, "sft").total / DEFAULT_MARGIN for b in (2, 4)}
+    between = (peak[2] + peak[4]) / 2 / 2**30
+    limits = [[None, None], [between, between]]
+    given = [[None, 8], [None, 8]]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fit_on_rank, args=(port, limits, given, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    chosen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert chosen == [[2, "refused"], [2, "refused"]]

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.optim import build_optimizers
-from nanochat.runtime import CPU_COMPILE_MIN_STEPS, MIN_BUCKET, add_compute_args, bucket_length, prepare_model, wants_compile
+from nanochat.runtime import (CPU_COMPILE_MIN_STEPS, MIN_BUCKET, ComputeSettings, add_compute_args, bucket_length,
+                              prepare_model, wants_compile)
 
 CONFIG = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=1, n_embd=128)
 
@@ -106,9 +107,9 @@ def test_compute_flags():
 
 def test_prepare_model_sets_the_dtype_and_compiles_only_when_asked():
     model = build_model(CONFIG, "cpu")
-    assert prepare_model(model, parse(["--dtype", "bfloat16"]), torch.device("cpu"), num_steps=10) is model
+    assert prepare_model(model, ComputeSettings(dtype="bfloat16"), torch.device("cpu"), num_steps=10) is model
     assert model.compute_dtype == torch.bfloat16
-    compiled = prepare_model(model, parse(["--compile", "yes"]), torch.device("cpu"))
+    compiled = prepare_model(model, ComputeSettings(compile="yes"), torch.device("cpu"))
     assert compiled is not model and compiled._orig_mod is model and model.compute_dtype == torch.float32
 
 
