@@ -9,8 +9,8 @@ appended and flushed as training goes:
     {"step": 250, "eval": {"val_bpb": 1.02}}             an evaluation (RL: {"pass@1": ..., "pass@4": ...})
 
 "step" counts the optimizer steps done; "loss" is the smoothed training loss the progress line
-shows, "lrm" the learning-rate multiplier, "memory_gib" what nanochat.memory.current_usage
-measures (null where it cannot). A run resumed from its checkpoint of step S first drops every
+shows, "lrm" the learning-rate multiplier, "memory_gib" what nanochat.memory.memory_in_use
+measures (null where it cannot; on CUDA also "allocated_gib" and "reserved_gib"). A run resumed from its checkpoint of step S first drops every
 line after step S, which the resumed run trains again, so no point is counted twice; a step
 evaluated twice (the final evaluation of a run resumed at its end) keeps its newest values.
 

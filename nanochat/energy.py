@@ -3,11 +3,12 @@ electricity price, and the share of the hardware's price the run used up.
 
 `PowerMeter` samples the GPUs' power draw about once a second on a daemon
 thread and integrates it (trapezoid rule) to kWh. The sensor is NVML through
-the nvidia-ml-py package (`import pynvml`) when it is installed, else
-`nvidia-smi`; with neither, or when they only answer "[N/A]", there is no
+the nvidia-ml-py package (`import pynvml`) when it is installed, else one
+`nvidia-smi` left looping for the whole run (not one per reading); with neither, or when they only answer "[N/A]", there is no
 reading and the energy is None, never 0. It is the GPU's own sensor, not the
 wall socket: a meter at the plug reads more (CPU, memory, disks, fan,
-power-supply losses).
+power-supply losses). Several nodes: each measures its own GPUs on its local
+rank 0, and sum_over_nodes adds them up.
 
 For scale, on a DGX Spark (GB10) drawing about 120 W, a 9-day (216 h) run uses
 0.120 kW x 216 h = 25.9 kWh, $3.89 at $0.15/kWh; the $4,000 machine,
@@ -31,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+import torch.distributed as dist
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 1.0
@@ -51,6 +55,10 @@ class PowerSource(Protocol):
 
     def read_watts(self) -> float:
         """Total draw of the visible GPUs now; raises when there is no reading."""
+        ...
+
+    def close(self) -> None:
+        """Release what reading took (a process, a library handle); called once, when the meter stops."""
         ...
 
 
@@ -93,6 +101,9 @@ class NvmlPower:
     def read_watts(self) -> float:
         return sum(self.nvml.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000.0  # NVML reports mW
 
+    def close(self) -> None:
+        pass  # NVML stays initialised for the process: nvmlShutdown would close it for any other user too
+
 
 def parse_power_draw(text: str) -> float:
     """Sum of nvidia-smi's power.draw lines (watts, one per GPU). A GPU that
@@ -108,21 +119,80 @@ def parse_power_draw(text: str) -> float:
 
 
 class NvidiaSmiPower:
-    """Power through `nvidia-smi --query-gpu=power.draw`, summed over the visible GPUs."""
+    """Power through `nvidia-smi --query-gpu=power.draw`, summed over the visible GPUs.
 
-    def __init__(self, executable: str, gpu_ids: list[str] | None = None, timeout: float = NVIDIA_SMI_TIMEOUT_S):
-        self.executable, self.gpu_ids, self.timeout = executable, gpu_ids, timeout
+    The first reading is one nvidia-smi call, which also counts the GPUs. After it one nvidia-smi runs
+    for as long as the meter does, printing a reading per GPU every `interval` (its --loop-ms), which a
+    reader thread keeps the newest of: sampling starts no process. A reading older than interval +
+    timeout (nvidia-smi hung or gone) raises, and the meter counts that time as unmeasured.
+    """
+
+    def __init__(self, executable: str, gpu_ids: list[str] | None = None, interval: float = SAMPLE_INTERVAL_S,
+                 timeout: float = NVIDIA_SMI_TIMEOUT_S):
+        self.executable, self.gpu_ids, self.interval, self.timeout = executable, gpu_ids, interval, timeout
         self.description = f"nvidia-smi ({executable})"
+        self._gpus: int | None = None  # lines per reading, from the first one
+        self._process: subprocess.Popen | None = None
+        self._newest: tuple[float, float | None] | None = None  # (monotonic time, watts or None for "[N/A]")
+        self._changed = threading.Condition()
 
-    def read_watts(self) -> float:
-        command = [self.executable, "--query-gpu=power.draw", "--format=csv,noheader,nounits"]
+    def _command(self, *extra: str) -> list[str]:
+        command = [self.executable, "--query-gpu=power.draw", "--format=csv,noheader,nounits", *extra]
         if self.gpu_ids is not None:
             command.append(f"--id={','.join(self.gpu_ids)}")
-        done = subprocess.run(command, capture_output=True, text=True, timeout=self.timeout, check=True)
-        return parse_power_draw(done.stdout)
+        return command
+
+    def read_watts(self) -> float:
+        if self._gpus is None:
+            done = subprocess.run(self._command(), capture_output=True, text=True, timeout=self.timeout, check=True)
+            watts = parse_power_draw(done.stdout)
+            self._gpus = sum(1 for line in done.stdout.splitlines() if line.strip())
+            return watts
+        if self._process is None:
+            self._process = subprocess.Popen(self._command(f"--loop-ms={round(self.interval * 1000)}"),
+                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            threading.Thread(target=self._follow, args=(self._process,), name="nvidia-smi-power", daemon=True).start()
+        return self._newest_reading()
+
+    def _follow(self, process: subprocess.Popen) -> None:
+        lines: list[str] = []
+        for line in process.stdout:
+            if line.strip():
+                lines.append(line)
+            if len(lines) == self._gpus:
+                try:
+                    watts = parse_power_draw("".join(lines))
+                except SensorError:
+                    watts = None
+                with self._changed:
+                    self._newest = (time.monotonic(), watts)
+                    self._changed.notify_all()
+                lines = []
+
+    def _newest_reading(self) -> float:
+        with self._changed:  # the loop's first reading waits for nvidia-smi to start
+            self._changed.wait_for(lambda: self._newest is not None, timeout=self.timeout)
+            newest = self._newest
+        if newest is None:
+            raise SensorError(f"nvidia-smi --loop-ms printed no reading within {self.timeout:.0f} s")
+        age = time.monotonic() - newest[0]
+        if age > self.interval + self.timeout:
+            raise SensorError(f"nvidia-smi --loop-ms has printed no reading for {age:.0f} s")
+        if newest[1] is None:
+            raise SensorError("nvidia-smi has no power reading")
+        return newest[1]
+
+    def close(self) -> None:
+        """End the looping nvidia-smi, if one was started."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
 
 
-def detect_power_source() -> PowerSource | None:
+def detect_power_source(interval: float = SAMPLE_INTERVAL_S) -> PowerSource | None:
     """NVML if it gives a reading, else nvidia-smi if it gives one, else None.
 
     Each candidate must produce one reading here, so a GB10 whose sensors
@@ -133,7 +203,7 @@ def detect_power_source() -> PowerSource | None:
     candidates: list[Callable[[], PowerSource]] = [NvmlPower.open]
     smi = shutil.which("nvidia-smi")
     if smi:
-        candidates.append(lambda: NvidiaSmiPower(smi, visible_gpu_ids()))
+        candidates.append(lambda: NvidiaSmiPower(smi, visible_gpu_ids(), interval))
     for make in candidates:
         try:
             source = make()
@@ -151,13 +221,12 @@ class PowerMeter:
     A failed reading is logged once and skipped; the trapezoid then spans the
     gap, so a sensor that comes back loses nothing, and one that is gone for
     good ends the count at its last reading. Nothing here raises into the
-    training loop. `kwh_before` carries the energy of earlier runs of the same
-    job (a resumed checkpoint); None there means some of it is unknown.
+    training loop.
     """
 
     def __init__(self, source: PowerSource | None, interval: float = SAMPLE_INTERVAL_S,
-                 clock: Callable[[], float] = time.monotonic, kwh_before: float | None = 0.0):
-        self.source, self.interval, self.clock, self.kwh_before = source, interval, clock, kwh_before
+                 clock: Callable[[], float] = time.monotonic):
+        self.source, self.interval, self.clock = source, interval, clock
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -169,8 +238,8 @@ class PowerMeter:
         self._failures = 0
 
     @classmethod
-    def autodetect(cls, interval: float = SAMPLE_INTERVAL_S, kwh_before: float | None = 0.0) -> PowerMeter:
-        return cls(detect_power_source(), interval, kwh_before=kwh_before)
+    def autodetect(cls, interval: float = SAMPLE_INTERVAL_S) -> PowerMeter:
+        return cls(detect_power_source(interval), interval)
 
     def start(self) -> PowerMeter:
         if self._started_at is not None:  # one sampling thread per meter
@@ -190,6 +259,8 @@ class PowerMeter:
             self._thread.join(timeout=self.interval + NVIDIA_SMI_TIMEOUT_S)
             if not self._thread.is_alive():  # a hung read must not race the final one
                 self.sample()
+        if self.source is not None:
+            self.source.close()
         self._stopped_at = self.clock()
         if self._failures:
             logger.warning("power readings failed %d time(s); energy covers %.0f s of %.0f s",
@@ -225,11 +296,9 @@ class PowerMeter:
 
     @property
     def kwh(self) -> float | None:
-        """Energy so far (plus kwh_before); None until two readings have been taken."""
+        """Energy so far; None until two readings have been taken."""
         with self._lock:
-            if self._measured_seconds <= 0 or self.kwh_before is None:
-                return None
-            return self.kwh_before + self._joules / JOULES_PER_KWH
+            return self._joules / JOULES_PER_KWH if self._measured_seconds > 0 else None
 
     @property
     def mean_watts(self) -> float | None:
@@ -244,6 +313,23 @@ class PowerMeter:
             return 0.0
         end = self._stopped_at if self._stopped_at is not None else self.clock()
         return end - self._started_at
+
+
+def sum_over_nodes(kwh: float | None, watts: float | None, measures: bool,
+                   device: torch.device) -> tuple[float | None, float | None]:
+    """(kWh, mean watts) of all nodes together. Each node's meter runs on its local rank 0 and reads every
+    GPU of that node, so those ranks pass `measures` and the others add nothing: no GPU counted twice, none
+    left out. A figure unknown on any measuring rank makes the sum unknown, as a partial sum would look like
+    a real, lower one. A collective when a process group is up: every rank calls it at the same point."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return (kwh, watts) if measures else (None, None)
+    figures = [value for figure in (kwh, watts)
+               for value in ((figure or 0.0) if measures else 0.0, float(measures and figure is None))]
+    # float64: a total over days of ~1 s increments must not lose them in float32's 24 bits
+    total = torch.tensor(figures, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    summed_kwh, unknown_kwh, summed_watts, unknown_watts = total.tolist()
+    return (None if unknown_kwh else summed_kwh), (None if unknown_watts else summed_watts)
 
 
 def cost_usd(kwh: float | None, price_per_kwh: float = PRICE_PER_KWH_USD) -> float | None:

@@ -22,9 +22,15 @@ CUDA; its fused AdamW and Muon's bf16 Newton-Schulz need fewer optimizer
 temporaries there, and torch.compile decides for itself what to keep for
 backward, which is not measured here (the margin covers it).
 
+- memory_in_use(device) -> MemoryUse: what the process uses now (the driver's
+  figure, torch's allocated and reserved), for every logged step: no subprocess.
+- explain_out_of_memory(device, batch, estimate) -> str: what to do after an
+  out-of-memory error: drop the page cache, or halve the batch.
+
 On a DGX Spark (GB10) the GPU has no memory of its own: CPU and GPU share
-128 GB, nvidia-smi reports no GPU memory, and what the run can still take is
-the kernel's MemAvailable. Elsewhere on CUDA it is the GPU's free memory.
+128 GB, nvidia-smi reports no GPU memory, and what the run can count on is the
+kernel's MemAvailable less the page cache (see unified_available). Elsewhere
+on CUDA it is the GPU's free memory.
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ BATCH_FLAG = "--device-batch-size"  # the training stages' flag a suggestion nam
 MEMINFO = Path("/proc/meminfo")
 PROC_STATUS = Path("/proc/self/status")
 NVIDIA_SMI_TIMEOUT_S = 10.0
+# How a user frees the page cache (Linux's Documentation/admin-guide/sysctl/vm.rst, drop_caches; the
+# remedy NVIDIA's DGX Spark material gives for allocation failures on unified memory).
+DROP_CACHES = "sync; echo 3 | sudo tee /proc/sys/vm/drop_caches"
+# Page cache below this is not worth blaming for an out-of-memory error: a round figure, a few % of a
+# Spark's 128 GB; one pretraining shard of ours is ~0.1 GiB, a depth-20 checkpoint several GiB.
+PAGE_CACHE_WORTH_DROPPING = 4 * GIB
 
 
 @dataclass(frozen=True)
@@ -169,6 +181,32 @@ def system_available(meminfo: Path = MEMINFO) -> tuple[int | None, str]:
     return fields.get("MemFree"), f"MemFree in {meminfo} (this kernel has no MemAvailable)"
 
 
+def page_cache(fields: dict[str, int]) -> int:
+    """Bytes of file pages on the kernel's LRU lists (Active(file) + Inactive(file)): the page cache
+    MemAvailable counts as reclaimable (si_mem_available in the kernel's mm/, "pagecache"). Shared
+    memory is not in these lists, so it is neither counted nor subtracted."""
+    return fields.get("Active(file)", 0) + fields.get("Inactive(file)", 0)
+
+
+def unified_available(meminfo: Path = MEMINFO) -> tuple[int | None, str]:
+    """What a GPU sharing the CPU's memory can count on: MemAvailable less the page cache in it.
+
+    MemAvailable assumes the kernel gives the page cache back on demand. For the GPU's allocations on a
+    GB10 it may not: cudaMemGetInfo leaves the cache out of "free" there (vLLM issue 35313), allocations
+    fail, or the OOM killer runs, with tens of GB "available" (NVIDIA forum reports; llama.cpp PR 17368
+    reads /proc/meminfo for this reason), and NVIDIA's advice is to drop the cache first. Shards read and
+    checkpoints written fill it during a run, so it is named, not planned for."""
+    if not meminfo.exists():
+        return None, f"unknown ({meminfo} does not exist on this system)"
+    fields = read_kib_fields(meminfo)
+    if "MemAvailable" not in fields or "Active(file)" not in fields:
+        return fields.get("MemFree"), f"MemFree in {meminfo} (this kernel does not split out the page cache)"
+    cache = page_cache(fields)
+    return max(0, fields["MemAvailable"] - cache), (
+        f"MemAvailable in {meminfo} less its {cache / GIB:.1f} GiB of page cache, which the GPU cannot count on "
+        f"(`{DROP_CACHES}` frees it)")
+
+
 def process_rss(status: Path = PROC_STATUS) -> tuple[int | None, str]:
     if not status.exists():
         return None, f"unknown ({status} does not exist on this system)"
@@ -201,9 +239,16 @@ def _cuda_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@functools.cache
+def _unified_gpu(index: int) -> bool:
+    # Asked once per GPU and process: nvidia-smi is a subprocess (tens of ms to seconds) and the answer
+    # cannot change while the process runs; the training loop asks at every logged step.
+    name = torch.cuda.get_device_name(index)
+    return is_unified_memory(name, platform.machine(), None if "GB10" in name else nvidia_smi_memory_total(index))
+
+
 def _unified(device: torch.device) -> bool:
-    index = _cuda_index(device)
-    return is_unified_memory(torch.cuda.get_device_name(index), platform.machine(), nvidia_smi_memory_total(index))
+    return _unified_gpu(_cuda_index(device))
 
 
 def available_memory(device: torch.device, meminfo: Path = MEMINFO) -> tuple[int | None, str]:
@@ -215,23 +260,94 @@ def available_memory(device: torch.device, meminfo: Path = MEMINFO) -> tuple[int
         return system_available(meminfo)
     held = torch.cuda.memory_reserved(device)
     if _unified(device):
-        free, source = system_available(meminfo)
+        free, source = unified_available(meminfo)
         if free is None:
             return None, source
-        return free + held, f"{source} (unified memory: CPU and GPU share it) + {held / GIB:.1f} GiB torch holds"
+        return free + held, f"{source}; unified memory: CPU and GPU share it; + {held / GIB:.1f} GiB torch holds"
     free, total = torch.cuda.mem_get_info(device)
     return free + held, f"free GPU memory of {total / GIB:.1f} GiB + {held / GIB:.1f} GiB torch holds"
 
 
-def current_usage(device: torch.device, status: Path = PROC_STATUS) -> tuple[int | None, str]:
-    """(bytes this process uses now, how it was measured): the tensors torch
-    allocated on a discrete GPU; the resident size of the whole process where
-    memory is shared (CPU, unified GPU), as every part of the process draws
-    from the same pool there."""
-    if device.type == "cuda" and not _unified(device):
-        peak = torch.cuda.max_memory_allocated(device)
-        return torch.cuda.memory_allocated(device), f"torch.cuda.memory_allocated (peak {peak / GIB:.1f} GiB)"
-    return process_rss(status)
+@dataclass(frozen=True)
+class MemoryUse:
+    """What a training process uses now, as the log and metrics.jsonl report it. `used` is the driver's
+    figure on CUDA (cudaMemGetInfo: total - free, every process on the GPU; on unified memory the whole
+    machine, page cache included), the resident size on CPU; `allocated` (live tensors) and `reserved`
+    (what torch's caching allocator holds from the driver) only on CUDA."""
+
+    used: int | None
+    source: str
+    allocated: int | None = None
+    reserved: int | None = None
+
+    def metrics(self) -> dict:
+        gib = {"memory_gib": self.used, "allocated_gib": self.allocated, "reserved_gib": self.reserved}
+        return {name: None if size is None else size / GIB for name, size in gib.items()
+                if size is not None or name == "memory_gib"}
+
+    def describe(self) -> str:
+        text = "n/a" if self.used is None else f"{_gib(self.used)} GiB"
+        torch_held = ""
+        if self.allocated is not None:
+            torch_held = f"; torch: {_gib(self.allocated)} GiB allocated, {_gib(self.reserved)} GiB reserved"
+        return f"{text} ({self.source}){torch_held}"
+
+
+def memory_in_use(device: torch.device, status: Path = PROC_STATUS) -> MemoryUse:
+    """What this process uses now, without a subprocess: cheap enough for every logged step."""
+    if device.type != "cuda":
+        used, source = process_rss(status)
+        return MemoryUse(used, source)
+    free, total = torch.cuda.mem_get_info(device)
+    whose = "the whole machine's, page cache included (unified memory)" if _unified(device) else "every process on the GPU"
+    return MemoryUse(total - free, f"cudaMemGetInfo of {_gib(total)} GiB: {whose}",
+                     torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device))
+
+
+def peak_memory_line(device: torch.device, estimate: int | None) -> str | None:
+    """The first step's peaks on a GPU, torch's allocated and reserved, and the driver's figure, next to what
+    was estimated before it (None off CUDA, where torch keeps no peaks). Reserved above allocated is the
+    caching allocator's slack (fragmentation), which the estimate's margin has to cover."""
+    if device.type != "cuda":
+        return None
+    now = memory_in_use(device)
+    planned = "n/a" if estimate is None else f"{_gib(estimate)} GiB"
+    return (f"peak memory {_gib(torch.cuda.max_memory_allocated(device))} GiB allocated, "
+            f"{_gib(torch.cuda.max_memory_reserved(device))} GiB reserved (torch); estimated {planned}; "
+            f"in use now {_gib(now.used)} GiB ({now.source})")
+
+
+def explain_out_of_memory(device: torch.device, device_batch_size: int, estimate: int | None = None,
+                          meminfo: Path = MEMINFO) -> str:
+    """What to do after a torch.OutOfMemoryError: on unified memory holding a sizeable page cache that
+    the step would fit without (`estimate`, bytes, when known), drop the cache; otherwise the batch is too
+    large for the device: halve it. Either way the same command continues from the last checkpoint."""
+    if device_batch_size > 1:
+        smaller = (f"run again with {BATCH_FLAG} {device_batch_size // 2} (gradient accumulation keeps the total "
+                   "batch, so results stay comparable): it continues from the last checkpoint")
+    else:
+        smaller = f"not even {BATCH_FLAG} 1 fits: use a smaller --depth, a shorter --max-seq-len, or more GPUs"
+    cache = _page_cache_to_blame(device, estimate, meminfo)
+    if cache is None:
+        return f"out of memory at {BATCH_FLAG} {device_batch_size}; {smaller}"
+    return (f"out of memory at {BATCH_FLAG} {device_batch_size} with {_gib(cache)} GiB of this machine's memory in "
+            f"the page cache (shards read, checkpoints written), which the GPU's allocations do not reliably get "
+            f"back on unified memory: run `{DROP_CACHES}`, then the same command (it continues from the last "
+            f"checkpoint); if it runs out again with the cache dropped, {smaller}")
+
+
+def _page_cache_to_blame(device: torch.device, estimate: int | None, meminfo: Path) -> int | None:
+    """The page cache's size when it, not the batch, is the likely cause of an out-of-memory error."""
+    if device.type != "cuda" or not _unified(device) or not meminfo.exists():
+        return None
+    fields = read_kib_fields(meminfo)
+    cache = page_cache(fields)
+    if cache < PAGE_CACHE_WORTH_DROPPING:
+        return None
+    room = fields.get("MemAvailable", 0) + torch.cuda.memory_reserved(device)
+    if estimate is not None and estimate > room:
+        return None  # even with the cache given back the step does not fit
+    return cache
 
 
 # ---------------------------------------------------------------- the verdict
@@ -295,14 +411,6 @@ def _verdict(estimate: MemoryEstimate, available: tuple[int | None, str], margin
                      f"the largest power of two dividing {batch} that does; gradient accumulation keeps the total "
                      "batch, so results stay comparable")
     return smaller, lines
-
-
-def check_fits(estimate: MemoryEstimate, available: tuple[int | None, str],
-               margin: float = DEFAULT_MARGIN) -> tuple[bool, str]:
-    """(fits, a message of several lines for the user). Only `margin` of the
-    available memory is planned for (see DEFAULT_MARGIN)."""
-    batch, lines = _verdict(estimate, available, margin)
-    return batch == estimate.device_batch_size, "\n".join(lines)
 
 
 def choose_device_batch(config: GPTConfig, requested_batch: int, seq_len: int, dtype: torch.dtype, world_size: int,

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
 from nanochat.common import DistInfo, print0
 from nanochat.curves import METRICS_FILE, MetricsLog, curve_name, draw, stage_of
-from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy
-from nanochat.memory import current_usage
+from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy, sum_over_nodes
+from nanochat.memory import memory_in_use, peak_memory_line
 from nanochat.progress import StepTimer, format_duration
 from nanochat.report import report_dir
 from nanochat.runtime import release_cached_memory
@@ -100,16 +100,28 @@ class TrainLoop:
         self.metrics: dict = resumed.meta.get("metrics", {})
         self.smooth_loss = resumed.meta.get("smooth_loss", 0.0)
         self.timer = StepTimer(settings.num_iterations, first_step=resumed.step, elapsed=resumed.meta.get("train_seconds", 0.0))
-        # One meter per node (local rank 0) reads every GPU of that node; energy carries over resumes.
-        earlier = resumed.meta.get("energy_kwh", 0.0) if resumed.step else 0.0
-        self.power = PowerMeter.autodetect(kwh_before=earlier) if info.local_rank == 0 else None
+        # One meter per node (local rank 0) reads every GPU of that node; sum_over_nodes adds the nodes up at
+        # each checkpoint and evaluation. The job's energy before a resume (all nodes) is added once, to the sum.
+        self.energy_before = resumed.meta.get("energy_kwh", 0.0) if resumed.step else 0.0
+        self.power = PowerMeter.autodetect() if info.local_rank == 0 else None
+        self.energy: tuple[float | None, float | None] = (None, None)  # (job kWh, this run's mean W), all nodes
         self.history = MetricsLog(self.tag_dir / METRICS_FILE, keep_through=self.start_step) if info.is_master else None
 
     def energy_items(self) -> dict:
-        """Energy, cost and depreciation of the training so far, for report sections ("n/a" without a sensor)."""
+        """Energy, cost and depreciation of the training up to the last checkpoint or evaluation, all nodes
+        together, for report sections ("n/a" without a sensor); no collective, so the master alone may ask."""
+        return EnergyReport(*self.energy, self.timer.elapsed, **self.settings.cost).items()
+
+    def sum_energy(self) -> tuple[float | None, float | None]:
+        """(the job's kWh, this run's mean watts) over all nodes, kept for energy_items; a collective."""
         power = self.power
-        return EnergyReport(power.kwh if power else None, power.mean_watts if power else None, self.timer.elapsed,
-                            **self.settings.cost).items()
+        if power:
+            power.sample()  # so the count runs to now, not to the last of the once-a-second samples
+        kwh, watts = sum_over_nodes(power.kwh if power else None, power.mean_watts if power else None,
+                                    power is not None, self.info.device)
+        total = None if kwh is None or self.energy_before is None else self.energy_before + kwh
+        self.energy = (total, watts)
+        return self.energy
 
     def run(self) -> int:
         """Train to the last step; returns the process exit code (128+signal when stopped early)."""
@@ -173,11 +185,9 @@ class TrainLoop:
 
     def report_peak_memory(self, done: int) -> None:
         """What the first step really took on a GPU, next to what was estimated before it."""
-        if self.info.device.type != "cuda":
-            return
-        peak = torch.cuda.max_memory_allocated(self.info.device) / 2**30
-        estimate = f"{self.memory_estimate / 2**30:.1f} GiB" if self.memory_estimate else "n/a"
-        print0(f"step {done:06d} | peak memory {peak:.1f} GiB (torch.cuda.max_memory_allocated), estimated {estimate}")
+        line = peak_memory_line(self.info.device, self.memory_estimate)
+        if line:
+            print0(f"step {done:06d} | {line}")
 
     def log_step(self, done: int, train_loss: float, lrm: float, dt: float, tokens: int) -> None:
         beta = 0.9
@@ -192,9 +202,8 @@ class TrainLoop:
         )
         extra = self.hooks.step_metrics() if self.hooks.step_metrics else {}
         if self.history:
-            used, _ = current_usage(self.info.device)
             self.history.append({"step": done, "loss": debiased, "lrm": lrm, "tok_per_s": tok_per_s, "dt_s": dt,
-                                 "memory_gib": None if used is None else used / 2**30, **extra})
+                                 **memory_in_use(self.info.device).metrics(), **extra})
         if self.tracker:
             self.tracker.log({"train/loss": debiased, "train/lrm": lrm, "train/tok_per_sec": tok_per_s, "train/dt": dt,
                               **{f"train/{key}": value for key, value in extra.items()}}, step=done)
@@ -211,21 +220,20 @@ class TrainLoop:
         self.metrics.update(metrics)
         if self.history:
             self.history.append({"step": step, "eval": metrics})
-        used, source = current_usage(self.info.device)
-        if used is not None:
-            print0(f"step {step:06d} | memory in use: {used / 2**30:.1f} GiB ({source})")
-        if self.power and self.power.kwh is not None:
+        print0(f"step {step:06d} | memory in use: {memory_in_use(self.info.device).describe()}")
+        kwh, _ = self.sum_energy()
+        if kwh is not None:
             price = self.settings.cost.get("price_per_kwh")
-            cost = cost_usd(self.power.kwh, price) if price is not None else cost_usd(self.power.kwh)
-            print0(f"step {step:06d} | energy so far: {format_energy(self.power.kwh, cost)}")
-            metrics = {**metrics, "energy_kwh": self.power.kwh}
+            cost = cost_usd(kwh, price) if price is not None else cost_usd(kwh)
+            print0(f"step {step:06d} | energy so far, all nodes: {format_energy(kwh, cost)}")
+            metrics = {**metrics, "energy_kwh": kwh}
         if self.tracker:
             self.tracker.log(metrics, step=step)
 
     def save(self, step: int) -> None:
         t0 = time.perf_counter()
         meta = {**self.meta, "metrics": self.metrics, "smooth_loss": self.smooth_loss, "train_seconds": self.timer.elapsed,
-                "energy_kwh": self.power.kwh if self.power else None}
+                "energy_kwh": self.sum_energy()[0]}
         path = save_checkpoint(
             self.tag_dir, step, model_state=self.model.state_dict(), optim_state=[o.state_dict() for o in self.optimizers],
             data_state=self.batches.state_dict(), meta=meta, rank=self.info.rank, local_rank=self.info.local_rank,

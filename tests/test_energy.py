@@ -1,17 +1,25 @@
 """Energy metering: trapezoid integration, the NVML and nvidia-smi sensors
-(through a fake pynvml module and a fake nvidia-smi executable), unknown
-energy staying unknown, a sensor failing mid-run, and the cost arithmetic."""
+(through a fake pynvml module and a fake nvidia-smi executable, started once
+and left looping), unknown energy staying unknown, a sensor failing mid-run,
+the sum over two torchrun "nodes" (gloo), and the cost arithmetic."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import socket
 import stat
+import subprocess
 import sys
+import textwrap
 import time
 import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from nanochat.energy import (
     EnergyReport,
@@ -22,7 +30,10 @@ from nanochat.energy import (
     depreciation_usd,
     detect_power_source,
     format_energy,
+    sum_over_nodes,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class FakeClock:
@@ -49,6 +60,9 @@ class ScriptedPower:
             raise value
         return value
 
+    def close(self) -> None:
+        self.closed = True
+
 
 def sample_at(meter: PowerMeter, clock: FakeClock, times) -> None:
     for t in times:
@@ -57,12 +71,31 @@ def sample_at(meter: PowerMeter, clock: FakeClock, times) -> None:
 
 
 def fake_nvidia_smi(folder: Path, output: str, exit_code: int = 0) -> Path:
-    """An executable `nvidia-smi` that prints `output` and records its arguments."""
+    """An executable `nvidia-smi` that prints `output` and exits, or, given --loop-ms, prints it every 20 ms
+    until stopped, as the real one does; each start appends a line "<pid> <arguments>" to `args`."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\necho \"$@\" > '{folder / 'args'}'\nprintf '%s' '{output}'\nexit {exit_code}\n")
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import os, sys, time
+        with open({str(folder / "args")!r}, "a") as log:
+            log.write(f"{{os.getpid()}} {{' '.join(sys.argv[1:])}}\\n")
+        loop = any(arg.startswith("--loop-ms=") for arg in sys.argv) and {exit_code} == 0
+        while True:
+            sys.stdout.write({output!r})
+            sys.stdout.flush()
+            if not loop:
+                sys.exit({exit_code})
+            time.sleep(0.02)
+        """))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return script
+
+
+def starts(folder: Path) -> list[tuple[int, str]]:
+    """(pid, arguments) of each start of the fake nvidia-smi in `folder`."""
+    lines = (folder / "args").read_text().splitlines()
+    return [(int(pid), arguments) for pid, _, arguments in (line.partition(" ") for line in lines)]
 
 
 @pytest.fixture
@@ -102,16 +135,6 @@ def test_energy_is_unknown_until_two_readings():
     assert meter.kwh is None and meter.mean_watts is None
     sample_at(meter, clock, [0])
     assert meter.kwh is None
-
-
-def test_energy_of_earlier_runs_is_carried_and_unknown_stays_unknown():
-    clock = FakeClock()
-    resumed = PowerMeter(ScriptedPower([100.0]), clock=clock, kwh_before=1.5)
-    unknown_before = PowerMeter(ScriptedPower([100.0]), clock=clock, kwh_before=None)
-    for meter in (resumed, unknown_before):
-        sample_at(meter, clock, [0, 36])
-    assert resumed.kwh == pytest.approx(1.501)
-    assert unknown_before.kwh is None
 
 
 def test_failed_reading_is_bridged_and_logged_once(caplog, monkeypatch):
@@ -198,14 +221,73 @@ def test_missing_nvidia_smi_means_no_sensor(only_fake_gpu_tools):
     assert detect_power_source() is None
 
 
-def test_nvidia_smi_that_starts_failing_mid_run_does_not_raise(only_fake_gpu_tools):
-    script = fake_nvidia_smi(only_fake_gpu_tools, "100.0\n")
+def test_one_looping_nvidia_smi_serves_every_reading_and_stops_with_the_meter(only_fake_gpu_tools):
+    fake_nvidia_smi(only_fake_gpu_tools, "95.50\n20.25\n")
+    meter = PowerMeter.autodetect(interval=0.02).start()
+    time.sleep(0.5)  # some 25 readings
+    meter.stop()
+    (_, first), (loop_pid, looping) = starts(only_fake_gpu_tools)  # exactly two starts, or this unpacking fails
+    assert "--loop-ms" not in first and "--loop-ms=20" in looping
+    assert meter.mean_watts == pytest.approx(115.75)
+    with pytest.raises(ProcessLookupError):
+        os.kill(loop_pid, 0)  # stopped and reaped
+
+
+def test_looping_nvidia_smi_that_dies_mid_run_ends_the_count_without_raising(only_fake_gpu_tools):
+    fake_nvidia_smi(only_fake_gpu_tools, "100.0\n")
     clock = FakeClock()
-    meter = PowerMeter(detect_power_source(), clock=clock)
-    sample_at(meter, clock, [0, 10])
-    script.unlink()  # the binary vanishes, as with a driver being reinstalled
+    meter = PowerMeter(NvidiaSmiPower(str(only_fake_gpu_tools / "nvidia-smi"), interval=0.02, timeout=0.3), clock=clock)
+    sample_at(meter, clock, [0, 10])  # the one-off reading, then the loop's first
+    os.kill(starts(only_fake_gpu_tools)[1][0], signal.SIGKILL)  # as a driver reinstall would end it
+    time.sleep(0.6)  # past interval + timeout: its last reading is stale
     sample_at(meter, clock, [20])
     assert meter.kwh == pytest.approx(1000 / 3.6e6)
+
+
+def test_without_a_process_group_a_node_is_the_whole_run():
+    cpu = torch.device("cpu")
+    assert sum_over_nodes(1.5, 120.0, True, cpu) == (1.5, 120.0)
+    assert sum_over_nodes(1.5, 120.0, False, cpu) == (None, None)
+
+
+NODES_SCRIPT = """
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    from nanochat.energy import sum_over_nodes
+
+    dist.init_process_group("gloo")
+    node, local = int(os.environ["GROUP_RANK"]), int(os.environ["LOCAL_RANK"])
+    cpu = torch.device("cpu")
+    # every rank offers its node's figures: only each node's local rank 0 may count them
+    known = sum_over_nodes([1.0, 2.5][node], [100.0, 150.0][node], local == 0, cpu)
+    one_node_blind = sum_over_nodes([1.0, None][node], [100.0, 150.0][node], local == 0, cpu)
+    with open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w") as out:
+        json.dump([known, one_node_blind], out)
+    dist.destroy_process_group()
+"""
+
+
+def test_energy_is_summed_over_two_nodes_each_counted_once(tmp_path):
+    """Two "nodes" of two ranks each, as two torchrun launchers on one host (gloo, 127.0.0.1)."""
+    script = tmp_path / "nodes.py"
+    script.write_text(textwrap.dedent(NODES_SCRIPT))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launchers = [
+        subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
+                          "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", str(script),
+                          str(tmp_path)], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in (0, 1)
+    ]
+    outputs = [launcher.communicate(timeout=120)[0] for launcher in launchers]
+    assert all(launcher.returncode == 0 for launcher in launchers), "\n".join(outputs)[-4000:]
+    for rank in range(4):
+        known, one_node_blind = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert known == [3.5, 250.0]  # not 7.0: the local ranks 1 added nothing
+        assert one_node_blind == [None, 250.0]  # one node without a reading: the total is unknown, not 1.0
 
 
 def fake_pynvml(milliwatts: dict[int, int]) -> types.ModuleType:

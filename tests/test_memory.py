@@ -22,18 +22,23 @@ from nanochat.memory import (
     BATCH_FLAG,
     FIXED_OVERHEAD_BYTES,
     GIB,
+    DROP_CACHES,
+    _unified_gpu,
     available_memory,
-    check_fits,
     choose_device_batch,
-    current_usage,
+    describe,
+    explain_out_of_memory,
     is_unified_memory,
     largest_fitting_batch,
     main,
     measure_training_memory,
+    memory_in_use,
     nvidia_smi_memory_total,
+    peak_memory_line,
     power_of_two_divisors_below,
     process_rss,
     read_kib_fields,
+    unified_available,
 )
 from nanochat.optim import build_optimizers
 
@@ -50,6 +55,9 @@ MemTotal:       130841280 kB
 MemFree:        100000000 kB
 MemAvailable:   120000000 kB
 Buffers:           12345 kB
+Cached:         41000000 kB
+Active(file):   10000000 kB
+Inactive(file): 30000000 kB
 HugePages_Total:       0
 Hugepagesize:       2048 kB
 """
@@ -100,7 +108,7 @@ def test_activation_checkpointing_keeps_fewer_activations():
     kept, recomputed = (measure_training_memory(SMALL, 8, SMALL.sequence_len, torch.float32, checkpoint_blocks=recompute)
                         for recompute in (False, True))
     assert recomputed.activations < kept.activations and recomputed.parameters == kept.parameters
-    assert "activation checkpointing" in check_fits(recomputed, (None, "unknown"))[1]
+    assert "activation checkpointing" in describe(recomputed)
 
 
 def optimizer_state_bytes(config: GPTConfig) -> tuple[int, int]:
@@ -237,15 +245,35 @@ def test_old_kernel_without_memavailable_falls_back_to_memfree(tmp_path):
 def test_no_meminfo_means_unknown_and_unchecked(tmp_path):
     available = available_memory(CPU, meminfo=tmp_path / "missing")
     assert available[0] is None
-    ok, message = check_fits(measure_training_memory(TINY, 2, 64, torch.float32), available)
-    assert ok and "not checked" in message
+    batch, lines = choose_device_batch(TINY, 2, 64, torch.float32, 1, available)
+    assert batch == 2 and "not checked" in lines[-1]
 
 
 def test_cpu_usage_is_the_process_rss(tmp_path):
     path = tmp_path / "status"
     path.write_text(STATUS)
-    assert current_usage(CPU, status=path) == (2_500_000 * 1024, f"VmRSS in {path}")
+    use = memory_in_use(CPU, status=path)
+    assert (use.used, use.source) == (2_500_000 * 1024, f"VmRSS in {path}")
+    assert use.metrics() == {"memory_gib": 2_500_000 / 2**20}  # no torch figures on the CPU
+    assert peak_memory_line(CPU, GIB) is None
     assert process_rss()[0] > 0  # this process's real /proc/self/status
+
+
+def test_unified_memory_does_not_count_the_page_cache_as_free(tmp_path):
+    """MemAvailable (120,000,000 kB) counts the 40,000,000 kB of file pages as reclaimable; the GPU
+    cannot count on them, so they are taken out, and the message says how to free them."""
+    path = tmp_path / "meminfo"
+    path.write_text(MEMINFO)
+    free, source = unified_available(path)
+    assert free == 80_000_000 * 1024
+    assert "38.1 GiB of page cache" in source and DROP_CACHES in source
+
+
+def test_unified_memory_on_a_kernel_without_file_lru_fields_is_memfree(tmp_path):
+    path = tmp_path / "meminfo"
+    path.write_text(MEMINFO.replace("Active(file):   10000000 kB\n", ""))
+    free, source = unified_available(path)
+    assert free == 100_000_000 * 1024 and "MemFree" in source
 
 
 @pytest.mark.parametrize("name, machine, smi_total, unified", [
@@ -263,10 +291,16 @@ def test_unified_memory_detection(name, machine, smi_total, unified):
 
 
 def fake_nvidia_smi(folder: Path, output: str, exit_code: int = 0) -> None:
+    """An executable `nvidia-smi` printing `output`; each call appends a line to `calls` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\nprintf '%s' '{output}'\nexit {exit_code}\n")
+    script.write_text(f"#!/bin/sh\necho called >> '{folder / 'calls'}'\nprintf '%s' '{output}'\nexit {exit_code}\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+def nvidia_smi_calls(folder: Path) -> int:
+    calls = folder / "calls"
+    return len(calls.read_text().splitlines()) if calls.exists() else 0
 
 
 @pytest.mark.parametrize("output, exit_code, expected", [("[N/A]\n", 0, "[N/A]"), ("81559\n", 0, "81559"), ("failed", 9, None)])
@@ -291,6 +325,8 @@ def fake_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 * GIB, 80 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GIB)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 5 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 6 * GIB)
+    _unified_gpu.cache_clear()  # each test names its own GPU
     monkeypatch.setattr("platform.machine", lambda: gpu.machine)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
 
@@ -299,31 +335,87 @@ def fake_cuda(tmp_path, monkeypatch):
         fake_nvidia_smi(tmp_path / "bin", smi_total)
         return torch.device("cuda", 0)
 
-    return configure
+    yield configure
+    _unified_gpu.cache_clear()  # no fake GPU's answer outlives its test
 
 
-def test_gb10_available_memory_is_memavailable_plus_what_torch_holds(tmp_path, fake_cuda):
+def test_gb10_available_memory_leaves_out_the_page_cache_and_adds_what_torch_holds(tmp_path, fake_cuda):
     device = fake_cuda("NVIDIA GB10", "aarch64", "[N/A]\n")
     meminfo = tmp_path / "meminfo"
     meminfo.write_text(MEMINFO)
     free, source = available_memory(device, meminfo=meminfo)
-    assert free == 120_000_000 * 1024 + 3 * GIB
-    assert "MemAvailable" in source and "unified" in source
+    assert free == 80_000_000 * 1024 + 3 * GIB
+    assert "page cache" in source and "unified" in source
 
 
-def test_gb10_usage_is_the_process_rss(tmp_path, fake_cuda):
-    device = fake_cuda("NVIDIA GB10", "aarch64", "[N/A]\n")
-    status = tmp_path / "status"
-    status.write_text(STATUS)
-    assert current_usage(device, status=status)[0] == 2_500_000 * 1024
+def test_gpu_usage_is_the_drivers_figure_with_torchs_allocated_and_reserved(fake_cuda):
+    """Not the process RSS, which on a GB10 leaves out the pages cudaMalloc maps."""
+    for name, machine, whose in (("NVIDIA GB10", "aarch64", "the whole machine's"),
+                                 ("NVIDIA H100 80GB HBM3", "x86_64", "every process on the GPU")):
+        device = fake_cuda(name, machine, "[N/A]\n")
+        use = memory_in_use(device)
+        assert (use.used, use.allocated, use.reserved) == (10 * GIB, 2 * GIB, 3 * GIB)
+        assert "cudaMemGetInfo of 80.0 GiB" in use.source and whose in use.source
+        assert use.metrics() == {"memory_gib": 10.0, "allocated_gib": 2.0, "reserved_gib": 3.0}
+        assert "2.0 GiB allocated, 3.0 GiB reserved" in use.describe()
+        _unified_gpu.cache_clear()
+
+
+def test_the_first_steps_peaks_stand_next_to_the_estimate(fake_cuda):
+    line = peak_memory_line(fake_cuda("NVIDIA H100 80GB HBM3", "x86_64", "81559\n"), 7 * GIB)
+    assert "5.0 GiB allocated, 6.0 GiB reserved (torch); estimated 7.0 GiB; in use now 10.0 GiB" in line
 
 
 def test_discrete_gpu_available_memory_is_free_plus_what_torch_holds(fake_cuda):
     device = fake_cuda("NVIDIA H100 80GB HBM3", "x86_64", "81559\n")
     free, source = available_memory(device)
     assert free == 73 * GIB and "80.0 GiB" in source
-    used, how = current_usage(device)
-    assert used == 2 * GIB and "peak 5.0 GiB" in how
+
+
+def test_nvidia_smi_is_asked_once_however_often_memory_is_read(tmp_path, fake_cuda):
+    """The training loop reads memory at every logged step; nvidia-smi (a subprocess) answered the
+    unified-memory question at each of them, synchronously on rank 0."""
+    device = fake_cuda("NVIDIA Thor", "aarch64", "[N/A]\n")  # a name that needs nvidia-smi's answer
+    for _ in range(20):
+        memory_in_use(device)
+    available_memory(device, meminfo=tmp_path / "missing")
+    peak_memory_line(device, None)
+    assert nvidia_smi_calls(tmp_path / "bin") == 1
+    assert "whole machine" in memory_in_use(device).source  # and the one answer is used
+
+
+# ---------------------------------------------------------------- after an out-of-memory error
+
+
+def test_out_of_memory_on_a_discrete_gpu_names_half_the_batch(tmp_path, fake_cuda):
+    device = fake_cuda("NVIDIA H100 80GB HBM3", "x86_64", "81559\n")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    message = explain_out_of_memory(device, 32, meminfo=meminfo)
+    assert message.startswith(f"out of memory at {BATCH_FLAG} 32; run again with {BATCH_FLAG} 16")
+    assert "page cache" not in message
+    assert f"not even {BATCH_FLAG} 1 fits" in explain_out_of_memory(CPU, 1, meminfo=meminfo)
+
+
+def test_out_of_memory_on_unified_memory_full_of_page_cache_says_drop_it_first(tmp_path, fake_cuda):
+    device = fake_cuda("NVIDIA GB10", "aarch64", "[N/A]\n")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    message = explain_out_of_memory(device, 32, estimate=60 * GIB, meminfo=meminfo)
+    assert "38.1 GiB" in message and DROP_CACHES in message
+    assert message.index(DROP_CACHES) < message.index(f"{BATCH_FLAG} 16")  # the cache first, the batch if that fails
+
+
+def test_out_of_memory_on_unified_memory_blames_the_batch_when_the_cache_would_not_help(tmp_path, fake_cuda):
+    device = fake_cuda("NVIDIA GB10", "aarch64", "[N/A]\n")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text(MEMINFO)
+    too_big = explain_out_of_memory(device, 32, estimate=200 * GIB, meminfo=meminfo)  # > MemAvailable + held
+    assert "page cache" not in too_big and f"{BATCH_FLAG} 16" in too_big
+    meminfo.write_text(MEMINFO.replace("Inactive(file): 30000000 kB", "Inactive(file):      1000 kB")
+                              .replace("Active(file):   10000000 kB", "Active(file):        1000 kB"))
+    little_cache = explain_out_of_memory(device, 32, meminfo=meminfo)
+    assert "page cache" not in little_cache and f"{BATCH_FLAG} 16" in little_cache
 
 
 # ---------------------------------------------------------------- the verdict
@@ -343,23 +435,28 @@ def test_power_of_two_divisors_below(batch, divisors):
     assert power_of_two_divisors_below(batch) == divisors
 
 
+def verdict(batch: int, available: tuple[int, str], margin: float = 0.9) -> tuple[int | None, list[str]]:
+    return choose_device_batch(TINY, batch, TINY.sequence_len, torch.float32, 1, available, margin=margin)
+
+
 def test_a_run_that_fits_says_so_with_every_part():
-    ok, message = check_fits(tiny(8), (120 * GIB, "MemAvailable in /proc/meminfo"))
-    assert ok
+    batch, lines = verdict(8, (120 * GIB, "MemAvailable in /proc/meminfo"))
+    message = "\n".join(lines)
+    assert batch == 8
     for part in ("parameters", "gradients", "optimizer", "activations", "temporaries", "overhead"):
         assert part in message
     assert "MemAvailable in /proc/meminfo" in message and message.endswith("fits")
 
 
 def test_margin_is_applied():
-    est = tiny(8)
-    assert check_fits(est, (int(est.total / 0.95), "x"), margin=0.9)[0] is False
-    assert check_fits(est, (int(est.total / 0.95), "x"), margin=1.0)[0] is True
+    room = (int(tiny(8).total / 0.95), "x")
+    assert verdict(8, room, margin=0.9)[0] != 8
+    assert verdict(8, room, margin=1.0)[0] == 8
 
 
 def test_margin_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="margin"):
-        check_fits(tiny(8), (120 * GIB, "x"), margin=1.5)
+        verdict(8, (120 * GIB, "x"), margin=1.5)
 
 
 def test_short_memory_picks_a_smaller_power_of_two_that_divides():
