@@ -163,17 +163,3 @@ def report_stage(start: Start, items: dict, loop: TrainLoop, t0: float) -> None:
     write_section(stage.train_section, stage.title, {"started from": start.started_from(), **items,
                                                      "wall time (s)": round(time.time() - t0, 1), **loop.energy_items()})
 
-
-class FirstN:
-    """The first n examples of a task (for quick runs: --max-examples)."""
-
-    def __init__(self, task, n: int | None):
-        self.task, self.n = task, len(task) if n is None else min(n, len(task))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.n:
-            raise IndexError(index)
-        return self.task[index]

@@ -1,11 +1,8 @@
 """The pipeline's model stages, defined once: each stage's name, checkpoint
 folder, stage script, Python entry point, report sections and the stage it
-starts from. Python imports STAGES; the bash scripts ask the CLI:
+starts from. Python imports STAGES; the bash scripts ask the CLI for a folder:
 
-    python -m nanochat.stages names                 # base mid sft rl
     python -m nanochat.stages folder base           # base_checkpoints
-    python -m nanochat.stages script sft            # ./sft.sh
-    python -m nanochat.stages starts-from rl        # sft
 
 A stage's name is what --source / -i take, the key of its report sections and
 of its curves. The folder names are the original nanochat's, so its runs and
@@ -63,23 +60,12 @@ def stage_of_folder(folder: str) -> str | None:
     return next((stage.name for stage in STAGES.values() if stage.folder == folder), None)
 
 
-QUESTIONS = {
-    "folder": lambda stage: stage.folder,
-    "script": lambda stage: stage.script,
-    "module": lambda stage: stage.module,
-    "starts-from": lambda stage: stage.starts_from or "",
-}
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args == ["names"]:
-        print(" ".join(STAGES))
+    words = sys.argv[1:] if argv is None else argv
+    if len(words) == 2 and words[0] == "folder" and words[1] in STAGES:
+        print(STAGES[words[1]].folder)
         return 0
-    if len(args) == 2 and args[0] in QUESTIONS and args[1] in STAGES:
-        print(QUESTIONS[args[0]](STAGES[args[1]]))
-        return 0
-    print(f"usage: python -m nanochat.stages names | {{{'|'.join(QUESTIONS)}}} {{{'|'.join(STAGES)}}}", file=sys.stderr)
+    print(f"usage: python -m nanochat.stages folder {{{'|'.join(STAGES)}}}", file=sys.stderr)
     return 2
 
 

@@ -19,7 +19,7 @@ from nanochat.chat_data import PaddedConversations
 from nanochat.common import print0, setup_logging
 from nanochat.flags import FlagParser
 from nanochat.optim import learning_rates
-from nanochat.posttrain import (FirstN, accumulation_steps, add_stage_args, load_start, prepare_training,
+from nanochat.posttrain import (accumulation_steps, add_stage_args, load_start, prepare_training,
                                 report_stage, train_stage, validation)
 from nanochat.runtime import BatchRequest, ComputeSettings, fit_device_batch
 from nanochat.tokenizer import get_tokenizer
@@ -37,18 +37,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_mixture():
+def train_mixture(max_examples: int | None):
+    """The shuffled mixture, its first max_examples only (quick runs)."""
     from tasks import ARC, GSM8K, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee, TaskMixture
 
     parts = [ARC("ARC-Easy", "train"), ARC("ARC-Challenge", "train"), GSM8K("train"), SmolTalk("train", stop=10_000),
              CustomJSON(), SimpleSpelling(300, "train"), SpellingBee(300, "train")]
-    return TaskMixture(parts, seed=42)
+    return TaskMixture(parts, seed=42, stop=max_examples)
 
 
-def val_mixture():
+def val_mixture(max_examples: int | None):
     from tasks import SmolTalk
 
-    return SmolTalk("test", stop=1_000)
+    return SmolTalk("test", stop=min(1_000, max_examples or 1_000))
 
 
 def main(argv=None) -> int:
@@ -71,7 +72,7 @@ def train(args, info) -> int:
     batch, start.memory_estimate = fit_device_batch(start.model, request, seq_len, info, "sft",
                                                     checkpoint_blocks=args.activation_checkpointing)
     # the data and the plan: --epochs passes over the mixture, --examples-per-step conversations per step
-    train_task, val_task = FirstN(train_mixture(), args.max_examples), FirstN(val_mixture(), args.max_examples)
+    train_task, val_task = train_mixture(args.max_examples), val_mixture(args.max_examples)
     accumulate = accumulation_steps(args.examples_per_step, batch, info.world_size)
     steps = args.num_iterations if args.num_iterations > 0 else max(1, math.ceil(args.epochs * len(train_task) / args.examples_per_step))
     print0(f"Supervised finetuning: from {start.started_from()}; {len(train_task):,} training conversations, {steps:,} steps "

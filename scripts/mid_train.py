@@ -21,7 +21,7 @@ from nanochat.chat_data import PackedConversations
 from nanochat.common import print0, setup_logging
 from nanochat.flags import FlagParser
 from nanochat.optim import learning_rates
-from nanochat.posttrain import (FirstN, accumulation_steps, add_stage_args, load_start, prepare_training,
+from nanochat.posttrain import (accumulation_steps, add_stage_args, load_start, prepare_training,
                                 report_stage, train_stage, validation)
 from nanochat.runtime import BatchRequest, ComputeSettings, fit_device_batch
 from nanochat.tokenizer import get_tokenizer
@@ -40,19 +40,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train_mixture():
+def train_mixture(max_examples: int | None):
+    """The shuffled mixture, its first max_examples only (quick runs)."""
     from tasks import GSM8K, MMLU, CustomJSON, SimpleSpelling, SmolTalk, SpellingBee, TaskMixture
 
     identity = CustomJSON()
     parts = [SmolTalk("train"), MMLU("auxiliary_train", "train", stop=100_000), GSM8K("train"), identity, identity,
              SimpleSpelling(200_000, "train"), SpellingBee(80_000, "train")]
-    return TaskMixture(parts, seed=42)
+    return TaskMixture(parts, seed=42, stop=max_examples)
 
 
-def val_mixture():
+def val_mixture(max_examples: int | None):
     from tasks import GSM8K, MMLU, SmolTalk, TaskMixture
 
-    return TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5_000), GSM8K("test", stop=420)], seed=7)
+    return TaskMixture([SmolTalk("test"), MMLU("all", "test", stop=5_000), GSM8K("test", stop=420)], seed=7, stop=max_examples)
 
 
 def epoch_steps(task, tokenizer, rows_per_step: int, seq_len: int, epochs: float) -> int:
@@ -82,7 +83,7 @@ def train(args, info) -> int:
     batch, start.memory_estimate = fit_device_batch(start.model, request, seq_len, info, "mid",
                                                     checkpoint_blocks=args.activation_checkpointing)
     # the data and the plan: --epochs passes over the mixture, packed into rows of --total-batch-size tokens per step
-    train_task, val_task = FirstN(train_mixture(), args.max_examples), FirstN(val_mixture(), args.max_examples)
+    train_task, val_task = train_mixture(args.max_examples), val_mixture(args.max_examples)
     rows_per_step = max(1, args.total_batch_size // seq_len)
     accumulate = accumulation_steps(rows_per_step, batch, info.world_size)
     steps = args.num_iterations if args.num_iterations > 0 else epoch_steps(train_task, tokenizer, rows_per_step, seq_len, args.epochs)

@@ -108,6 +108,50 @@ def test_the_core_package_stays_the_size_a_reader_can_hold():
     assert len(modules) <= 40, sorted(p.name for p in modules)
 
 
+# ---------------------------------------------------------------- library code takes values
+
+# the only functions of a package that may hold its module's argparse namespace
+NAMESPACE_OWNERS = {"main", "parse_args", "_parse_args"}
+
+
+def namespace_readers(source: str) -> list[str]:
+    """Functions (outside NAMESPACE_OWNERS and what they enclose) that take a parameter named `args` or read `args.<name>`."""
+    found = []
+
+    def visit(node, function: str | None) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if child.name in NAMESPACE_OWNERS:
+                    continue
+                named = [a.arg for a in child.args.posonlyargs + child.args.args + child.args.kwonlyargs]
+                if "args" in named:
+                    found.append(f"{child.name}:{child.lineno} takes args")
+                visit(child, child.name)
+            elif function and isinstance(child, ast.Attribute) and isinstance(child.value, ast.Name) and child.value.id == "args":
+                found.append(f"{function}:{child.lineno} reads args.{child.attr}")
+            else:
+                visit(child, function)
+
+    visit(ast.parse(source), None)
+    return found
+
+
+def test_library_functions_take_values_not_the_entry_points_namespace():
+    """Entry points own their flags and pass values (or small dataclasses) down: no function in the packages
+    but a module's own main()/parse_args() reads an argparse namespace, so a reader follows a value, not a bag."""
+    found = [f"{path.relative_to(ROOT)}: {line}" for name, path in project_modules().items()
+             if name.split(".")[0] in LIBRARY_LAYERS for line in namespace_readers(path.read_text())]
+    assert not found, "\n".join(found)
+
+
+def test_the_namespace_check_sees_what_it_is_meant_to_catch():
+    source = ("def fit(model, args):\n    return args.batch\n"
+              "def main(argv=None):\n    args = parse(argv)\n    return (lambda: args.x)()\n"
+              "def helper(rest):\n    return args.device\n"
+              "def varargs(*args):\n    return len(args)\n")
+    assert namespace_readers(source) == ["fit:1 takes args", "fit:2 reads args.batch", "helper:7 reads args.device"]
+
+
 # ---------------------------------------------------------------- size
 
 LONG_FUNCTION = 60

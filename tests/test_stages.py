@@ -34,20 +34,18 @@ def test_the_report_orders_its_sections_by_the_registry():
     assert stages.chat_eval_section("sft") in stages.STAGES["sft"].sections
 
 
-@pytest.mark.parametrize("args, out", [
-    (["names"], "base mid sft rl"),
-    (["folder", "base"], "base_checkpoints"),
-    (["script", "sft"], "./sft.sh"),
-    (["module", "rl"], "scripts.chat_rl"),
-    (["starts-from", "mid"], "base"),
-    (["starts-from", "base"], ""),
-])
-def test_the_cli_answers_the_bash_scripts(args, out):
-    done = subprocess.run([sys.executable, "-m", "nanochat.stages", *args], capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0 and done.stdout.strip() == out
+def test_the_cli_answers_the_bash_scripts():
+    done = subprocess.run([sys.executable, "-m", "nanochat.stages", "folder", "sft"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "chatsft_checkpoints"
 
 
-@pytest.mark.parametrize("args", [[], ["folder"], ["folder", "chatsft"], ["colour", "base"]])
+def test_each_stage_script_launches_its_entry_point():
+    """The stage scripts name their module themselves (no Python start to look it up); the registry must agree."""
+    for stage in stages.STAGES.values():
+        assert stage.module in (ROOT / stage.script).read_text(), stage.script
+
+
+@pytest.mark.parametrize("args", [[], ["folder"], ["folder", "chatsft"], ["colour", "base"], ["names"]])
 def test_the_cli_refuses_what_it_does_not_know(args):
     assert stages.main(args) == 2
 
