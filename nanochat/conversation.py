@@ -141,6 +141,14 @@ def structure_problem(conversation) -> str | None:
     return order_problem(list(messages))
 
 
+def gather_system(messages: list[dict]) -> list[dict]:
+    """Messages with every system message's text joined, in order, into one leading system message:
+    the OpenAI API takes several anywhere (agents add theirs), the format holds one (a new list)."""
+    system = [m["content"] for m in messages if m["role"] == "system"]
+    rest = [m for m in messages if m["role"] != "system"]
+    return ([{"role": "system", "content": "\n\n".join(system)}] if system else []) + rest
+
+
 def fold_system(messages: list[dict]) -> list[dict]:
     """Well-ordered messages with a leading system message joined to the first user turn (a new list)."""
     if messages[0]["role"] != "system":

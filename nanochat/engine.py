@@ -1,11 +1,12 @@
 """Inference: KV-cached generation with continuous batching, sampling and tool use.
 
-A request (a prompt, sampling parameters, n samples) is prefilled once into a
-free cache slot and copied to n-1 more (requests waiting together share one
+A request (one or several prompts, sampling parameters, n samples of each) has each
+prompt prefilled once into a free cache slot and copied to n-1 more (requests waiting together share one
 prefill pass, right-padded, in batches of up to one context of tokens); after
 that its sequences decode in the same batch as every other running sequence,
 one token per step. Requests join and leave between steps, so a long answer
-never holds up a short one.
+never holds up a short one. A request may ask for its prompts' own log-probabilities
+(scoring, as evaluation harnesses do), and with max_tokens 0 for nothing else.
 
 When a sequence emits <|python_start|> expr <|python_end|>, the calculator
 evaluates expr and <|output_start|> result <|output_end|> is forced into the
@@ -45,15 +46,19 @@ from nanochat.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger("nanochat.engine")
 DECODE_MODES = ("eager", "compiled", "step")  # see Engine.__init__
+# positions whose full-vocabulary log-probabilities are held at once when scoring a prompt: 512 x a
+# 65,536-token vocabulary is 128 MiB of fp32 (twice that with log_softmax's output), whatever the prompt's length
+PROMPT_LOGPROB_CHUNK = 512
 
 
 @dataclass
 class TokenLogprob:
-    """The log-probability of a generated token under the model (temperature 1), and its likeliest alternatives."""
+    """The log-probability of a token under the model (temperature 1), and its likeliest alternatives;
+    None for a prompt's first token, which nothing precedes."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Event:
     token: int | None = None
     finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
     logprob: TokenLogprob | None = None  # when the request asked for logprobs and the model chose the token
+    # when the request asked for prompt_logprobs: one entry per prompt token, sent once per sample before its first token
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -83,15 +90,18 @@ class Completion:
 
 
 class Request:
-    """One prompt being answered; the engine's thread puts its events, a consumer takes them: blocking
-    (`events()`), without waiting (`drain()`), or in an event loop (`abatches()`, given `loop`)."""
+    """Prompts being answered, n samples each (sample i of prompt p is choice p * n + i); the engine's
+    thread puts their events, a consumer takes them: blocking (`events()`), without waiting (`drain()`),
+    or in an event loop (`abatches()`, given `loop`)."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompt: list[int], params: SamplingParams, n: int = 1,
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
                  loop: asyncio.AbstractEventLoop | None = None, timeout: float | None = None):
         self.id = next(self._ids)
-        self.prompt, self.params, self.n = list(prompt), params, n
+        self.prompts, self.params, self.n = [list(p) for p in prompts], params, n
+        self.choices = len(self.prompts) * n
+        self.pending = deque(range(len(self.prompts)))  # prompts not yet admitted, in order
         self.cancelled = False
         self.loop = loop
         self.completion_tokens = 0
@@ -128,10 +138,14 @@ class Request:
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
                 self.cancelled = True
 
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
     def events(self):
         """Blocking iterator of Events until every sample finished."""
         finished = 0
-        while finished < self.n:
+        while finished < self.choices:
             with self._ready:
                 self._ready.wait_for(lambda: self._events)
                 event = self._events.popleft()
@@ -152,7 +166,7 @@ class Request:
         The first event and every finish go out at once.
         Raises TimeoutError if `patience` seconds pass past the deadline with no event (the engine is stuck)."""
         finished, due = 0, 0.0
-        while finished < self.n:
+        while finished < self.choices:
             if not await self._until(lambda: self._events, any_event=True, timeout=self._patience_left(patience)):
                 raise asyncio.TimeoutError
             hold = due - time.monotonic()
@@ -192,12 +206,26 @@ def _wake(future: asyncio.Future) -> None:
         future.set_result(None)
 
 
+@dataclass
+class Admitted:
+    """One prompt of a request, taken from the queue with the slots its samples will use."""
+
+    request: Request
+    prompt_index: int
+    slots: list[int]
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.request.prompts[self.prompt_index]
+
+
 @dataclass(eq=False)  # identity: a sequence is found in the running list by what it is, not by comparing its tokens
 class Sequence:
     """One sample of a request, living in one cache slot."""
 
     request: Request
-    index: int
+    prompt: list[int]
+    index: int  # the request's choice: prompt number * n + sample number
     slot: int
     generator: torch.Generator
     tokens: list[int] = field(default_factory=list)
@@ -244,14 +272,24 @@ class Engine:
     # ------------------------------------------------------------ requests
 
     def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, loop=None, timeout: float | None = None) -> Request:
-        """Queue a request; raises ValueError if it can never fit, RuntimeError once the engine is closed."""
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if len(prompt) >= self.max_len:
-            raise ValueError(f"the prompt has {len(prompt)} tokens; the context holds {self.max_len}")
+        """Queue a request for one prompt (see submit_batch)."""
+        return self.submit_batch([prompt], params, n, loop, timeout)
+
+    def submit_batch(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, loop=None,
+                     timeout: float | None = None) -> Request:
+        """Queue a request for several prompts, admitted one after another as slots free up (those that
+        arrive together share prefill passes); raises ValueError if one can never fit, RuntimeError once
+        the engine is closed."""
+        if not prompts:
+            raise ValueError("there are no prompts")
+        for i, prompt in enumerate(prompts):
+            # a prompt fills the cache only when nothing is to follow it (scoring)
+            if not prompt or len(prompt) + min(params.max_tokens, 1) > self.max_len:
+                raise ValueError(f"prompt {i} has {len(prompt)} tokens; the context holds {self.max_len}"
+                                 + (" with room for one more" if params.max_tokens else ""))
         if not 1 <= n <= self.cache.slots:
             raise ValueError(f"n must be between 1 and {self.cache.slots}")
-        request = Request(prompt, params, n, loop, timeout)
+        request = Request(prompts, params, n, loop, timeout)
         with self.wakeup:
             if self.closed is not None:
                 raise RuntimeError(self.closed.message)
@@ -339,51 +377,99 @@ class Engine:
         admitted = []
         with self.lock:
             while self.waiting and len(self.free_slots) >= self.waiting[0].n:
-                request = self.waiting.popleft()
-                admitted.append((request, sorted(self.free_slots.pop(0) for _ in range(request.n))))
+                request = self.waiting[0]
+                if request.pending:  # none left once all are in, or the request was ended
+                    admitted.append(Admitted(request, request.pending.popleft(), sorted(self.free_slots.pop(0) for _ in range(request.n))))
+                if not request.pending:
+                    self.waiting.popleft()
         for group in prefill_groups(admitted, self.max_len):
             self._prefill_isolated(group)
 
-    def _prefill_isolated(self, group: list[tuple[Request, list[int]]]) -> None:
+    def _prefill_isolated(self, group: list[Admitted]) -> None:
+        group = [item for item in group if not self._ended(item)]
+        if not group:
+            return
         try:
             logits, seqs = self._prefill(group)
         except Exception as exc:
             if len(group) > 1:  # find the request at fault: each alone, from empty slots again
-                for _, slots in group:
-                    for slot in slots:
+                for item in group:
+                    for slot in item.slots:
                         self.cache.release(slot)
                 for one in group:
                     self._prefill_isolated([one])
                 return
-            request, slots = group[0]  # this request alone: a bad parameter, a prompt too long for memory
-            log.exception("request %d failed while being admitted", request.id)
-            self.fail_request(request, *_status_of(exc), slots=slots)
+            item = group[0]  # this prompt alone: a bad parameter, a prompt too long for memory
+            log.exception("request %d failed while being admitted", item.request.id)
+            self.fail_request(item.request, *_status_of(exc), slots=item.slots)
             return
         self.active.extend(seqs)
         self.active.sort(key=lambda s: s.slot)
+        sampled = [row for row, seq in enumerate(seqs) if seq.request.params.max_tokens > 0]
+        for seq in seqs:
+            if seq.request.params.max_tokens == 0:  # scored, nothing to generate
+                self._finish(seq, "length")
         try:
-            self._sample_and_accept(logits, seqs)
+            if sampled:
+                self._sample_and_accept(logits if len(sampled) == len(seqs) else logits[sampled], [seqs[r] for r in sampled])
         except Exception as exc:  # not one row's fault (those are caught inside): the whole group
             log.exception("sampling the first tokens failed")
-            for request, _ in group:
-                self.fail_request(request, *_status_of(exc))
+            for item in group:
+                self.fail_request(item.request, *_status_of(exc))
 
-    def _prefill(self, group: list[tuple[Request, list[int]]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """One forward pass over the group's prompts (right-padded), into each request's first slot;
-        its other samples get copies. Returns the last-position logits, one row per new sequence."""
-        lengths = [len(request.prompt) for request, _ in group]
+    def _ended(self, item: Admitted) -> bool:
+        """True (and its slots freed) if the item's request ended while it waited in a prefill group."""
+        if item.request.error is None and not item.request.cancelled:
+            return False
+        for slot in item.slots:
+            if slot not in self.free_slots:
+                self._free(slot)
+        return True
+
+    def _prefill(self, group: list[Admitted]) -> tuple[torch.Tensor, list[Sequence]]:
+        """One forward pass over the group's prompts (right-padded), into each one's first slot; its
+        other samples get copies. Returns the last-position logits, one row per new sequence; a request
+        that asked for its prompt's log-probabilities is sent them first."""
+        lengths = [len(item.prompt) for item in group]
         width = max(lengths)
-        ids = torch.tensor([request.prompt + [0] * (width - len(request.prompt)) for request, _ in group], device=self.device)
-        view = self.cache.prefill_view([slots[0] for _, slots in group], lengths)
+        ids = torch.tensor([item.prompt + [0] * (width - len(item.prompt)) for item in group], device=self.device)
+        view = self.cache.prefill_view([item.slots[0] for item in group], lengths)
         last = torch.tensor(lengths, device=self.device) - 1
-        logits = self.model(ids, kv_cache=view, logits_at=last)[:, 0]
+        scored = [row for row, item in enumerate(group) if item.request.params.prompt_logprobs is not None]
+        if scored:
+            hidden = self.model.hidden_states(ids, kv_cache=view)
+            logits = self.model.logits(hidden[torch.arange(len(group), device=self.device), last])
+            prompt_logprobs = {row: self._prompt_logprobs(hidden[row, : lengths[row] - 1], group[row]) for row in scored}
+        else:
+            logits, prompt_logprobs = self.model(ids, kv_cache=view, logits_at=last)[:, 0], {}
         seqs, rows = [], []
-        for row, (request, slots) in enumerate(group):
-            for slot in slots[1:]:
-                self.cache.copy_slot(slots[0], slot)
-            seqs += [Sequence(request, i, slot, make_generator(request.params.seed, i, self.device)) for i, slot in enumerate(slots)]
-            rows += [row] * len(slots)
+        for row, item in enumerate(group):
+            for slot in item.slots[1:]:
+                self.cache.copy_slot(item.slots[0], slot)
+            n, params = item.request.n, item.request.params
+            seqs += [Sequence(item.request, item.prompt, item.prompt_index * n + i, slot, make_generator(params.seed, i, self.device))
+                     for i, slot in enumerate(item.slots)]
+            rows += [row] * len(item.slots)
+            if row in prompt_logprobs:
+                for i in range(n):
+                    item.request.put(Event(item.prompt_index * n + i, prompt_logprobs=prompt_logprobs[row]))
         return (logits if len(rows) == len(group) else logits[rows]), seqs
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, item: Admitted) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the ones before it (None for the first), with the
+        `prompt_logprobs` likeliest; `hidden` holds the final states of all positions but the last.
+        A chunk of positions at a time: a full prompt's (positions x vocabulary) logits can be large."""
+        k, prompt = item.request.params.prompt_logprobs, item.prompt
+        entries = [TokenLogprob(prompt[0], None, None)]
+        for start in range(0, hidden.size(0), PROMPT_LOGPROB_CHUNK):
+            logp = torch.log_softmax(self.model.logits(hidden[start : start + PROMPT_LOGPROB_CHUNK]), dim=-1)
+            targets = torch.tensor(prompt[start + 1 : start + 1 + logp.size(0)], device=logp.device)
+            chosen = logp.gather(1, targets[:, None])[:, 0].tolist()
+            top_values, top_ids = logp.topk(max(k, 1), dim=-1)
+            top_values, top_ids = top_values[:, :k].tolist(), top_ids[:, :k].tolist()
+            entries += [TokenLogprob(t, lp, list(zip(ids, values)))
+                        for t, lp, ids, values in zip(targets.tolist(), chosen, top_ids, top_values)]
+        return entries
 
     def _decode(self) -> None:
         rows = max(s.slot for s in self.active) + 1
@@ -470,7 +556,7 @@ class Engine:
         self._stream_text(seq, token, logprob)
         if seq.finish_reason is None:
             hit_length = len(seq.tokens) >= seq.request.params.max_tokens
-            full = len(seq.request.prompt) + len(seq.tokens) >= self.max_len
+            full = len(seq.prompt) + len(seq.tokens) >= self.max_len
             if hit_length or full:
                 self._finish(seq, "length")
 
@@ -528,7 +614,8 @@ class Engine:
         for slot in slots:
             if slot not in self.free_slots:
                 self._free(slot)
-        for index in range(request.n):
+        request.pending.clear()
+        for index in range(request.choices):
             if index not in request.finished:
                 request.finished.add(index)
                 request.put(Event(index, "", None, reason))
@@ -546,13 +633,13 @@ class Engine:
             self.fail_request(request, status, message)
 
 
-def prefill_groups(admitted: list[tuple[Request, list[int]]], budget: int) -> list[list[tuple[Request, list[int]]]]:
-    """Admitted requests in batches for one prefill each: shortest prompts first, a batch growing while
+def prefill_groups(admitted: list[Admitted], budget: int) -> list[list[Admitted]]:
+    """Admitted prompts in batches for one prefill each: shortest prompts first, a batch growing while
     its padded size (rows x longest prompt) stays within `budget` tokens (the engine's context, so a batch
     never needs more memory than one full-length prompt would; a longer prompt goes alone)."""
     groups: list[list] = []
-    for item in sorted(admitted, key=lambda item: len(item[0].prompt)):
-        if groups and (len(groups[-1]) + 1) * len(item[0].prompt) <= budget:
+    for item in sorted(admitted, key=lambda item: len(item.prompt)):
+        if groups and (len(groups[-1]) + 1) * len(item.prompt) <= budget:
             groups[-1].append(item)
         else:
             groups.append([item])
@@ -561,7 +648,7 @@ def prefill_groups(admitted: list[tuple[Request, list[int]]], budget: int) -> li
 
 def _status_of(exc: Exception) -> tuple[int, str]:
     """The HTTP status and message a failed request reports: 503 for running out of memory (retry later), else 500."""
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if isinstance(exc, torch.OutOfMemoryError):
         return 503, "the server ran out of memory for this request; retry with a shorter prompt or fewer tokens"
     return 500, f"generation failed inside the server ({type(exc).__name__})"
 

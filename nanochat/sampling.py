@@ -16,10 +16,11 @@ class SamplingParams:
     temperature: float = 0.8  # 0 means greedy
     top_k: int | None = 50  # None or 0: no limit
     top_p: float = 1.0
-    max_tokens: int = 512
+    max_tokens: int = 512  # 0: none, the prompt is only scored (prompt_logprobs)
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     logprobs: int | None = None  # None: none; k: the chosen token's and the k likeliest (OpenAI allows 0-20)
+    prompt_logprobs: int | None = None  # the same for each prompt token, given the ones before it
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -28,12 +29,14 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.seed is not None and not -SEED_RANGE <= self.seed < SEED_RANGE:
             raise ValueError(f"seed must be a 64-bit integer, got {self.seed}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
-            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_TOP_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {value}")
 
 
 def make_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator:

@@ -49,14 +49,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":  # image_url, input_audio, file, ...
+            raise not_supported("messages", f"content parts of type {json.dumps(self.type)} are")
+        if self.text is None:
+            raise ValueError("a text part needs its text")
+        return self
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    role: str
+    content: str | list[ContentPart] | None = None
+    tool_calls: list | None = None  # accepted only when empty: this model cannot call tools
+    function_call: dict | None = None
+
+    @model_validator(mode="after")
+    def _representable(self):
+        if self.role in ("tool", "function"):
+            raise not_supported("messages", f"{self.role} messages (function calling) are")
+        if self.role not in ("system", "developer", "user", "assistant"):
+            raise ValueError(f"role must be system, developer, user or assistant, not {json.dumps(self.role)}")
+        if self.tool_calls or self.function_call:
+            raise not_supported("messages", "tool calls (function calling) are")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -127,30 +147,53 @@ class ChatRequest(_Sampling):
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
+    def prompt_logprobs_wanted(self) -> None:
+        return None
+
 
 class CompletionRequest(_Sampling):
-    """The legacy /v1/completions: plain text in, plain text out (what base models are for)."""
+    """The legacy /v1/completions: text or token ids in, text out (what base models and evaluation
+    harnesses use). Several prompts make several choices, n for each, in order."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's limit for this endpoint
     echo: bool = False
     suffix: str | None = None
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT)  # 0 with echo: score the prompt, generate nothing
+    add_special_tokens: bool = True  # vLLM's field: read the prompt after a <|bos|> (serving/prompts.py)
 
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.echo:
-            raise not_supported("echo", "echo is")
         if self.suffix:
             raise not_supported("suffix", "suffix is")
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise ApiError(400, "prompt must be one string (a list of prompts is not supported)", "prompt")
+        if self.prompt == []:
+            raise ApiError(400, "prompt must not be an empty list", "prompt")
         return self
 
-    def text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str] | list[list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return self.prompt
 
     def top_logprobs_wanted(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprobs_wanted(self) -> int | None:
+        return self.logprobs if self.echo else None
+
+
+class TokenizeRequest(_Strict):
+    """POST /tokenize, as vLLM takes it for text."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---------------------------------------------------------------- reading the body

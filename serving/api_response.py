@@ -87,4 +87,5 @@ class TextDialect(Dialect):
         tokens = [self.token_text(e.token) for e in entries]
         offsets = list(accumulate(map(len, tokens), initial=0))[:-1]
         return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+                "top_logprobs": [None if e.top is None else {self.token_text(t): lp for t, lp in e.top} for e in entries],
+                "text_offset": offsets}

@@ -1,7 +1,9 @@
 """One FastAPI app, two faces: an OpenAI-compatible API and a web page.
 
     POST /v1/chat/completions   chat, streaming or not (the `openai` client works unchanged)
-    POST /v1/completions        plain text in and out (for base models)
+    POST /v1/completions        text or token ids in, text out: several prompts, echo, prompt scoring
+                                (for base models and evaluation harnesses: lm-evaluation-harness's local-completions)
+    GET  /tokenizer_info, POST /tokenize, /detokenize   the tokenizer, as vLLM offers it
     GET  /v1/models, /health (and HEAD), /config, /stats, /metrics (Prometheus), and / (the chat page)
 
 Requests share the engine's continuous batching through an EngineWorker (a
@@ -34,9 +36,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.api_metrics import CountResponses, ServerMetrics, TokenClock
-from serving.api_request import ApiError, ChatRequest, CompletionRequest, read_json
+from serving.api_request import ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, read_json
 from serving.api_response import ChatDialect, Dialect, TextDialect, sse
-from nanochat.conversation import parts_from_shown
+from serving.prompts import Prompt, check_ids, read_prompt, tokenizer_info
+from nanochat.conversation import gather_system, parts_from_shown
 from nanochat.curves import curve_file, list_curves
 from nanochat.engine import Engine, EngineWorker, Request as EngineRequest
 from serving.error_pacing import ErrorPacer
@@ -127,8 +130,6 @@ class ChatService:
             total += len(text)
             if len(text) > s.max_message_chars:
                 raise ApiError(400, f"messages[{i}] has {len(text)} characters (limit {s.max_message_chars})", f"messages[{i}].content")
-            if m.role in ("system", "developer") and i != 0:
-                raise ApiError(400, f"a {m.role} message may only come first", f"messages[{i}].role")
             if m.role == "user" and not text.strip():
                 raise ApiError(400, f"messages[{i}] is empty", f"messages[{i}].content")
         if total > s.max_total_chars:
@@ -136,27 +137,33 @@ class ChatService:
         turns = [m for m in msgs if m.role not in ("system", "developer")]
         for i, m in enumerate(turns):
             if m.role != ("user" if i % 2 == 0 else "assistant"):
-                raise ApiError(400, "after an optional system message, turns must alternate user/assistant, starting and ending with user", "messages")
+                raise ApiError(400, "apart from system messages, turns must alternate user/assistant, starting and ending with user", "messages")
         if not turns or turns[-1].role != "user":
             raise ApiError(400, "the last message must be from the user", "messages")
         # the developer role is what current OpenAI clients send in place of system
-        return [{"role": "system" if m.role == "developer" else m.role,
-                 "content": parts_from_shown(m.text()) if m.role == "assistant" else m.text()} for m in msgs]
+        return gather_system([{"role": "system" if m.role == "developer" else m.role,
+                               "content": parts_from_shown(m.text()) if m.role == "assistant" else m.text()} for m in msgs])
 
-    def prompt_for(self, body: ChatRequest | CompletionRequest) -> list[int]:
+    def prompts_for(self, body: ChatRequest | CompletionRequest) -> list[Prompt]:
         tokenizer = self.engine.tokenizer
-        if isinstance(body, CompletionRequest):
-            if len(body.text()) > self.settings.max_total_chars:
-                raise ApiError(400, f"the prompt has {len(body.text())} characters (limit {self.settings.max_total_chars})", "prompt")
-            return tokenizer.encode(body.text(), prepend="<|bos|>")
-        return tokenizer.render_for_completion({"messages": self.conversation(body)})
+        if isinstance(body, ChatRequest):
+            return [Prompt(tokenizer.render_for_completion({"messages": self.conversation(body)}), 0, "")]
+        texts = [p for p in body.prompts() if isinstance(p, str)]
+        chars = sum(map(len, texts))
+        if chars > self.settings.max_total_chars:
+            raise ApiError(400, f"the prompt has {chars} characters (limit {self.settings.max_total_chars})", "prompt")
+        many = isinstance(body.prompt, list) and not isinstance(body.prompt[0], int)
+        return [read_prompt(tokenizer, prompt, body.add_special_tokens, f"prompt[{i}]" if many else "prompt")
+                for i, prompt in enumerate(body.prompts())]
 
-    def sampling(self, body: ChatRequest | CompletionRequest, prompt_len: int) -> SamplingParams:
-        s, room = self.settings, self.engine.max_len - prompt_len
-        if room < 1:
-            where = "prompt" if isinstance(body, CompletionRequest) else "messages"
-            raise ApiError(400, f"the prompt is {prompt_len} tokens; the model's context is {self.engine.max_len}", where, "context_length_exceeded")
-        param, asked = body.token_limit()
+    def sampling(self, body: ChatRequest | CompletionRequest, prompts: list[Prompt]) -> SamplingParams:
+        s, param, asked = self.settings, *body.token_limit()
+        longest = max(range(len(prompts)), key=lambda i: len(prompts[i].tokens))
+        prompt_len = len(prompts[longest].tokens)
+        room = self.engine.max_len - prompt_len
+        if room < (1 if asked != 0 else 0):  # a prompt only scored may fill the context
+            where = "messages" if isinstance(body, ChatRequest) else f"prompt[{longest}]" if len(prompts) > 1 else "prompt"
+            raise ApiError(400, f"{where} is {prompt_len} tokens; the model's context is {self.engine.max_len}", where, "context_length_exceeded")
         if asked is not None and asked > room:
             raise ApiError(400, f"{param}={asked} does not fit: the prompt uses {prompt_len} of {self.engine.max_len} tokens, "
                                 f"so at most {room} can follow", param, "context_length_exceeded")
@@ -166,22 +173,24 @@ class ChatService:
             temperature=s.temperature if body.temperature is None else body.temperature,
             top_k=s.top_k if body.top_k is None else body.top_k,
             top_p=1.0 if body.top_p is None else body.top_p,
-            max_tokens=asked or min(s.max_tokens or room, room),
+            max_tokens=asked if asked is not None else min(s.max_tokens or room, room),
             seed=body.seed, stop=tuple(body.stop or ()), logprobs=body.top_logprobs_wanted(),
+            prompt_logprobs=body.prompt_logprobs_wanted(),
         )
 
-    def start(self, body: ChatRequest | CompletionRequest, loop) -> EngineRequest:
+    def check_model(self, body) -> None:
         if body.model not in (None, "", self.settings.model_id):
             raise ApiError(404, f"the model '{body.model}' does not exist; this server serves '{self.settings.model_id}'", "model", "model_not_found")
-        prompt = self.prompt_for(body)
-        params = self.sampling(body, len(prompt))
+
+    def start(self, body: ChatRequest | CompletionRequest, prompts: list[Prompt], loop) -> EngineRequest:
+        params = self.sampling(body, prompts)
         if self.engine.queue_depth() >= self.settings.max_queue:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full", kind="rate_limit_error")
         reason = self.unavailable()
         if reason is not None:
             raise ApiError(503, reason, kind="server_error")
         try:
-            return self.engine.submit(prompt, params, body.n, loop=loop, timeout=self.settings.request_timeout)
+            return self.engine.submit_batch([p.tokens for p in prompts], params, body.n, loop=loop, timeout=self.settings.request_timeout)
         except RuntimeError as exc:  # closed between the check and the submit
             raise ApiError(503, str(exc), kind="server_error") from None
 
@@ -242,6 +251,7 @@ def create_app(engine: Engine, settings: ServerSettings, model_info: dict, worke
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
     add_completion_routes(app, service)
+    add_tokenizer_routes(app, service)
     add_info_routes(app, service)
     app.add_middleware(CountResponses, metrics=service.metrics)
     app.add_middleware(StripTrailingSlash)  # added last, so it runs first: routes and metrics see the bare path
@@ -258,6 +268,37 @@ def add_completion_routes(app: FastAPI, service: ChatService) -> None:
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await answer(service, request, CompletionRequest, TextDialect)
+
+
+def add_tokenizer_routes(app: FastAPI, service: ChatService) -> None:
+    """The tokenizer as vLLM serves it, so clients count tokens without a copy of it
+    (lm-evaluation-harness's tokenizer_backend=remote)."""
+    tokenizer, settings = service.engine.tokenizer, service.settings
+
+    async def body_of(request: Request, schema):
+        service.check_auth(request)
+        body = schema.model_validate(await read_json(request, settings.max_body_bytes, settings.body_timeout))
+        service.check_model(body)
+        return body
+
+    @app.get("/tokenizer_info")
+    async def info(request: Request):
+        service.check_auth(request)
+        return tokenizer_info(tokenizer, service.engine.max_len)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        body = await body_of(request, TokenizeRequest)
+        if len(body.prompt) > settings.max_total_chars:
+            raise ApiError(400, f"the prompt has {len(body.prompt)} characters (limit {settings.max_total_chars})", "prompt")
+        tokens = read_prompt(tokenizer, body.prompt, body.add_special_tokens, "prompt").tokens if body.prompt or body.add_special_tokens else []
+        return {"count": len(tokens), "max_model_len": service.engine.max_len, "tokens": tokens, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        body = await body_of(request, DetokenizeRequest)
+        check_ids(tokenizer, body.tokens, "tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
 
 def add_info_routes(app: FastAPI, service: ChatService) -> None:
@@ -329,14 +370,36 @@ class StripTrailingSlash:
 async def answer(service: ChatService, request: Request, schema, dialect_class) -> Response:
     service.check_auth(request)
     body = schema.model_validate(await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout))
-    engine_request = service.start(body, asyncio.get_running_loop())
+    service.check_model(body)
+    prompts = service.prompts_for(body)
+    engine_request = service.start(body, prompts, asyncio.get_running_loop())
     watcher = service.cancel_on_disconnect(request, engine_request)
     dialect = dialect_class(service.settings.model_id, service.engine.tokenizer)
+    echo = Echo(prompts, body.n, on=getattr(body, "echo", False))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(stream(service, dialect, engine_request, watcher, include_usage), media_type="text/event-stream",
+        return StreamingResponse(stream(service, dialect, engine_request, watcher, echo, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await collect(service, dialect, engine_request, watcher)
+    return await collect(service, dialect, engine_request, watcher, echo)
+
+
+class Echo:
+    """What `echo` puts before each choice, once: its prompt as the client sent it and, with logprobs,
+    the log-probabilities of the client's tokens (the engine's event for them, less any <|bos|> the
+    server added). Off, it adds nothing."""
+
+    def __init__(self, prompts: list[Prompt], n: int, on: bool):
+        self.prompts, self.n, self.on = prompts, n, on
+        self.done: set[int] = set()
+
+    def first(self, index: int, events: list) -> tuple[str, list]:
+        """The text and logprob entries to put before the choice's `events`; nothing after the first time."""
+        if not self.on or index in self.done:
+            return "", []
+        self.done.add(index)
+        prompt = self.prompts[index // self.n]
+        scored = next((e.prompt_logprobs for e in events if e.index == index and e.prompt_logprobs is not None), [])
+        return prompt.shown, scored[prompt.added :]
 
 
 @asynccontextmanager
@@ -353,14 +416,18 @@ async def serving(service: ChatService, engine_request: EngineRequest, watcher: 
         engine_request.cancel()  # no-op once finished; frees the slots otherwise
 
 
-async def collect(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task) -> JSONResponse:
-    n, clock = engine_request.n, TokenClock(service.metrics)
+async def collect(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task,
+                  echo: Echo) -> JSONResponse:
+    n, clock = engine_request.choices, TokenClock(service.metrics)
     texts, reasons = [""] * n, ["stop"] * n
     logprobs = None if engine_request.params.logprobs is None else [[] for _ in range(n)]
     async with serving(service, engine_request, watcher):
         async for batch in engine_request.abatches(patience=ENGINE_PATIENCE):
             for event in batch:
-                texts[event.index] += event.text
+                head, entries = echo.first(event.index, batch)
+                texts[event.index] += head + event.text
+                if logprobs is not None:
+                    logprobs[event.index] += entries
                 if event.token is not None:
                     clock.tokens(event.index)
                 if event.logprob is not None and logprobs is not None:
@@ -374,10 +441,11 @@ async def collect(service: ChatService, dialect: Dialect, engine_request: Engine
     return JSONResponse(dialect.whole(texts, reasons, logprobs, usage(engine_request)))
 
 
-async def stream(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task, include_usage: bool):
+async def stream(service: ChatService, dialect: Dialect, engine_request: EngineRequest, watcher: asyncio.Task, echo: Echo,
+                 include_usage: bool):
     clock = TokenClock(service.metrics)
     async with serving(service, engine_request, watcher):
-        for opening in dialect.opening(engine_request.n):
+        for opening in dialect.opening(engine_request.choices):
             yield opening
         counted = False  # from its first token: a stream still queued sends nothing, so takes no share of the rate
         try:
@@ -386,7 +454,7 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
                     service.streams, counted = service.streams + 1, True
                 for index, count in Counter(e.index for e in batch if e.token is not None).items():
                     clock.tokens(index, count)
-                chunks = batch_chunks(dialect, batch, engine_request.params.logprobs is not None)
+                chunks = batch_chunks(dialect, batch, engine_request.params.logprobs is not None, echo)
                 if chunks:  # a token whose text is held back (half a character) sends nothing yet
                     yield "".join(chunks)
         finally:
@@ -401,7 +469,7 @@ async def stream(service: ChatService, dialect: Dialect, engine_request: EngineR
         service.served += 1
 
 
-def batch_chunks(dialect: Dialect, batch: list, with_logprobs: bool) -> list[str]:
+def batch_chunks(dialect: Dialect, batch: list, with_logprobs: bool, echo: Echo) -> list[str]:
     """The chunks for what arrived at once: per sample, its text (and logprobs) in one chunk, then its
     finish. Held for the stream interval, or when this loop fell behind the engine, one chunk carries several
     tokens and the whole batch leaves in one socket write: per chunk is what a stream costs."""
@@ -410,8 +478,9 @@ def batch_chunks(dialect: Dialect, batch: list, with_logprobs: bool) -> list[str
         samples.setdefault(event.index, []).append(event)
     chunks = []
     for index, events in samples.items():
-        text = "".join(e.text for e in events)
-        logprobs = [e.logprob for e in events if e.logprob] if with_logprobs else None
+        head, entries = echo.first(index, events)
+        text = head + "".join(e.text for e in events)
+        logprobs = entries + [e.logprob for e in events if e.logprob] if with_logprobs else None
         if text or logprobs:
             chunks.append(dialect.chunk([dialect.delta(index, text, None, logprobs)]))
         reason = events[-1].finish_reason
@@ -421,7 +490,7 @@ def batch_chunks(dialect: Dialect, batch: list, with_logprobs: bool) -> list[str
 
 
 def usage(engine_request: EngineRequest) -> dict:
-    prompt, completion = len(engine_request.prompt), engine_request.completion_tokens
+    prompt, completion = engine_request.prompt_tokens, engine_request.completion_tokens
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -14,7 +14,7 @@ import httpx
 import torch
 
 from nanochat.checkpoint import save_checkpoint
-from nanochat.gpt import GPTConfig, build_model
+from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,19 +22,19 @@ SCRIPT_ANSWER = "<script>alert('pwned')</script> **bold** and `code`"
 FENCED_ANSWER = "Run this:\n\n```python\nprint('hi')\n```\n\nDone."
 
 
-def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER, endless: bool = False) -> None:
-    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer`; an `endless` one
+def make_served_model(base: Path, sequence_len: int = 1024, answer: str = SCRIPT_ANSWER, endless: bool = False) -> tuple[GPT, Tokenizer]:
+    """Tokenizer + an SFT checkpoint of a tiny model overfit to answer 'hi' with `answer` (returned too); an `endless` one
     never learns the end of the answer, so it goes on until max_tokens or its context.
     Trained on one thread: on 2 busy cores, two threads took 90 s where one took 7 s (measured)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _train_served_model(base, sequence_len, answer, endless)
+        return _train_served_model(base, sequence_len, answer, endless)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train_served_model(base: Path, sequence_len: int, answer: str, endless: bool) -> None:
+def _train_served_model(base: Path, sequence_len: int, answer: str, endless: bool) -> tuple[GPT, Tokenizer]:
     words = ["hello", "world", "script", "alert", "bold", "code", "and", "the", "answer", "is"]
     texts = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40)) + " <script> **x** `y`" for i in range(200)]
     tokenizer = Tokenizer.train_from_iterator(texts, vocab_size=300)
@@ -54,6 +54,7 @@ def _train_served_model(base: Path, sequence_len: int, answer: str, endless: boo
         opt.zero_grad()
     save_checkpoint(base / "chatsft_checkpoints" / "tiny", 200, model_state=model.state_dict(), optim_state=None,
                     data_state=None, meta={"model_config": config.to_dict()})
+    return model.eval(), tokenizer
 
 
 def free_port() -> int:

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from nanochat.engine import Engine, EngineWorker, Event, Request, collect, prefill_groups
+from nanochat.engine import Admitted, Engine, EngineWorker, Event, Request, collect, prefill_groups
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams
@@ -94,13 +94,12 @@ def test_waiting_prompts_are_prefilled_in_one_forward_pass(model, tokenizer):
 
 
 def test_prefill_groups_batch_by_padded_size():
-    def request(length):
-        return Request(list(range(length)), GREEDY)
+    def admitted(length, slot):
+        return Admitted(Request([list(range(length))], GREEDY), 0, [slot])
 
-    admitted = [(request(n), [slot]) for slot, n in enumerate((30, 5, 100, 6, 21))]
-    groups = prefill_groups(admitted, budget=64)
-    assert [[len(r.prompt) for r, _ in g] for g in groups] == [[5, 6, 21], [30], [100]]
-    assert [[slots for _, slots in g] for g in groups] == [[[1], [3], [4]], [[0]], [[2]]]
+    groups = prefill_groups([admitted(n, slot) for slot, n in enumerate((30, 5, 100, 6, 21))], budget=64)
+    assert [[len(item.prompt) for item in g] for g in groups] == [[5, 6, 21], [30], [100]]
+    assert [[item.slots for item in g] for g in groups] == [[[1], [3], [4]], [[0]], [[2]]]
 
 
 def test_more_requests_than_slots_wait_their_turn(model, tokenizer):
@@ -211,7 +210,7 @@ def _batches(events_at: list[tuple[float, Event]], interval: float, n: int = 1) 
 
     async def consume():
         loop = asyncio.get_running_loop()
-        request = Request([1], GREEDY, n=n, loop=loop)
+        request = Request([[1]], GREEDY, n=n, loop=loop)
         started = time.monotonic()
 
         def produce():
@@ -229,7 +228,7 @@ def test_abatches_gives_what_arrived_together_in_one_list():
     events = [Event(0, "ab"[i % 2], token=i) for i in range(6)] + [Event(0, "", None, "stop")]
 
     async def consume():
-        request = Request([1], GREEDY, loop=asyncio.get_running_loop())
+        request = Request([[1]], GREEDY, loop=asyncio.get_running_loop())
         for event in events:  # all there before the consumer looks, as when it fell behind the engine
             request.put(event)
         return [batch async for batch in request.abatches()]

@@ -47,11 +47,12 @@ def test_the_edges_of_each_range_are_accepted(fields):
     ({"top_k": -1}, "top_k must be >= 0, got -1"),
     ({"top_p": 0.0}, "top_p must be in (0, 1], got 0.0"),
     ({"top_p": 1.01}, "top_p must be in (0, 1], got 1.01"),
-    ({"max_tokens": 0}, "max_tokens must be >= 1, got 0"),
+    ({"max_tokens": -1}, "max_tokens must be >= 0, got -1"),
     ({"seed": SEED_RANGE}, f"seed must be a 64-bit integer, got {SEED_RANGE}"),
     ({"seed": -SEED_RANGE - 1}, f"seed must be a 64-bit integer, got {-SEED_RANGE - 1}"),
-    ({"logprobs": -1}, "top_logprobs must be in [0, 20], got -1"),
-    ({"logprobs": MAX_TOP_LOGPROBS + 1}, "top_logprobs must be in [0, 20], got 21"),
+    ({"logprobs": -1}, "logprobs must be in [0, 20], got -1"),
+    ({"logprobs": MAX_TOP_LOGPROBS + 1}, "logprobs must be in [0, 20], got 21"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs must be in [0, 20], got -1"),
 ])
 def test_values_out_of_range_are_refused_naming_the_field_and_range(fields, message):
     with pytest.raises(ValueError) as err:

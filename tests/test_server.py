@@ -107,7 +107,10 @@ MALFORMED = [
     ("empty user message", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": "   "}]), 400),
     ("ends with assistant", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "assistant", "content": "yo"}]), 400),
     ("two users in a row", "POST", "/v1/chat/completions", _chat(messages=HI + HI), 400),
-    ("late system message", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "system", "content": "be nice"}]), 400),
+    ("only a system message", "POST", "/v1/chat/completions", _chat(messages=[{"role": "system", "content": "be nice"}]), 400),
+    ("an image", "POST", "/v1/chat/completions", _chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]), 400),
+    ("a tool call", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}] + HI), 400),
+    ("a tool message", "POST", "/v1/chat/completions", _chat(messages=HI + [{"role": "tool", "content": "4", "tool_call_id": "1"}]), 400),
     ("temperature too high", "POST", "/v1/chat/completions", _chat(temperature=2.5), 400),
     ("temperature negative", "POST", "/v1/chat/completions", _chat(temperature=-0.1), 400),
     ("temperature a word", "POST", "/v1/chat/completions", _chat(temperature="hot"), 400),
@@ -308,3 +311,76 @@ def test_training_curves_are_listed_and_served_and_nothing_else_is(server, model
             assert refused.status_code == 404 and "secret" not in refused.text and "error" in refused.json(), name
     finally:
         (report / "curves-evil.png").unlink()
+
+
+# ---------------------------------------------------------------- the whole legacy completions protocol
+
+
+def _complete(server, **fields) -> dict:
+    resp = httpx.post(server.url + "/v1/completions", json={"model": "nanochat", "temperature": 0, **fields}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def test_token_id_prompts_and_prompt_lists_make_one_choice_each_in_order(server):
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()["tokens"]
+    alone = [_complete(server, prompt=p, max_tokens=5)["choices"][0]["text"] for p in ("hello world", "the answer")]
+    assert _complete(server, prompt=ids, max_tokens=5)["choices"][0]["text"] == alone[0]  # text and its ids read alike
+    both = _complete(server, prompt=["hello world", "the answer"], max_tokens=5, n=2)
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in both["choices"]] == [alone[0], alone[0], alone[1], alone[1]]  # n x prompts, prompt by prompt
+    as_ids = _complete(server, prompt=[ids, ids[:1]], max_tokens=5)
+    assert as_ids["choices"][0]["text"] == alone[0] and as_ids["usage"]["prompt_tokens"] == 2 * 1 + len(ids) + 1  # each after a <|bos|>
+
+
+def test_echo_scores_the_prompt_with_the_first_token_null_then_the_completion(server):
+    scored = _complete(server, prompt="<|bos|>hello world", max_tokens=0, echo=True, logprobs=2)["choices"][0]
+    assert scored["text"] == "<|bos|>hello world" and scored["finish_reason"] == "length"
+    lp = scored["logprobs"]
+    assert lp["tokens"] == ["<|bos|>", "hello", " world"] and lp["text_offset"] == [0, 7, 12]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing precedes it
+    assert all(v < 0 for v in lp["token_logprobs"][1:]) and all(len(top) == 2 for top in lp["top_logprobs"][1:])
+    # without the <|bos|> the server reads the prompt after one of its own: the same scores, none echoed
+    implied = _complete(server, prompt="hello world", max_tokens=0, echo=True, logprobs=1)["choices"][0]["logprobs"]
+    assert implied["tokens"] == ["hello", " world"] and implied["token_logprobs"] == pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    generated = _complete(server, prompt="hello world", max_tokens=3, logprobs=1)["choices"][0]
+    echoed = _complete(server, prompt="hello world", max_tokens=3, logprobs=1, echo=True)["choices"][0]
+    assert echoed["text"] == "hello world" + generated["text"]
+    assert echoed["logprobs"]["tokens"] == ["hello", " world"] + generated["logprobs"]["tokens"]
+    assert echoed["logprobs"]["token_logprobs"][2:] == pytest.approx(generated["logprobs"]["token_logprobs"], abs=1e-5)
+    streamed = [json.loads(line[6:]) for line in httpx.post(server.url + "/v1/completions", json={
+        "prompt": "hello world", "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1, "stream": True}).text.splitlines()
+        if line.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in streamed) == echoed["text"]
+
+
+def test_a_prompt_that_fills_the_context_can_be_scored_but_not_continued(server, client):
+    context = client.models.list().data[0].model_extra["context_length"]
+    bos = httpx.post(server.url + "/tokenize", json={"prompt": "<|bos|>", "add_special_tokens": False}).json()["tokens"]
+    full = bos + [5] * (context - 1)  # starting with <|bos|>, so the server adds none
+    assert len(_complete(server, prompt=full, max_tokens=0, echo=True, logprobs=0)["choices"][0]["logprobs"]["tokens"]) == context
+    refused = httpx.post(server.url + "/v1/completions", json={"prompt": [bos + [5], full], "max_tokens": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt[1]"
+    assert refused.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_tokenizer_endpoints_in_vllms_shapes(server):
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"]) == ("<|bos|>", "<|assistant_end|>") and "<|user_start|>" in info["chat_template"]
+    plain = httpx.post(server.url + "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}).json()
+    with_bos = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}).json()
+    bos = httpx.post(server.url + "/tokenize", json={"prompt": "<|bos|>", "add_special_tokens": False}).json()["tokens"]
+    assert with_bos["tokens"] == bos + plain["tokens"] and with_bos["count"] == len(with_bos["tokens"]) and plain["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", json={"tokens": with_bos["tokens"]}).json() == {"prompt": "<|bos|>hello world"}
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "outside the vocabulary" in bad.json()["error"]["message"]
+
+
+def test_system_and_developer_messages_anywhere_join_in_order(client):
+    def answer(messages):
+        return client.chat.completions.create(model="nanochat", messages=messages, temperature=0, max_tokens=20).choices[0].message.content
+
+    scattered = [{"role": "developer", "content": "be"}, HI[0], {"role": "assistant", "content": "ok"},
+                 {"role": "system", "content": [{"type": "text", "text": "brief"}]}, HI[0]]
+    joined = [{"role": "system", "content": "be\n\nbrief"}, HI[0], {"role": "assistant", "content": "ok"}, HI[0]]
+    assert answer(scattered) == answer(joined)
