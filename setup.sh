@@ -20,6 +20,7 @@ pyproject.toml or the chosen build changed.
 Options:
   --cpu     install the CPU build even when a GPU is present
   --check   only report what was found and what is missing; change nothing
+Both exit 1 when nvidia-smi lists a GPU that the torch in .venv cannot use.
   --help    show this help
 Environment:
   TORCH_VERSION   torch release to install (default 2.13.0)
@@ -87,18 +88,41 @@ write_env_file() {
       if [ -n "$cuda_home" ]; then
         echo "export CUDA_HOME=$cuda_home"
         echo 'export PATH="$CUDA_HOME/bin:$PATH"'
-        echo 'export LD_LIBRARY_PATH="$CUDA_HOME/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"'
-        echo "# Triton's bundled ptxas does not know sm_121a; CUDA 13's does."
+        echo "# Not LD_LIBRARY_PATH: torch loads CUDA's libraries from its nvidia-* wheels through its RUNPATH, which"
+        echo "# LD_LIBRARY_PATH precedes; \$CUDA_HOME/lib64 there would load the system's cuBLAS/nvJitLink instead."
+        echo "# Triton's bundled ptxas does not know sm_121a; CUDA 13's does. Triton >= 3.5 takes the ptxas for"
+        echo "# sm_100 and newer from TRITON_PTXAS_BLACKWELL_PATH (knobs.nvidia.ptxas_blackwell), older ones from TRITON_PTXAS_PATH."
+        echo 'export TRITON_PTXAS_BLACKWELL_PATH="$CUDA_HOME/bin/ptxas"'
         echo 'export TRITON_PTXAS_PATH="$CUDA_HOME/bin/ptxas"'
       else
         echo "# CUDA 13.0 toolkit not found: torch.compile will fail on sm_121 until it is installed."
       fi
-      echo "# Unified memory: smaller split blocks keep fragmentation of the shared 128 GB pool down."
-      echo 'export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-max_split_size_mb:512}"'
+      echo "# Unified memory: segments that grow in place (PyTorch docs, CUDA semantics, PYTORCH_CUDA_ALLOC_CONF:"
+      echo "# expandable_segments is for allocation sizes that change) instead of max_split_size_mb, which left the"
+      echo "# head's 640 MiB and 1 GiB blocks unsplittable. On two Sparks it kept 6-7 GiB more memory available"
+      echo "# (huggingface.co/nvidia/GLM-5.3-Flash-FP4-Local discussion 7); NVIDIA's NeMo tuning guide puts it first."
+      echo 'export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-expandable_segments:True}"'
     fi
     echo 'export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"'
   } > "$tmp"
   mv "$tmp" "$ENV_FILE"
+}
+
+# A GPU that nvidia-smi lists but .venv's torch cannot use (a build for a newer CUDA than the driver's, or a
+# CPU build) would make every stage train on the CPU in fp32 without an error: stop here instead.
+check_torch_sees_gpu() {
+  [ -n "$GPU_NAME" ] && [ -x "$VENV/bin/python" ] || return 0
+  local seen torch_version torch_cuda usable
+  seen=$("$VENV/bin/python" -c 'import torch; print(torch.__version__, torch.version.cuda or "none", int(torch.cuda.is_available()))' 2>/dev/null) || return 0
+  read -r torch_version torch_cuda usable <<<"$seen"
+  [ "$usable" = 1 ] && return 0
+  cat >&2 <<EOF
+setup.sh: nvidia-smi lists '$GPU_NAME' (driver CUDA ${DRIVER_CUDA:-unknown}), but torch $torch_version in $VENV
+cannot use it (torch.cuda.is_available() is False; torch built for CUDA $torch_cuda): the stages would train on the CPU.
+  fix:  a driver whose nvidia-smi shows "CUDA Version" $torch_cuda or newer, then: rm -rf $VENV && ./setup.sh
+  or:   ./setup.sh --cpu   to train on the CPU on purpose
+EOF
+  exit 1
 }
 
 report() {
@@ -114,7 +138,7 @@ report() {
   fi
 }
 
-if [ "$CHECK_ONLY" = 1 ]; then report; exit 0; fi
+if [ "$CHECK_ONLY" = 1 ]; then report; check_torch_sees_gpu; exit 0; fi
 
 # ---------------------------------------------------------------- install
 WANT="torch=$TORCH_VERSION index=$TORCH_INDEX pyproject=$(sha256sum pyproject.toml | cut -c1-16)"
@@ -136,6 +160,7 @@ else
   echo "$WANT" > "$STAMP"
 fi
 write_env_file
+check_torch_sees_gpu
 echo
 echo "setup complete:"
 report
