@@ -4,6 +4,7 @@ saves with its checkpoints is the job's, and a resumed run adds to it."""
 
 from __future__ import annotations
 
+import os
 import stat
 import sys
 import textwrap
@@ -45,7 +46,7 @@ def nvidia_smi(tmp_path, monkeypatch) -> Path:
             time.sleep(0.02)
         """))
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setenv("PATH", f"{folder}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return folder / "calls"
