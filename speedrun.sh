@@ -23,7 +23,7 @@ Options:
   --skip-rl        stop after SFT (no RL stage)
   --force STAGE    redo STAGE (prepare, pretrain, base-eval, mid, sft, rl, chat-eval);
                    its old checkpoints are moved aside, not deleted
-  --tiny           a small model sized for a laptop CPU: every stage runs (6m57s on a 2-core
+  --tiny           a small model sized for a laptop CPU: every stage runs (4m42s on a 2-core
                    Xeon VM with AMX, bench/README.md; the model talks nonsense, the point
                    is the whole pipeline)
   --data PATH      pretrain on a local corpus (.txt/.jsonl/.parquet file or folder) and use
