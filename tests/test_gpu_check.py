@@ -219,6 +219,66 @@ def test_on_cpu_the_peak_is_not_available_but_the_estimate_is_printed():
     assert got == "PASS" and "n/a (CPU)" in words and "3.00 GiB" in words
 
 
+# ---------------------------------------------------------------- without the project; the new checks
+
+
+def test_the_module_imports_nothing_of_the_project():
+    code = ("import sys; sys.path.insert(0, '.'); import bench.gpu_check; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'nanochat', 'sharing', 'tasks', 'serving'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_when_the_project_does_not_import_the_header_and_matmul_still_run(tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.split(".")[0] in ("nanochat", "sharing")] + ["nanochat"]:
+        monkeypatch.setitem(sys.modules, name, None)  # every project import now fails, as on a machine without rustbpe
+    out = tmp_path / "x.json"
+    assert gpu_check.main(["--device", "cpu", "--smoke", "--only", "bf16_matmul,chunked_loss", "--out", str(out)]) == 1
+    stdout = capsys.readouterr().out
+    assert status_lines(stdout) == {"bf16_matmul": "PASS", "chunked_loss": "FAIL"}
+    assert "project: import failed: ModuleNotFoundError" in stdout and f"torch: {torch.__version__}" in stdout
+    checks = json.loads(out.read_text())["checks"]
+    assert checks[0]["figures"]["tflops"] > 0 and "no peak to compare (project import failed" in checks[0]["message"]
+    assert "ModuleNotFoundError" in checks[1]["message"]
+
+
+@pytest.mark.parametrize("peak, status", [(1e9, "PASS"), (1e18, "FAIL")], ids=["above-half", "below-half"])
+def test_bf16_matmul_is_judged_against_half_the_datasheet_peak(monkeypatch, peak, status):
+    monkeypatch.setattr(hardware, "peak_flops", lambda device, dtype: (peak, "datasheet"))
+    outcome = gpu_check.check_bf16_matmul(gpu_check.Context(torch.device("cpu"), gpu_check.SMOKE, True, "aot_eager"))
+    assert outcome.status == status and outcome.figures["fraction_of_peak"] == outcome.figures["tflops"] * 1e12 / peak
+
+
+def test_attention_kernel_names_the_sdpa_backend_that_ran():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 16, 32)
+
+    def attend():
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        assert gpu_check.sdpa_kernels(attend) == ["math"]
+    outcome = gpu_check.check_attention_kernel(gpu_check.Context(torch.device("cpu"), gpu_check.SMOKE, True, "aot_eager"))
+    assert outcome.status == "PASS" and outcome.figures["fused"] and "flash (CPU)" in outcome.message
+
+
+def test_compiled_head_matches_eager_at_each_chunk_count():
+    import dataclasses
+
+    sizes = dataclasses.replace(gpu_check.SMOKE, head_chunk_counts=(1, 3))
+    outcome = gpu_check.check_compiled_head(gpu_check.Context(torch.device("cpu"), sizes, True, "aot_eager"))
+    assert outcome.status == "PASS", outcome.message
+    assert "1 chunk(s)" in outcome.message and "3 chunk(s)" in outcome.message
+    assert outcome.figures["c3_loss_rel"] <= gpu_check.HEAD_TOLERANCES[torch.bfloat16][0]
+
+
+def test_peak_memory_words_put_reserved_beside_allocated():
+    peak = Peak(allocated=6 * GIB, allocated_total=8 * GIB, reserved=10 * GIB)
+    assert peak.words() == "peak allocated 6.00 GiB, reserved 10.00 GiB (1.25x the 8.00 GiB allocated in all)"
+    assert peak.figures("b8_") == {"b8_peak_gib": 6.0, "b8_reserved_gib": 10.0, "b8_reserved_over_allocated": 1.25}
+
+
 # ---------------------------------------------------------------- the MFU peak table
 
 
