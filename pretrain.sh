@@ -30,7 +30,8 @@ Options:
   --gpus N         processes/GPUs on this machine (default: all visible GPUs, 1 without GPU)
   --nnodes N       machines in the run (default 1); with --node-rank and --master-addr
   --node-rank R    this machine's index, 0 on the machine given as --master-addr
-  --master-addr A  address of node 0 (default 127.0.0.1), port via --master-port (29500)
+  --master-addr A  address of node 0, the same on every node (required with --nnodes > 1);
+                   port via --master-port (29500)
   -h, --help       show this help
 Everything after `--` goes to scripts.base_train (python -m scripts.base_train --help).
 Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
@@ -38,7 +39,7 @@ Example: ./pretrain.sh --depth 12 -- --num-iterations 2000 --eval-every 200
 USAGE
 }
 
-DEPTH=""; BUDGET=""; BATCH=""; RUN=""; RESUME=""; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=127.0.0.1; MASTER_PORT=29500
+DEPTH=""; BUDGET=""; BATCH=""; RUN=""; RESUME=""; CORE=1; EVAL_TOKENS=""; GPUS=""; NNODES=1; NODE_RANK=0; MASTER_ADDR=""; MASTER_PORT=29500
 EXTRA=()
 canonical_flags "$@"; set -- "${FLAGS[@]}"
 while [ $# -gt 0 ]; do
@@ -60,6 +61,7 @@ while [ $# -gt 0 ]; do
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
+check_nodes
 
 # a malformed duration fails now, with base_train's message, not after the GPU count and the shard check
 [ -z "$BUDGET" ] || python -m nanochat.budget check "$BUDGET" || exit 2
@@ -86,7 +88,8 @@ launch scripts.base_train "${TRAIN_ARGS[@]}"
 step "base model loss"
 launch scripts.base_loss "${LOSS_ARGS[@]}"
 if [ "$CORE" = 1 ]; then
-  if [ -d "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}" ]; then
+  # node 0's bundle decides for every node: a node that skipped the step would leave the others at its rendezvous
+  if node0_has "${NANOCHAT_EVAL_BUNDLE:-$NANOCHAT_BASE_DIR/eval_bundle}"; then
     step "base model CORE"
     launch scripts.base_eval
   else

@@ -11,8 +11,13 @@ Everything is written into a hidden `.step_000123.tmp` folder first and renamed
 when complete, so a crash at any instant leaves the previous checkpoint intact.
 Loading checks sizes and hashes and falls back to the previous checkpoint
 (with a warning naming what is wrong) when the newest one is broken.
-Each node writes its own copy (local rank 0 owns the folder), so two machines
-without a shared filesystem each keep what their ranks need to resume.
+One rank writes each copy, found at run time (find_writers), not configured:
+on one filesystem shared by every rank (a shared home folder), global rank 0
+writes for all; on machines with disks of their own, the lowest rank of each
+machine writes that machine's copy, which holds the weights and the files of
+its own ranks. Resuming, the ranks agree first (agreed_step): every rank
+continues the same step, the newest that every rank can load, or they all stop
+with one error naming which rank lacks what.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -41,6 +48,9 @@ META_FILE = "meta.json"
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint; the message says what was looked for where."""
+
+
+T = TypeVar("T")
 
 
 def step_dir_name(step: int) -> str:
@@ -62,7 +72,7 @@ def data_file(rank: int) -> str:
     return f"data_rank{rank}.json"
 
 
-# ---------------------------------------------------------------- saving
+# ---------------------------------------------------------------- ranks together
 
 
 def _dist_on() -> bool:
@@ -72,6 +82,92 @@ def _dist_on() -> bool:
 def _barrier() -> None:
     if _dist_on():
         dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _dist_on() else 0
+
+
+def gather(value: T) -> list[T]:
+    """Every rank's `value`, in rank order (a collective: every rank calls it)."""
+    if not _dist_on():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+def agree(work: Callable[[], T]) -> T:
+    """work() on every rank; when it raised CheckpointError on any rank, every rank raises one
+    naming each rank's problem, so no rank goes on to a collective the others never reach."""
+    try:
+        mine, problem = work(), None
+    except CheckpointError as exc:
+        mine, problem = None, str(exc)
+    problems = gather(problem)
+    if any(problems):
+        raise CheckpointError(_by_rank(problems) if len(problems) > 1 else problems[0])
+    return mine
+
+
+def _by_rank(problems: list[str | None]) -> str:
+    """'rank 1: X; ranks 2, 3: Y': each distinct problem once, with the ranks that have it."""
+    ranks: dict[str, list[int]] = {}
+    for rank, problem in enumerate(problems):
+        if problem:
+            ranks.setdefault(problem, []).append(rank)
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {problem}" for problem, rs in ranks.items())
+
+
+@dataclass(frozen=True)
+class Writers:
+    """Which rank writes the copy that each rank reads and writes its own files into."""
+
+    of: tuple[int, ...]  # of[r]: the rank that writes rank r's copy
+    rank: int
+
+    @property
+    def me(self) -> bool:
+        return self.of[self.rank] == self.rank
+
+    def served(self) -> set[int]:
+        """The ranks whose files go into the copy this rank writes."""
+        return {r for r, writer in enumerate(self.of) if writer == self.rank}
+
+
+def find_writers(folder: Path) -> Writers:
+    """Who writes in `folder`, found by looking (every rank calls it): each rank leaves a marker file with
+    a random name there; once all have, each rank opens every rank's marker by name; the lowest rank whose
+    marker it can read shares its filesystem and writes for it. One filesystem for all: rank 0 writes; a
+    disk per machine: each machine's lowest rank. Random names, never looked up before, so a network
+    filesystem cannot answer from a cache; opened rather than listed, for close-to-open consistency."""
+    folder = Path(folder)
+    if not _dist_on():
+        return Writers((0,), 0)
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    marker = folder / f".writer-{token}"
+    marker.write_text(token)
+    tokens = gather(token)  # returns once every rank has written its marker
+    try:
+        writer = min(r for r, t in enumerate(tokens) if _reads(folder / f".writer-{t}", t))
+        writers = gather(writer)  # returns once every rank has looked
+    finally:
+        marker.unlink(missing_ok=True)
+    if any(writers[w] != w for w in writers):
+        raise CheckpointError(f"the ranks see {folder} inconsistently (the writer of each rank's copy: {writers}): "
+                              "give every rank of a machine the same $NANOCHAT_BASE_DIR")
+    return Writers(tuple(writers), dist.get_rank())
+
+
+def _reads(path: Path, token: str) -> bool:
+    try:
+        return path.read_text() == token
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------- saving
 
 
 def _write_synced(path: Path, writer) -> None:
@@ -88,28 +184,27 @@ def save_checkpoint(
     optim_state: list[dict] | None,
     data_state: dict | None,
     meta: dict,
-    rank: int = 0,
-    local_rank: int = 0,
-    world_size: int = 1,
     keep_last: int | None = None,
 ) -> Path:
-    """Write one checkpoint (call on every rank); returns its folder."""
+    """Write one checkpoint (call on every rank, in or out of a process group); returns its folder.
+    Each rank writes its own optimizer and data files into the copy of its writer (find_writers)."""
     tag_dir = Path(tag_dir)
     final = tag_dir / step_dir_name(step)
     tmp = tag_dir / f".{final.name}.tmp"
-    owner = local_rank == 0
-    if owner:
+    writers = find_writers(tag_dir.parent)
+    if writers.me:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
+    rank = _rank()
     mine = _write_rank_files(tmp, rank, optim_state, data_state)
-    if owner:
+    if writers.me:
         _write_synced(tmp / MODEL_FILE, lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(p)))
-        mine[MODEL_FILE] = _describe(tmp / MODEL_FILE)
-    files = _gather_file_table(mine)
-    if owner:
-        present = {name: info for name, info in files.items() if (tmp / name).exists()}
-        full_meta = {**meta, "step": step, "world_size": world_size, "files": present}
+    tables = gather(mine)
+    if writers.me:
+        files = {name: info for r in sorted(writers.served()) for name, info in tables[r].items()}
+        files[MODEL_FILE] = _describe(tmp / MODEL_FILE)
+        full_meta = {**meta, "step": step, "world_size": len(writers.of), "files": files}
         _write_synced(tmp / META_FILE, lambda p: p.write_text(json.dumps(full_meta, indent=2)))
         _replace_dir(tmp, final)
         if keep_last:
@@ -127,14 +222,6 @@ def _write_rank_files(tmp: Path, rank: int, optim_state, data_state) -> dict[str
         _write_synced(tmp / data_file(rank), lambda p: p.write_text(json.dumps(data_state)))
         written[data_file(rank)] = _describe(tmp / data_file(rank))
     return written
-
-
-def _gather_file_table(mine: dict) -> dict:
-    if not _dist_on():
-        return dict(mine)
-    tables: list = [None] * dist.get_world_size()
-    dist.all_gather_object(tables, mine)
-    return {k: v for t in tables for k, v in t.items()}
 
 
 def _describe(path: Path) -> dict:
@@ -199,6 +286,38 @@ def verify(path: Path, needed: list[str]) -> dict:
     return meta
 
 
+def _needed(rank: int, with_training_state: bool) -> list[str]:
+    return [MODEL_FILE] + ([optim_file(rank), data_file(rank)] if with_training_state else [])
+
+
+def newest_usable_step(tag_dir: Path, *, rank: int = 0, with_training_state: bool = True) -> int:
+    """The newest step in `tag_dir` whose files (this rank's, with `with_training_state`) check out; a broken
+    one is skipped with a warning naming what is wrong. CheckpointError when there is none."""
+    tag_dir = Path(tag_dir)
+    steps = list(reversed(list_steps(tag_dir)))
+    if not steps:
+        raise CheckpointError(f"no checkpoint found in {tag_dir}")
+    problems = []
+    for step in steps:
+        try:
+            verify(tag_dir / step_dir_name(step), _needed(rank, with_training_state))
+            return step
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            log.warning("skipping broken checkpoint: %s", exc)
+    raise CheckpointError(f"no usable checkpoint in {tag_dir}: " + "; ".join(problems))
+
+
+def agreed_step(tag_dir: Path, rank: int) -> int:
+    """The step every rank resumes (a collective): the oldest of the ranks' newest usable steps, so a rank
+    whose newest copy is broken or missing takes the others back with it instead of training apart."""
+    steps = gather(agree(lambda: newest_usable_step(tag_dir, rank=rank)))
+    if len(set(steps)) > 1:
+        log.warning("the ranks' newest usable checkpoints differ (%s); every rank resumes step %d",
+                    ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps)), min(steps))
+    return min(steps)
+
+
 def load_checkpoint(
     tag_dir: Path, step: int | None = None, *, rank: int = 0, with_training_state: bool = True, device: str | torch.device = "cpu"
 ) -> Checkpoint:
@@ -208,25 +327,15 @@ def load_checkpoint(
     are required too (resuming); without, only the weights (inference).
     """
     tag_dir = Path(tag_dir)
-    candidates = [step] if step is not None else list(reversed(list_steps(tag_dir)))
-    if not candidates:
-        raise CheckpointError(f"no checkpoint found in {tag_dir}")
-    problems = []
-    for s in candidates:
-        path = tag_dir / step_dir_name(s)
-        needed = [MODEL_FILE] + ([optim_file(rank), data_file(rank)] if with_training_state else [])
-        try:
-            meta = verify(path, needed)
-        except CheckpointError as exc:
-            problems.append(str(exc))
-            log.warning("skipping broken checkpoint: %s", exc)
-            continue
-        ckpt = Checkpoint(s, path, meta, load_file(str(path / MODEL_FILE), device=str(device)))
-        if with_training_state:
-            ckpt.optim_state = torch.load(path / optim_file(rank), map_location=device, weights_only=True)
-            ckpt.data_state = json.loads((path / data_file(rank)).read_text())
-        return ckpt
-    raise CheckpointError(f"no usable checkpoint in {tag_dir}: " + "; ".join(problems))
+    if step is None:
+        step = newest_usable_step(tag_dir, rank=rank, with_training_state=with_training_state)
+    path = tag_dir / step_dir_name(step)
+    meta = verify(path, _needed(rank, with_training_state))
+    ckpt = Checkpoint(step, path, meta, load_file(str(path / MODEL_FILE), device=str(device)))
+    if with_training_state:
+        ckpt.optim_state = torch.load(path / optim_file(rank), map_location=device, weights_only=True)
+        ckpt.data_state = json.loads((path / data_file(rank)).read_text())
+    return ckpt
 
 
 # ---------------------------------------------------------------- models by stage

@@ -1,7 +1,10 @@
 """Shared plumbing: where artifacts live, which device and dtype to use,
 torchrun-aware distributed setup, and rank-aware printing and logging.
 
-`python -m nanochat.common` prints a short report of what was found.
+`python -m nanochat.common` prints a short report of what was found;
+`python -m nanochat.common node0-has PATH`, started by torchrun with one process
+per node, prints node 0's answer (yes or no) on every node: how a stage script
+makes a decision on files once for all nodes (scripts/common.sh node0_has).
 """
 
 from __future__ import annotations
@@ -152,13 +155,18 @@ def compute_init(device_type: str | None = None, seed: int = 42) -> DistInfo:
     return DistInfo(world_size > 1 or dist.is_initialized(), rank, local_rank, world_size, device)
 
 
-def compute_cleanup() -> None:
-    """Leave the process group, if one was joined; safe to call always."""
-    if dist.is_available() and dist.is_initialized():
-        # Every rank finishes its last collective before any tears its connections down;
-        # gloo aborts a peer whose connection closes mid-operation.
+def compute_cleanup(orderly: bool = True) -> None:
+    """Leave the process group, if one was joined; safe to call always. `orderly`: after work every rank
+    finished, wait for all first (gloo aborts a peer whose connection closes mid-operation). After a failure
+    nothing is awaited: the peers may be stuck in a collective this rank never joins, and they stop sooner
+    when its connections close (gloo) or torchrun sees it exit."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if orderly:
         dist.barrier()
         dist.destroy_process_group()
+    elif dist.get_backend() == "gloo":
+        dist.destroy_process_group()  # local for gloo; NCCL's destroy could wait on a collective that never ends
 
 
 def get_rank() -> int:
@@ -216,6 +224,32 @@ def _cpu_bf16_line(device_type: str) -> str:
     return "no (fp32 compute)"
 
 
+def node0_has(path: str) -> bool:
+    """Whether `path` exists on rank 0's machine; under torchrun every rank gets rank 0's answer. Over gloo
+    whatever the device, so asking needs no GPU."""
+    if _torchrun_env() is None:
+        return Path(path).exists()
+    dist.init_process_group("gloo")
+    try:
+        answer = [Path(path).exists() if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(answer, src=0)
+        return bool(answer[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        for key, value in environment_report().items():
+            print(f"  {key:<11} {value}")
+        return 0
+    if len(args) == 2 and args[0] == "node0-has":
+        print("yes" if node0_has(args[1]) else "no", flush=True)
+        return 0
+    print("usage: python -m nanochat.common [node0-has PATH]", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-    for key, value in environment_report().items():
-        print(f"  {key:<11} {value}")
+    sys.exit(main())

@@ -10,7 +10,10 @@ The modes, chosen by every training stage's flags (add_resume_args):
   run it made from the old one.
 - resume (--resume): the same, but no checkpoint to continue is an error.
 - fresh (--fresh): move the tag's folder aside (<tag>.old-<time>, nothing is
-  deleted) and start at step 0.
+  deleted; on machines with disks of their own, each machine's copy) and start at step 0.
+
+Under torchrun every rank decides alike: a rank that finds no checkpoint where
+another continues one, or a mismatch, stops every rank with one error.
 
 A continued run keeps the device batch it was running with unless one is
 given, so re-measuring memory cannot change the run's shape halfway.
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from nanochat.checkpoint import META_FILE, CheckpointError, list_steps, step_dir_name
+from nanochat.checkpoint import META_FILE, CheckpointError, agree, find_writers, gather, list_steps, step_dir_name
 from nanochat.common import print0
 
 MODES = ("auto", "resume", "fresh")
@@ -65,27 +68,46 @@ def mismatches(meta: dict, model_config: dict, settings: dict, started_from: dic
     return found
 
 
-def move_aside(tag_dir: Path) -> Path:
-    """Rename the tag's folder out of the way: rank 0 renames, and every rank has looked at the folder
-    before and waits for the rename after, so all of them see the same old run and the same new start."""
-    aside = tag_dir.with_name(f"{tag_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    if _is_master():
+def move_aside(tag_dir: Path) -> Path | None:
+    """Rename the tag's folder out of the way (every rank calls it): the writer of each copy of the run
+    (nanochat.checkpoint.find_writers) renames its copy, under rank 0's time, so the nodes' copies keep one
+    name, and says so (each machine's log then tells its own copy's fate); every rank waits for the renames,
+    so none looks before its writer has renamed. The new name, or None where no copy had a run."""
+    writers = find_writers(tag_dir.parent)
+    aside = tag_dir.with_name(f"{tag_dir.name}.old-{gather(time.strftime('%Y%m%d-%H%M%S'))[0]}")
+    moved = writers.me and tag_dir.is_dir() and any(tag_dir.iterdir())
+    if moved:
         tag_dir.rename(aside)
+        print(f"--fresh: moved the old run aside to {aside}; starting at step 0", flush=True)
+    had_run = gather(moved)
     _barrier()
-    return aside
+    return aside if any(had_run) else None
 
 
 def decide(tag_dir: Path, mode: str, model_config: dict, settings: dict, started_from: dict | None = None) -> dict | None:
     """The saved meta of the checkpoint to continue from, or None to start at step 0 (after --fresh's move).
-    settings: this run's flag values, as its checkpoints record them ("args"). started_from: for a stage that continues another's model, {source, model_tag, step} of that model."""
+    settings: this run's flag values, as its checkpoints record them ("args"). started_from: for a stage that continues another's model, {source, model_tag, step} of that model.
+    Every rank calls it and every rank gets the same answer: all continue, all start, or all raise."""
     if mode not in MODES:
         raise ValueError(f"unknown resume mode {mode!r}; expected one of {', '.join(MODES)}")
     if mode == "fresh":
-        had_run = tag_dir.is_dir() and any(tag_dir.iterdir())
-        _barrier()  # no rank looks after rank 0 has renamed: they would disagree on whether to wait for it
-        if had_run:
-            print0(f"--fresh: moved the old run aside to {move_aside(tag_dir)}; starting at step 0")
+        move_aside(tag_dir)
         return None
+    meta = agree(lambda: _continuable(tag_dir, mode, model_config, settings, started_from))
+    steps = gather(meta and meta.get("step"))
+    if None in steps and any(s is not None for s in steps):
+        lacking = [r for r, s in enumerate(steps) if s is None]
+        raise CheckpointError(
+            f"rank(s) {', '.join(map(str, lacking))} find no checkpoint in {tag_dir} where the others continue one: "
+            "a machine with its own disk needs its own copy of the run's folder (copy it there), or --fresh starts over"
+        )
+    if meta is not None and mode == "auto":
+        print0(f"continuing the run in {tag_dir} (--fresh starts over)")
+    return meta
+
+
+def _continuable(tag_dir: Path, mode: str, model_config: dict, settings: dict, started_from: dict | None) -> dict | None:
+    """This rank's answer: the newest saved meta when it matches this run, None when there is none."""
     meta = newest_meta(tag_dir) if tag_dir.is_dir() else None
     if meta is None:
         if mode == "resume":
@@ -97,8 +119,6 @@ def decide(tag_dir: Path, mode: str, model_config: dict, settings: dict, started
             f"{tag_dir} holds a run made with other settings ({'; '.join(differences)}): run with its settings "
             "to continue it, or --fresh to move it aside and start over"
         )
-    if mode == "auto":
-        print0(f"continuing the run in {tag_dir} (--fresh starts over)")
     return meta
 
 
@@ -111,7 +131,3 @@ def _model_name(started_from: dict | None) -> str:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _is_master() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

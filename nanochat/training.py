@@ -21,15 +21,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, step_dir_name
-from nanochat.common import DistInfo, print0
+from nanochat.checkpoint import CheckpointError, agree, agreed_step, load_checkpoint, save_checkpoint, step_dir_name
+from nanochat.budget import BudgetError
+from nanochat.common import DataError, DistInfo, compute_cleanup, compute_init, print0
 from nanochat.curves import METRICS_FILE, MetricsLog, curve_name, draw, stage_of
 from nanochat.energy import EnergyReport, PowerMeter, cost_usd, format_energy, sum_over_nodes
-from nanochat.memory import memory_in_use, peak_memory_line
+from nanochat.memory import explain_out_of_memory, memory_in_use, peak_memory_line
 from nanochat.progress import StepTimer, format_duration
 from nanochat.report import report_dir
-from nanochat.runtime import release_cached_memory
-from nanochat.schedule import lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.runtime import MemoryRefusal, release_cached_memory
+from nanochat.schedule import PlanError, lr_multiplier, muon_momentum, weight_decay_multiplier
+from nanochat.tokenizer import TokenizerError
 
 
 def add_checkpoint_args(group, *, save_every: int, keep_last: int) -> None:
@@ -71,16 +73,23 @@ def cost_settings(price_per_kwh: float, hardware_price: float, hardware_lifetime
 
 
 def resume_from(tag_dir: Path, model, optimizers, info: DistInfo) -> Resumed:
-    """Load the newest complete checkpoint of `tag_dir` into model and optimizers."""
-    ckpt = load_checkpoint(tag_dir, rank=info.rank, device=info.device)
-    saved_world = ckpt.meta.get("world_size", 1)
-    if saved_world != info.world_size:
-        raise CheckpointError(f"{ckpt.path} was written by {saved_world} rank(s); resume it with the same number (now {info.world_size})")
+    """Load the checkpoint of `tag_dir` that every rank can continue (nanochat.checkpoint.agreed_step) into
+    model and optimizers; a rank that cannot load it stops every rank with one error."""
+    step = agreed_step(tag_dir, info.rank)
+    ckpt = agree(lambda: _load_to_resume(tag_dir, step, info))
     model.load_state_dict(ckpt.model_state)
     for opt, state in zip(optimizers, ckpt.optim_state):
         opt.load_state_dict(state)
     print0(f"resumed from {ckpt.path} (step {ckpt.step:,})")
     return Resumed(ckpt.step, ckpt.data_state, ckpt.meta)
+
+
+def _load_to_resume(tag_dir: Path, step: int, info: DistInfo):
+    ckpt = load_checkpoint(tag_dir, step, rank=info.rank, device=info.device)
+    saved_world = ckpt.meta.get("world_size", 1)
+    if saved_world != info.world_size:
+        raise CheckpointError(f"{ckpt.path} was written by {saved_world} rank(s); resume it with the same number (now {info.world_size})")
+    return ckpt
 
 
 class TrainLoop:
@@ -236,8 +245,7 @@ class TrainLoop:
                 "energy_kwh": self.sum_energy()[0]}
         path = save_checkpoint(
             self.tag_dir, step, model_state=self.model.state_dict(), optim_state=[o.state_dict() for o in self.optimizers],
-            data_state=self.batches.state_dict(), meta=meta, rank=self.info.rank, local_rank=self.info.local_rank,
-            world_size=self.info.world_size, keep_last=self.settings.keep_last,
+            data_state=self.batches.state_dict(), meta=meta, keep_last=self.settings.keep_last,
         )
         print0(f"step {step:06d} | checkpoint saved to {path} in {time.perf_counter() - t0:.1f}s")
         self.draw_curves(step)
@@ -250,6 +258,51 @@ class TrainLoop:
         path = draw(self.history.path, f"{stage} {self.tag_dir.name}, step {step:,}", report_dir() / curve_name(stage))
         if path:
             print0(f"step {step:06d} | curves drawn to {path}")
+
+
+# ---------------------------------------------------------------- how a stage process ends: the exit-code policy
+
+# Errors a user can act on (no checkpoint, tokenizer or data; settings that do not fit together): one line, exit 2.
+USER_ERRORS = (CheckpointError, TokenizerError, PlanError, BudgetError, DataError, FileNotFoundError)
+EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3  # MemoryRefusal before step 1, torch.OutOfMemoryError during a step
+
+
+def run_guarded(work: Callable[[DistInfo], int], *, device: str | None, seed: int = 42,
+                device_batch: Callable[[], int] | None = None) -> int:
+    """Join the process group, return work(info)'s exit code, leave the group: how every stage ends (base_train,
+    the post-training stages, the chat evaluation). USER_ERRORS exit 2 and memory EXIT_OUT_OF_MEMORY, each as
+    one line saying what to do (device_batch(): the batch an out-of-memory error happened at); anything else
+    is a bug and keeps its traceback. Every rank prints its own error, naming itself under torchrun, and a
+    failing rank leaves at once instead of waiting for its peers in the cleanup barrier: their next collective
+    then fails, or torchrun stops them, within seconds."""
+    info = compute_init(device, seed=seed)
+    finished = False
+    try:
+        code = work(info)
+        finished = True
+        return code
+    except USER_ERRORS as exc:
+        _say_error(info, str(exc))
+        return EXIT_USER_ERROR
+    except MemoryRefusal as exc:
+        _say_error(info, str(exc))
+        return EXIT_OUT_OF_MEMORY
+    except torch.OutOfMemoryError:  # by type: the text differs between CUDA, MPS and the CPU allocator
+        _say_error(info, explain_out_of_memory(info.device, device_batch()) if device_batch else
+                   "out of memory: run again with a smaller --device-batch-size (it continues from the last checkpoint)")
+        return EXIT_OUT_OF_MEMORY
+    except Exception as exc:
+        _say_error(info, f"{type(exc).__name__}: {exc} (a bug: traceback below)")
+        raise
+    finally:
+        compute_cleanup(orderly=finished)
+
+
+def _say_error(info: DistInfo, message: str) -> None:
+    """On every rank (not print0: the failing rank may not be rank 0), flushed, so the line is out before the process is."""
+    prefix = f"[rank {info.rank}/{info.world_size}] " if info.world_size > 1 else ""
+    print(f"{prefix}error: {message}", flush=True)
 
 
 def _due(every: int, step: int) -> bool:
@@ -284,9 +337,13 @@ class StopRequest:
         print0(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step (again to abort)")
 
     def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1 if self.signum is not None else 0], device=device)
+        """Whether any rank was asked to stop; every rank then takes that signal (the highest), so a rank
+        that got none exits with the code of the one that did."""
+        flag = torch.tensor([self.signum or 0], device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            self.signum = int(flag.item())
         return bool(flag.item())
 
     @property

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanochat.budget import BudgetError, DepthCost, Probe, evaluation_seconds, parse_duration, plan_budget
-from nanochat.checkpoint import CheckpointError, stage_dir
-from nanochat.common import add_device_arg, compute_cleanup, compute_init, print0, setup_logging
+from nanochat.budget import DepthCost, Probe, evaluation_seconds, parse_duration, plan_budget
+from nanochat.checkpoint import stage_dir
+from nanochat.common import add_device_arg, print0, setup_logging
 from nanochat.dataloader import PACKINGS, PretrainLoader
 from nanochat.fileio import atomic_write
 from nanochat.energy import add_cost_args
@@ -43,14 +43,15 @@ from nanochat.optim import MuonOptions, add_lr_args, batch_lr_scale, build_optim
 from nanochat.report import write_section
 from nanochat.shards import data_dir
 from nanochat.resume import add_resume_args, decide as decide_resume, newest_meta
-from nanochat.runtime import (BatchRequest, ComputeSettings, MemoryRefusal, add_compute_args, add_memory_args, fit_device_batch,
+from nanochat.runtime import (BatchRequest, ComputeSettings, add_compute_args, add_memory_args, fit_device_batch,
                               prepare_model, release_cached_memory, set_compute_dtype, wants_compile)
 from nanochat.schedule import (BATCH_ANCHOR_DEPTH, BATCH_ANCHOR_TOKENS, DEFAULT_RECIPE, RECIPES, WARMDOWN_RATIO, PlanError,
                                derive_plan, power_lines_batch)
 from nanochat.stages import STAGES
-from nanochat.tokenizer import TokenizerError, get_tokenizer
+from nanochat.tokenizer import get_tokenizer
 from nanochat.tracking import Tracker, add_run_arg
-from nanochat.training import Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, cost_settings, resume_from
+from nanochat.training import (Hooks, LoopSettings, Resumed, TrainLoop, add_checkpoint_args, cost_settings, resume_from,
+                               run_guarded)
 
 
 
@@ -177,24 +178,8 @@ def print_plan(model: GPT, plan, args, peak_source: str, budget: str | None) -> 
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    info = compute_init(args.device, seed=args.seed)
-    try:
-        return train(args, info)
-    except (PlanError, BudgetError, TokenizerError, CheckpointError, FileNotFoundError) as exc:
-        print0(f"error: {exc}")
-        return 2
-    except MemoryRefusal as exc:
-        print0(f"error: {exc}")
-        return 3
-    except torch.OutOfMemoryError:
-        batch = args.device_batch_size or DEFAULT_DEVICE_BATCH
-        print0(
-            f"error: out of memory at --device-batch-size {batch}; run again with --device-batch-size {max(1, batch // 2)} "
-            "(gradient accumulation keeps the total batch, so results stay comparable): it continues from the last checkpoint"
-        )
-        return 3
-    finally:
-        compute_cleanup()
+    return run_guarded(lambda info: train(args, info), device=args.device, seed=args.seed,
+                       device_batch=lambda: args.device_batch_size or DEFAULT_DEVICE_BATCH)
 
 
 def batch_request(args) -> BatchRequest:

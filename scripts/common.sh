@@ -37,6 +37,32 @@ launch() {
   fi
 }
 
+# check_nodes: the multi-node flags make sense, before anything starts (exit 2 otherwise). Several nodes
+# need node 0's address given alike on every node: a default of this machine would have each node wait
+# for a rendezvous of its own.
+check_nodes() {
+  [[ "${NNODES:-1}" =~ ^[1-9][0-9]*$ ]] || { echo "error: --nnodes must be a positive whole number, not '${NNODES}'" >&2; exit 2; }
+  [[ "${NODE_RANK:-0}" =~ ^[0-9]+$ ]] && [ "${NODE_RANK:-0}" -lt "${NNODES:-1}" ] \
+    || { echo "error: --node-rank must be 0 to $(( ${NNODES:-1} - 1 )) with --nnodes ${NNODES:-1}, not '${NODE_RANK}'" >&2; exit 2; }
+  if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+    echo "error: --nnodes $NNODES needs --master-addr: node 0's address, the same on every node" >&2
+    exit 2
+  fi
+}
+
+# node0_has PATH: whether PATH exists on node 0, the one answer every node acts on, so that all nodes
+# launch the same steps (a step one node skips leaves the others waiting at its rendezvous). With
+# several nodes, asked through a rendezvous of one process per node (python -m nanochat.common node0-has).
+node0_has() {
+  if [ "${NNODES:-1}" -gt 1 ]; then
+    local answer
+    answer=$(GPUS=1 launch nanochat.common node0-has "$1") || die "the nodes could not agree whether $1 exists on node 0"
+    [ "$(tail -n 1 <<<"$answer")" = yes ]
+  else
+    [ -e "$1" ]
+  fi
+}
+
 # visible_gpus: how many CUDA devices torch sees (at least 1, so CPU runs one process)
 visible_gpus() { python -c "import torch; print(max(1, torch.cuda.device_count()))"; }
 

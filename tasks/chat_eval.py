@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import DataError, compute_cleanup, compute_init, print0
+from nanochat.checkpoint import load_model
+from nanochat.common import print0
 from nanochat.engine import Engine, collect
 from nanochat.report import write_section
 from nanochat.runtime import set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.schedule import PlanError
 from nanochat.stages import chat_eval_section
-from nanochat.tokenizer import TokenizerError, get_tokenizer
+from nanochat.training import run_guarded
+from nanochat.tokenizer import get_tokenizer
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -121,16 +122,13 @@ def final_chat_eval(stage: str, *, model_tag: str | None, max_problems: int | No
 
 
 def run_chat_eval(settings: EvalSettings) -> int:
-    """Evaluate and write the report section; the exit status (2: no model, tokenizer or data to evaluate)."""
-    info = compute_init(settings.device)
-    try:
+    """Evaluate and write the report section; the exit status (nanochat.training.run_guarded: 2 when there is
+    no model, tokenizer or data to evaluate)."""
+    def work(info) -> int:
         evaluate(settings, info)
         return 0
-    except (CheckpointError, TokenizerError, FileNotFoundError, PlanError, DataError) as exc:
-        print0(f"error: {exc}")
-        return 2
-    finally:
-        compute_cleanup()
+
+    return run_guarded(work, device=settings.device)
 
 
 def evaluate(settings: EvalSettings, info) -> None:

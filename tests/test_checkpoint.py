@@ -135,3 +135,49 @@ def test_saving_inside_a_process_group_gathers_the_file_table(tmp_path):
     meta = json.loads((path / "meta.json").read_text())
     assert set(meta["files"]) == {"model.safetensors", "optim_rank0.pt", "data_rank0.json"}
     assert load_checkpoint(tmp_path / "run").data_state == {"position": {"shard": 4}, "buffer": [1, 2]}
+
+
+def _as_two_ranks(rank: int, port: int, root: str) -> None:
+    """One of two gloo ranks (spawned): who writes, what each copy holds, the step both resume, failing together."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from nanochat.checkpoint import agree, agreed_step, find_writers, newest_usable_step
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        shared, own = Path(root) / "shared", Path(root) / f"own{rank}"
+        assert find_writers(shared).of == (0, 0) and find_writers(own).of == (0, 1)
+        assert not [p for p in shared.iterdir() if p.name.startswith(".writer-")]  # markers removed
+
+        path = _save(shared / "run", 3)  # one copy: rank 0 writes it, with both ranks' files
+        assert set(json.loads((path / "meta.json").read_text())["files"]) == {
+            "model.safetensors", "optim_rank0.pt", "optim_rank1.pt", "data_rank0.json", "data_rank1.json"}
+        for step in (1, 2):  # a copy each: each holds its own rank's files
+            path = _save(own / "run", step)
+        assert {p.name for p in path.iterdir()} == {"model.safetensors", "meta.json", f"optim_rank{rank}.pt", f"data_rank{rank}.json"}
+        assert load_checkpoint(own / "run", rank=rank).data_state == {"position": {"shard": 2}, "buffer": [1, 2]}
+
+        if rank == 1:
+            shutil.rmtree(own / "run" / step_dir_name(2))
+        assert agreed_step(own / "run", rank) == 1  # rank 0 goes back with rank 1
+
+        nothing_on_rank_1 = own / ("run" if rank == 0 else "nothing")
+        with pytest.raises(CheckpointError) as both:  # on rank 0 too, which found its step
+            agree(lambda: newest_usable_step(nothing_on_rank_1, rank=rank))
+        assert str(both.value) == f"rank 1: no checkpoint found in {Path(root) / 'own1' / 'nothing'}"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_find_their_writer_keep_a_copy_each_and_agree_on_the_step(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_as_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")

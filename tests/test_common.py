@@ -97,3 +97,64 @@ def test_setup_script_help_and_bad_flag():
     assert ok.returncode == 0 and "--cpu" in ok.stdout and "--check" in ok.stdout
     bad = subprocess.run(["bash", "setup.sh", "--nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+# ---------------------------------------------------------------- the exit-code policy (nanochat.training.run_guarded)
+
+def _raising(exc: BaseException):
+    def work(info):
+        raise exc
+    return work
+
+
+@pytest.mark.parametrize("exc, code, said", [
+    (__import__("nanochat.checkpoint", fromlist=["x"]).CheckpointError("no checkpoint found in /x"), 2, "error: no checkpoint found in /x"),
+    (common.DataError("no shards in /d"), 2, "error: no shards in /d"),
+    (FileNotFoundError("tokenizer.pkl"), 2, "error: tokenizer.pkl"),
+    (__import__("nanochat.runtime", fromlist=["x"]).MemoryRefusal("refusing to start"), 3, "error: refusing to start"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), 3, "error: out of memory at --device-batch-size 8; run again with --device-batch-size 4"),
+])
+def test_each_kind_of_error_has_its_exit_code_and_one_line(monkeypatch, capsys, exc, code, said):
+    from nanochat.training import run_guarded
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert run_guarded(_raising(exc), device="cpu", device_batch=lambda: 8) == code
+    out = capsys.readouterr().out
+    assert out.startswith(said) and out.count("\n") == 1, out
+    assert run_guarded(lambda info: 0, device="cpu") == 0
+
+
+def test_a_bug_keeps_its_traceback_and_an_out_of_memory_without_a_batch_still_says_what_to_do(monkeypatch, capsys):
+    from nanochat.training import run_guarded
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ZeroDivisionError):
+        run_guarded(_raising(ZeroDivisionError("oops")), device="cpu")
+    assert capsys.readouterr().out == "error: ZeroDivisionError: oops (a bug: traceback below)\n"
+    assert run_guarded(_raising(torch.OutOfMemoryError("x")), device="cpu") == 3
+    assert "smaller --device-batch-size" in capsys.readouterr().out
+
+
+def test_every_rank_names_itself_and_a_failing_rank_does_not_wait_for_the_others(tmp_path):
+    """Rank 1 fails while rank 0 waits in a collective rank 1 never joins: rank 1 says so with its rank and
+    leaves at once (no cleanup barrier); rank 0's collective then fails, and both exit within seconds."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent("""
+        import sys, torch, torch.distributed as dist
+        from nanochat.training import run_guarded
+
+        def work(info):
+            if info.rank == 1:
+                raise FileNotFoundError("no tokenizer on this node")
+            dist.all_reduce(torch.ones(1))  # rank 1 never comes
+            return 0
+
+        sys.exit(run_guarded(work, device="cpu"))
+    """))
+    from child import Child
+
+    with Child([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(probe)], cwd=ROOT) as run:
+        assert run.finish(timeout=60) != 0  # the old cleanup barrier waited here for the 30-minute gloo timeout
+    assert "[rank 1/2] error: no tokenizer on this node" in run.output, run.output[-3000:]
