@@ -106,7 +106,7 @@ class Plan:
 # start-up, the fit check, the compile (about a minute, a guess) and three checkpoints of ~1.5 GB.
 FULL = Plan(train=TrainSizes(flags=("--depth", "12", "--max-seq-len", "1024", "--total-batch-size", "262144"),
                              steps=30, every=10, kill_at=20, eval_tokens=2**19),
-            caps={"install": 60, "versions": 20, "gpu_check": 180, "train": 150, "resume": 120}, budget=480)
+            caps={"install": 60, "versions": 20, "gpu_check": 200, "train": 150, "resume": 120}, budget=480)
 SMOKE = Plan(train=TrainSizes(flags=("--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
                                      "--device-batch-size", "4", "--total-batch-size", "512"),
                               steps=6, every=2, kill_at=4, eval_tokens=1024),
@@ -156,10 +156,19 @@ class Run:
 
 @dataclass
 class Child:
-    code: int | None  # None: killed (past its time, or on purpose)
+    code: int  # the exit status; negative: the signal that ended it
     seconds: float
     output: str
-    killed_on_cue: bool = False
+    killed_on_cue: bool  # killed on purpose, at the line it waited for
+    timed_out: bool  # killed at its time
+
+    def ending(self) -> str:
+        """How it ended, in words."""
+        if self.timed_out:
+            return f"was stopped past its time ({self.seconds:.0f} s)"
+        if self.killed_on_cue:
+            return f"was killed on its cue after {self.seconds:.0f} s"
+        return f"died of signal {-self.code}" if self.code < 0 else f"exited {self.code}"
 
 
 def run_child(cmd: list[str], env: dict, log: Path, timeout: float, kill_on: re.Pattern | None = None) -> Child:
@@ -167,11 +176,11 @@ def run_child(cmd: list[str], env: dict, log: Path, timeout: float, kill_on: re.
     as they come; kill the group at `timeout` seconds, or at the first line `kill_on` matches."""
     t0 = time.monotonic()
     lines: list[str] = []
-    cued = threading.Event()
+    cued, late = threading.Event(), threading.Event()
     with open(log, "w") as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace", start_new_session=True)
-        timer = threading.Timer(timeout, kill_group, (proc,))
+        timer = threading.Timer(timeout, lambda: (late.set(), kill_group(proc)))
         timer.start()
         try:
             for line in proc.stdout:
@@ -185,8 +194,7 @@ def run_child(cmd: list[str], env: dict, log: Path, timeout: float, kill_on: re.
         finally:
             timer.cancel()
             kill_group(proc)
-    killed = code < 0
-    return Child(None if killed else code, time.monotonic() - t0, "".join(lines), killed_on_cue=cued.is_set())
+    return Child(code, time.monotonic() - t0, "".join(lines), killed_on_cue=cued.is_set(), timed_out=late.is_set())
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -236,8 +244,8 @@ def step_install(run: Run) -> Step:
     child = run_child(cmd, run.env(), run.out / "install.log", run.cap("install"))
     missing = [wheel_distribution(w) for w in wanted if installed(wheel_distribution(w), [str(run.site)]) is None]
     if child.code != 0 or missing:
-        return Step("install", "FAIL", f"pip exited {child.code} ({', '.join(missing)} not in {run.site}): {tail(child.output)}",
-                    figures)
+        return Step("install", "FAIL", f"pip {child.ending()} ({', '.join(missing) or 'all'} not in {run.site}): "
+                                       f"{tail(child.output)}", figures)
     names = ", ".join(f"{wheel_distribution(w)} {installed(wheel_distribution(w), [str(run.site)])}" for w in wanted)
     return Step("install", "PASS", f"installed offline into {run.site}: {names}; {words}", figures)
 
@@ -277,10 +285,9 @@ def step_gpu_check(run: Run) -> list[Step]:
     run.header["gpu_check"] = data.get("header", {})
     steps = [Step(f"gpu_check.{c['name']}", c["status"], c["message"], c["figures"], c["seconds"]) for c in data["checks"]]
     done = {c["name"] for c in data["checks"]}
-    why = "was stopped past its time" if child.code is None else f"exited {child.code}"
     for name in KIT_CHECKS:
         if name not in done:
-            steps.append(Step(f"gpu_check.{name}", "FAIL", f"not reached: gpu_check {why} after {child.seconds:.0f} s "
+            steps.append(Step(f"gpu_check.{name}", "FAIL", f"not reached: gpu_check {child.ending()} "
                                                             f"(log gpu_check.log): {tail(child.output)}"))
     return steps
 
@@ -337,13 +344,10 @@ def step_train(run: Run) -> Step:
     child = run_child(train_command(run, run.kit / "data"), env, run.out / "train.log", run.cap("train"), kill_on=cue)
     figures = log_figures(child.output)
     bpbs = [float(b) for _, b in VAL_BPB_RE.findall(child.output)]
-    ok = (child.killed_on_cue and len(bpbs) >= t.kill_at // t.every and all(map(math.isfinite, bpbs))
-          and not figures["recompile_limit_hit"])
-    if ok:
-        return Step("train", "PASS", f"killed after the step-{t.kill_at} checkpoint, {child.seconds:.0f} s: {describe(figures)}", figures)
-    why = ("past its time" if child.code is None and not child.killed_on_cue else
-           f"exited {child.code} before the step-{t.kill_at} checkpoint" if not child.killed_on_cue else describe(figures))
-    return Step("train", "FAIL", f"{why} (log train.log): {tail(child.output)}", figures)
+    checks = {f"killed after the step-{t.kill_at} checkpoint": child.killed_on_cue,
+              f"{t.kill_at // t.every} finite evaluations": len(bpbs) >= t.kill_at // t.every and all(map(math.isfinite, bpbs)),
+              "recompile limit not hit": not figures["recompile_limit_hit"]}
+    return verdict_step("train", checks, child, figures, "train.log")
 
 
 def step_resume(run: Run) -> Step:
@@ -362,11 +366,16 @@ def step_resume(run: Run) -> Step:
               f"finished {t.steps} steps": bool(done) and int(done.group(1).replace(",", "")) == t.steps,
               "exit 0": child.code == 0, "a finite final bpb": math.isfinite(figures.get("last_bpb", math.nan)),
               "recompile limit not hit": not figures["recompile_limit_hit"]}
+    return verdict_step("resume", checks, child, figures, "resume.log")
+
+
+def verdict_step(name: str, checks: dict[str, bool], child: Child, figures: dict, log: str) -> Step:
+    """PASS when every named condition holds; else FAIL naming those that do not, how the run ended and its last lines."""
     failed = [what for what, ok in checks.items() if not ok]
     if not failed:
-        return Step("resume", "PASS", f"resumed at step {t.kill_at}, finished {t.steps} in {child.seconds:.0f} s: {describe(figures)}",
-                    figures)
-    return Step("resume", "FAIL", f"not {', not '.join(failed)} (exit {child.code}, log resume.log): {tail(child.output)}", figures)
+        return Step(name, "PASS", f"{'; '.join(checks)} ({child.seconds:.0f} s): {describe(figures)}", figures)
+    return Step(name, "FAIL", f"not {', not '.join(failed)}: it {child.ending()} (log {log}); {describe(figures)}; "
+                              f"{tail(child.output)}", figures)
 
 
 # ---------------------------------------------------------------- running

@@ -1,8 +1,8 @@
 """The one prepared GPU check: correctness of the bf16 and compiled paths, then
 speed and memory at depth 20, then the two pretraining recipes at equal time, in one command.
 
-    python bench/gpu_check.py --data DIR --tokenizer DIR   # on a GPU, full sizes (meant to take under 14 min on an
-                                                           # H100/H200: ~8 for the first seven checks, ~6 for recipe_ab)
+    python bench/gpu_check.py --data DIR --tokenizer DIR   # on a GPU, full sizes (meant to take under 15 min on an
+                                                           # H100/H200: ~9 before recipe_ab, ~6 for it; estimates)
     python bench/gpu_check.py --device cpu --smoke    # tiny sizes for every check, on CPU, in about a minute
     python bench/gpu_check.py --only chunked_loss,d20_decode    # rerun some checks
     python bench/gpu_check.py --only recipe_ab --data DIR --tokenizer DIR   # only the recipe A/B
@@ -12,12 +12,19 @@ order (the cheap correctness checks first, then depth 20, the recipe A/B last):
 
     STATUS name  seconds (running total)  figures
 
+  bf16_matmul             8192^3 bf16 products: TFLOP/s, at least half the datasheet peak
+                          where nanochat.hardware names one (needs nothing of the project)
+  attention_kernel        which SDPA backend (flash, cuDNN, memory-efficient, math) a bf16
+                          training forward + backward ran; on CUDA the math fallback FAILs
   bf16_vs_fp32            depth 4: the same init and batch trained N optimizer steps in
                           fp32 and in bf16; losses within 2%, step-1 gradient cosine > 0.99
   chunked_loss            nanochat.ops.head_loss against the plain soft-capped
                           cross-entropy on N x V logits: values and both gradients, fp32
                           and bf16, and the peak memory of each (the chunked one never
                           holds an (N, V) tensor)
+  compiled_head           the compiled head loss against eager at 1, 4 and 16 chunks (depth
+                          20 at batch 32 runs 16): values, gradients, compile seconds, and
+                          peak memory no more than one chunk above eager's
   engine_vs_transformers  our Engine's bf16 greedy tokens == transformers' bf16 greedy
                           generate on the exported weights
   compile_vs_eager        depth 4, bf16: torch.compile's loss and gradients against eager,
@@ -40,6 +47,12 @@ what it finished: the header, and per check its status, seconds, message
 and figures (numbers only; what could not be measured is said in the
 message). Exit status: 0 when no check FAILed, 1 when one did, 2 for bad
 usage.
+
+Peak memory is printed as allocated (what the tensors took, compared with the
+estimates) beside reserved (the caching allocator's segments, what the driver sees).
+The project is imported inside the checks, so the header and bf16_matmul run where
+it does not import, and each check that needs it FAILs saying which import broke.
+bench/device_run.py runs a subset of these on a borrowed machine (the device kit).
 
 Everything but recipe_ab is made in-process (random weights, random or
 rule-generated tokens, a tokenizer trained on generated text); recipe_ab

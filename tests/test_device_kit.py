@@ -177,10 +177,12 @@ def test_a_child_is_killed_on_its_cue_or_at_its_time(tmp_path):
     script = "import time\nfor i in range(5): print(f'line {i}', flush=True)\ntime.sleep(60)\n"
     cued = device_run.run_child([sys.executable, "-c", script], {}, tmp_path / "a.log", timeout=60,
                                 kill_on=re.compile(r"^line 2$"))
-    assert cued.killed_on_cue and cued.code is None and cued.seconds < 30
+    assert cued.killed_on_cue and not cued.timed_out and cued.code == -9 and cued.seconds < 30
+    assert cued.ending().startswith("was killed on its cue")
     assert (tmp_path / "a.log").read_text().startswith("line 0\nline 1\nline 2\n")
     late = device_run.run_child([sys.executable, "-c", script], {}, tmp_path / "b.log", timeout=2)
-    assert not late.killed_on_cue and late.code is None and late.seconds < 30
+    assert late.timed_out and not late.killed_on_cue and late.code == -9 and late.seconds < 30
+    assert late.ending().startswith("was stopped past its time")
     assert "line 4" in late.output
 
 
@@ -254,3 +256,14 @@ def test_the_kit_installs_offline_into_a_fresh_environment_and_its_run_passes(tm
         assert re.search(rf"^PASS {re.escape(line)} ", done.stdout, re.MULTILINE), done.stdout
     for log in ("install.log", "gpu_check.json", "gpu_check.log", "train.log", "resume.log"):
         assert (out / log).is_file()
+
+
+def test_a_failed_condition_is_named_with_how_the_run_ended():
+    child = device_run.Child(code=1, seconds=3.0, output="Traceback\nValueError: no shards in /kit/data\n",
+                             killed_on_cue=False, timed_out=False)
+    figures = device_run.log_figures(child.output)
+    step = device_run.verdict_step("train", {"killed after the step-20 checkpoint": False, "recompile limit not hit": True},
+                                   child, figures, "train.log")
+    assert step.status == "FAIL"
+    assert step.message.startswith("not killed after the step-20 checkpoint: it exited 1 (log train.log)")
+    assert step.message.endswith("ValueError: no shards in /kit/data")
