@@ -104,3 +104,10 @@ def test_the_chat_template_is_built_from_the_token_tables():
 def test_structure_problems_read_in_full(conversation, problem):
     # the renderer's ValueError and a task file's bad-row error say these: someone fixes the data from them
     assert conv.structure_problem(conversation) == problem
+
+
+def test_system_messages_anywhere_join_in_order_into_one_leading_one():
+    messages = [{"role": "user", "content": "hi"}, {"role": "system", "content": "a"}, {"role": "assistant", "content": "yo"},
+                {"role": "system", "content": "b"}, {"role": "user", "content": "again"}]
+    assert conv.gather_system(messages) == [{"role": "system", "content": "a\n\nb"}, *[m for m in messages if m["role"] != "system"]]
+    assert conv.gather_system(messages[:1]) == messages[:1]

@@ -280,3 +280,38 @@ def test_tool_call_output_comes_from_the_calculator(tokenizer):
     assert answer.text == "sum<<2+3=5>> answer"
     assert answer.finish_reason == "stop"
     assert tokenizer.encode_special("<|output_start|>") in answer.tokens
+
+
+def test_the_prompts_of_one_request_share_a_prefill_and_are_scored_as_a_full_forward_scores_them(model, tokenizer):
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("hello world", "the sum is five", "a")]
+    shapes = []
+    hook = model.wte.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        engine = Engine(model, tokenizer, max_batch=4)
+        scored = engine.submit_batch(prompts, SamplingParams(temperature=0, max_tokens=0, prompt_logprobs=2))
+        engine.step()
+    finally:
+        hook.remove()
+    assert shapes == [(3, max(map(len, prompts)))] and not engine.has_work()  # one pass, nothing left to decode
+    events = list(scored.events())
+    assert [e.finish_reason for e in events if e.finish_reason] == ["length"] * 3
+    assert not any(e.token for e in events)
+    for index, prompt in enumerate(prompts):
+        [entries] = [e.prompt_logprobs for e in events if e.index == index and e.prompt_logprobs]
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([prompt]))[0, :-1], dim=-1)
+        assert [e.token for e in entries] == prompt and entries[0].logprob is None and entries[0].top is None
+        for position, entry in enumerate(entries[1:]):
+            assert entry.logprob == pytest.approx(float(expected[position, prompt[position + 1]]), abs=1e-4)
+            assert [t for t, _ in entry.top] == expected[position].topk(2).indices.tolist()
+
+
+def test_samples_of_several_prompts_are_numbered_prompt_by_prompt(model, tokenizer):
+    prompts = [tokenizer.encode(t, prepend="<|bos|>") for t in ("hello world", "the sum is")]
+    engine = Engine(model, tokenizer, max_batch=2)  # room for one prompt's two samples at a time
+    request = engine.submit_batch(prompts, GREEDY, n=2)
+    while engine.has_work():
+        engine.step()
+    answers = [c.tokens for c in collect(request, 4)]
+    alone = [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
+    assert answers == [alone[0], alone[0], alone[1], alone[1]]

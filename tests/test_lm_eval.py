@@ -113,9 +113,9 @@ def check_same(ours: dict, theirs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def small(served):
-    """Six documents, zero-shot: the tasks' folder, names, and the hf backend's results on them."""
+    """Four documents, zero-shot: the tasks' folder, names, and the hf backend's results on them."""
     base, hf, _ = served
-    tasks = write_tasks(base / "tasks-small", docs=6, shots=0)
+    tasks = write_tasks(base / "tasks-small", docs=4, shots=0)
     return base / "tasks-small", tasks, evaluate("hf", f"pretrained={hf},{HF_ARGS}", base / "tasks-small", tasks)
 
 
