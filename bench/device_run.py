@@ -3,9 +3,9 @@ lacks from the kit's wheels, offline, then report versions, run bench/gpu_check.
 kit checks and a real pretraining run that is killed after a checkpoint and resumed;
 one PASS/FAIL line per step and one JSON of figures.
 
-    python bench/device_run.py --out DIR                        # on the GPU machine (budget 8 min, H100 untested)
-    python bench/device_run.py --device cpu --smoke --out DIR   # the same steps at toy sizes on a CPU, ~1-2 min
-    python bench/device_run.py --steps train,resume --out DIR   # rerun some steps
+    python3 bench/device_run.py --out DIR                        # on the GPU machine (budget 8 min, H100 untested)
+    python3 bench/device_run.py --device cpu --smoke --out DIR   # the same steps at toy sizes on a CPU, ~1-2 min
+    python3 bench/device_run.py --steps train,resume --out DIR   # rerun some steps
 
 The kit is the folder `device_kit/` in the repository root, as
 `python bench/device_kit.py prepare` writes it (--kit for another): wheels/,
@@ -13,8 +13,9 @@ base/tokenizer/, data/ (shard_00000 train, shard_00001 validation), kit.json.
 
 Steps, in this order, each printed as `STATUS name seconds message`:
 
-  install          pip install --no-index --no-deps --target KIT/site, for each kit wheel
-                   whose distribution this interpreter lacks (KIT/site is emptied first)
+  install          pip install --no-index --no-deps --target SITE (a scratch folder of this
+                   run), for each kit wheel whose distribution this interpreter lacks; then
+                   one child imports every module they hold
   versions         python, platform, the distributions in VERSIONS (package metadata, no
                    import) and nvidia-smi's GPU name and driver, read once
   gpu_check.NAME   one line per check of `bench/gpu_check.py --only KIT_CHECKS`
@@ -23,13 +24,13 @@ Steps, in this order, each printed as `STATUS name seconds message`:
                    would stop it) once the step-20 checkpoint is saved
   resume           the same command again: must continue from step 20 and finish at 30
 
-Children see KIT/site and the repository on PYTHONPATH; the training runs log
+Children see SITE and the repository on PYTHONPATH; the training runs log
 recompilations (TORCH_LOGS=recompiles), counted per run, and reaching dynamo's
 recompile limit is a FAIL. Each step gets its own time cap, cut to what is left of
 --budget; a step past its time is killed and FAILs, and the next step still runs.
 
 Written to --out: device_run.json (rewritten after each step: header, steps with
-status, seconds, message and numeric figures), install.log, gpu_check.json,
+status, seconds, message and numeric figures), install.log, install.import.log, gpu_check.json,
 gpu_check.log, train.log, resume.log. Exit status: 0 when no step FAILed, 1 when
 one did, 2 for bad usage (no kit).
 
@@ -54,12 +55,12 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_KIT = ROOT / "device_kit"
-DEFAULT_OUT = DEFAULT_KIT / "out"
 STATUSES = ("PASS", "FAIL", "SKIP")
 
 # What scripts.base_train prints (nanochat/training.py, scripts/base_train.py); bench/gpu_check.py reads these too.
@@ -132,8 +133,12 @@ class Run:
     smoke: bool
     plan: Plan
     deadline: float
-    site: Path
-    work: Path = Path(".")
+    work: Path  # scratch, removed at the end: SITE, the training runs' base dir
+
+    @property
+    def site(self) -> Path:
+        return self.work / "site"
+
     steps: list[Step] = field(default_factory=list)
     header: dict = field(default_factory=dict)
 
@@ -246,8 +251,21 @@ def step_install(run: Run) -> Step:
     if child.code != 0 or missing:
         return Step("install", "FAIL", f"pip {child.ending()} ({', '.join(missing) or 'all'} not in {run.site}): "
                                        f"{tail(child.output)}", figures)
+    modules = sorted({m for w in wanted for m in wheel_modules(w)})
+    load = run_child([sys.executable, "-c", f"import {', '.join(modules)}"], run.env(), run.out / "install.import.log",
+                     run.cap("install"))
+    if load.code != 0:
+        return Step("install", "FAIL", f"installed, but importing {', '.join(modules)} {load.ending()}: {tail(load.output)}",
+                    figures)
     names = ", ".join(f"{wheel_distribution(w)} {installed(wheel_distribution(w), [str(run.site)])}" for w in wanted)
-    return Step("install", "PASS", f"installed offline into {run.site}: {names}; {words}", figures)
+    return Step("install", "PASS", f"installed offline and imported ({', '.join(modules)}): {names}; {words}", figures)
+
+
+def wheel_modules(wheel: Path) -> set[str]:
+    """The top-level modules and packages a wheel installs (its entries outside .dist-info, .data, .libs)."""
+    with zipfile.ZipFile(wheel) as archive:
+        tops = {name.split("/")[0] for name in archive.namelist()}
+    return {top.split(".")[0] for top in tops if not top.endswith((".dist-info", ".data", ".libs"))}
 
 
 def nvidia_smi() -> str:
@@ -411,7 +429,7 @@ def perform(run: Run, name: str) -> list[Step]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="The device kit's run: install offline, versions, gpu_check, train and resume.")
     p.add_argument("--kit", type=Path, default=DEFAULT_KIT, help="the kit folder (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the JSON and the logs go (default: %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="where the JSON and the logs go (on the device tool: $OUT)")
     p.add_argument("--device", choices=["cuda", "cpu"], default=None, help="passed to gpu_check and base_train (default: theirs)")
     p.add_argument("--smoke", action="store_true", help="toy sizes, for a CPU")
     p.add_argument("--steps", default=",".join(STEP_NAMES), help="comma-separated steps to run, in the usual order "
@@ -445,11 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     plan = SMOKE if args.smoke else FULL
     started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    run = Run(args.kit.resolve(), args.out.resolve(), args.device, args.smoke, plan,
-              deadline=started + (args.budget or plan.budget), site=args.kit.resolve() / "site")
-    run.header["kit"] = json.loads((args.kit / "kit.json").read_text())
     with tempfile.TemporaryDirectory(prefix="device_run_") as work:
-        run.work = Path(work)
+        run = Run(args.kit.resolve(), args.out.resolve(), args.device, args.smoke, plan,
+                  deadline=started + (args.budget or plan.budget), work=Path(work))
+        run.header["kit"] = json.loads((args.kit / "kit.json").read_text())
         for name in names:
             for found in perform(run, name):
                 run.steps.append(found)
