@@ -43,7 +43,7 @@ from nanochat.optim import MuonOptions, add_lr_args, batch_lr_scale, build_optim
 from nanochat.report import write_section
 from nanochat.shards import data_dir
 from nanochat.resume import add_resume_args, decide as decide_resume, newest_meta
-from nanochat.runtime import (BatchRequest, ComputeSettings, add_compute_args, add_memory_args, fit_device_batch,
+from nanochat.runtime import (BatchRequest, ComputeSettings, add_compute_args, add_memory_args, compile_model, fit_device_batch,
                               prepare_model, release_cached_memory, set_compute_dtype, wants_compile)
 from nanochat.schedule import (BATCH_ANCHOR_DEPTH, BATCH_ANCHOR_TOKENS, DEFAULT_RECIPE, RECIPES, WARMDOWN_RATIO, PlanError,
                                derive_plan, power_lines_batch)
@@ -329,7 +329,7 @@ def probe_depth(args, info, vocab: int, depth: int) -> Probe:
     set_compute_dtype(model, args.dtype, device)
     batch, _ = fit_device_batch(model, batch_request(args), args.max_seq_len, info, "base", checkpoint_blocks=args.activation_checkpointing)
     compiled = wants_compile(args.compile, device.type, None)
-    step_model = torch.compile(model, dynamic=False) if compiled else model
+    step_model = compile_model(model, args.max_seq_len) if compiled else model  # the run's own graph budget
     optimizers = build_optimizers(model, muon=muon_options(args), world_size=info.world_size)
     tokens = torch.randint(vocab, (batch, args.max_seq_len + 1), device=device)
     times = []
