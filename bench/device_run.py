@@ -102,9 +102,11 @@ class Plan:
     budget: int  # seconds for all steps together
 
 
-# Depth 12 at seq 1024, batch 2^18 tokens (8 micro-steps of 32 rows): ~20 s of steps per run at the
-# ~400k tok/s an H100 is expected to reach (an estimate, not yet measured); the rest of each cap is
-# start-up, the fit check, the compile (about a minute, a guess) and three checkpoints of ~1.5 GB.
+# Depth 12 at seq 1024, batch 2^18 tokens (8 micro-steps of 32 rows): ~15 s of steps per run at the
+# ~400k tok/s gpu_check's recipe_ab assumes for depth 12 on an H100 (an estimate, not yet measured);
+# the rest of each cap is start-up, the fit check, the compile (about a minute, a guess) and up to
+# three checkpoints of ~2 GB (185M fp32 weights, AdamW's two states for the embedding and head,
+# Muon's momentum for the blocks).
 FULL = Plan(train=TrainSizes(flags=("--depth", "12", "--max-seq-len", "1024", "--total-batch-size", "262144"),
                              steps=30, every=10, kill_at=20, eval_tokens=2**19),
             caps={"install": 60, "versions": 20, "gpu_check": 200, "train": 150, "resume": 120}, budget=480)
@@ -134,13 +136,12 @@ class Run:
     plan: Plan
     deadline: float
     work: Path  # scratch, removed at the end: SITE, the training runs' base dir
+    steps: list[Step] = field(default_factory=list)
+    header: dict = field(default_factory=dict)
 
     @property
     def site(self) -> Path:
         return self.work / "site"
-
-    steps: list[Step] = field(default_factory=list)
-    header: dict = field(default_factory=dict)
 
     def cap(self, name: str) -> float:
         return max(1.0, min(self.plan.caps[name], self.deadline - time.monotonic()))
