@@ -189,9 +189,9 @@ class Sizes:
 
 FULL = Sizes(depth=4, vocab=8192, seq=512, batch=8, steps=10,
              loss_rows=65536, loss_vocab=65536, loss_width=1280, head_chunk_elements=None,
-             # 16 chunks is what depth 20 at batch 32 x 2048 unrolls (nanochat/ops.py); 8192^3 keeps an H100 busy
-             # for ~1.5 ms per product, long beside the launch, 50 of them well under a second
-             head_chunk_counts=(1, 4, 16), matmul_size=8192, matmul_iters=50,
+             # 16 chunks is what depth 20 at batch 32 x 2048 unrolls (nanochat/ops.py); an 8192^3 product is
+             # 1.1 TFLOP, ~1.5 ms at 700 TFLOP/s: long beside its launch, and 200 of them (~0.3 s) beside the timer
+             head_chunk_counts=(1, 4, 16), matmul_size=8192, matmul_iters=200,
              big_depth=20, big_vocab=65536, big_seq=2048, compiled_batches=(32, 16), eager_batch=8, warmup=3, timed=5,
              decode_batches=(1, 8, 32), decode_prompt=16, decode_new_tokens=128,
              # recipe_ab: depth 12 trains ~60 steps of 2^19 tokens in 2.5 min on an H100 (an estimate from ~400k
