@@ -375,20 +375,21 @@ def resolve_source(source: str = "auto") -> str:
 
 
 def load_model(source: str = "auto", model_tag: str | None = None, step: int | None = None, *, device="cpu", dtype: torch.dtype | None = None):
-    """(GPT in eval mode, checkpoint metadata) for a stage's newest (or given) tag and step."""
+    """(GPT in eval mode, checkpoint metadata) for a stage's newest (or given) tag and step. Under torchrun
+    (every rank calls it) rank 0's choice of stage, tag and step is every rank's, so no node starts from
+    another model because its own copy's newest differs; a rank that cannot load it stops them all."""
     from nanochat.gpt import GPTConfig, build_model
 
-    source = resolve_source(source)
-    folder = stage_dir(source)
-    tag = model_tag or newest_tag(folder)
+    source, tag, step = gather(agree(lambda: _choose_model(source, model_tag, step)))[0]
     script = STAGES[source].script
-    if tag is None or not (folder / tag).is_dir():
-        wanted = f"{folder}/{tag}" if tag else f"{folder}/<tag>/step_*"
-        raise CheckpointError(f"no {source} checkpoint: looked for {wanted}; {script} makes one")
-    try:
-        ckpt = load_checkpoint(folder / tag, step, with_training_state=False, device=device)
-    except CheckpointError as exc:
-        raise CheckpointError(f"{exc}; {script} makes a new one") from None
+
+    def load() -> Checkpoint:
+        try:
+            return load_checkpoint(stage_dir(source) / tag, step, with_training_state=False, device=device)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {script} makes a new one") from None
+
+    ckpt = agree(load)
     model = build_model(GPTConfig.from_dict(ckpt.meta["model_config"]), device)
     model.load_state_dict(ckpt.model_state)
     if dtype is not None:  # weights in the dtype the model then computes in (serving, evaluation)
@@ -396,3 +397,20 @@ def load_model(source: str = "auto", model_tag: str | None = None, step: int | N
         model.compute_dtype = dtype
     model.eval()
     return model, {**ckpt.meta, "source": source, "model_tag": tag, "step": ckpt.step}
+
+
+def _choose_model(source: str, model_tag: str | None, step: int | None) -> tuple[str, str, int]:
+    """(stage, tag, step) of the model load_model means, as this rank's files answer."""
+    source = resolve_source(source)
+    folder = stage_dir(source)
+    tag = model_tag or newest_tag(folder)
+    script = STAGES[source].script
+    if tag is None or not (folder / tag).is_dir():
+        wanted = f"{folder}/{tag}" if tag else f"{folder}/<tag>/step_*"
+        raise CheckpointError(f"no {source} checkpoint: looked for {wanted}; {script} makes one")
+    if step is None:
+        try:
+            step = newest_usable_step(folder / tag, with_training_state=False)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {script} makes a new one") from None
+    return source, tag, step

@@ -25,8 +25,8 @@ from nanochat.runtime import set_compute_dtype
 from nanochat.sampling import SamplingParams
 from nanochat.schedule import PlanError
 from nanochat.stages import chat_eval_section
-from nanochat.training import run_guarded
 from nanochat.tokenizer import get_tokenizer
+from nanochat.training import run_guarded
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval

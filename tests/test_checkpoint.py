@@ -150,7 +150,6 @@ def _as_two_ranks(rank: int, port: int, root: str) -> None:
     try:
         shared, own = Path(root) / "shared", Path(root) / f"own{rank}"
         assert find_writers(shared).of == (0, 0) and find_writers(own).of == (0, 1)
-        assert not [p for p in shared.iterdir() if p.name.startswith(".writer-")]  # markers removed
 
         path = _save(shared / "run", 3)  # one copy: rank 0 writes it, with both ranks' files
         assert set(json.loads((path / "meta.json").read_text())["files"]) == {
@@ -168,6 +167,8 @@ def _as_two_ranks(rank: int, port: int, root: str) -> None:
         with pytest.raises(CheckpointError) as both:  # on rank 0 too, which found its step
             agree(lambda: newest_usable_step(nothing_on_rank_1, rank=rank))
         assert str(both.value) == f"rank 1: no checkpoint found in {Path(root) / 'own1' / 'nothing'}"
+        dist.barrier()  # every rank has removed its markers, each its own on its way out of find_writers
+        assert not [p for p in shared.iterdir() if p.name.startswith(".writer-")]
     finally:
         dist.destroy_process_group()
 
