@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.rivals import machine_line, profile_table, synthetic_tokenizer, transformers_model  # noqa: E402
 from nanochat.checkpoint import CheckpointError  # noqa: E402
 from nanochat.common import DTYPES, add_device_arg, autodetect_device_type, compute_dtype  # noqa: E402
+from nanochat.compiled_decode import CompiledDecoder  # noqa: E402
 from nanochat.conversation import SPECIAL_TOKENS  # noqa: E402
 from nanochat.engine import Engine, collect  # noqa: E402
 from nanochat.gpt import GPT, build_model, config_for_depth  # noqa: E402
@@ -63,7 +64,7 @@ CACHES = {
     "both": ("static", "dynamic"),
     "all": ("static", "dynamic", "static_compiled"),
 }
-OURS = {"eager": ("eager",), "compiled": ("compiled",), "both": ("eager", "compiled")}  # Engine decode modes
+OURS = {"eager": ("eager",), "compiled": ("compiled",), "both": ("eager", "compiled")}  # our engine's decode step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,13 +155,15 @@ def random_prompts(tokenizer: Tokenizer, count: int, length: int) -> list[list[i
 
 class OursSide:
     """Our Engine, driven the way the chat CLI drives it: submit, then step until done.
-    decode: the Engine's mode ("step" is the compiled path run uncompiled, for --smoke)."""
+    decode: "eager", "compiled", or "step" (--smoke: the compiled path's step, run uncompiled)."""
 
     name = "ours"
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, decode: str, warm: bool = True):
-        self.cache = "slots" if decode == "eager" else "slots_compiled"
-        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), decode=decode)
+        self.cache, self.decode = "slots" if decode == "eager" else "slots_compiled", decode
+        self.engine = Engine(model, tokenizer, max_batch=max(BATCHES), compile=decode == "compiled")
+        if decode == "step":
+            self.engine.decoder = CompiledDecoder(model, self.engine.cache, compile=False)
         if warm:  # else the compiled step is built on first use, for that batch size alone
             self.engine.warm_up()
         # A random model picks <|bos|> or <|assistant_end|> now and then; every
@@ -172,7 +175,7 @@ class OursSide:
         requests = [self.engine.submit(p, params) for p in prompts]
         while self.engine.has_work():
             self.engine.step()
-        return [collect(r, 1)[0].tokens for r in requests]
+        return [collect(r)[0].tokens for r in requests]
 
 
 class TransformersSide:
@@ -334,7 +337,7 @@ def fp32_tokens(model: GPT, tokenizer: Tokenizer, sides: list, prompt: list[int]
     for side in sides:
         if side.name == "ours":
             # one prompt: only its batch size is compiled, not every size the timed run warmed up
-            copy_ = OursSide(model, tokenizer, side.engine.decode, warm=False)
+            copy_ = OursSide(model, tokenizer, side.decode, warm=False)
         else:
             copy_ = TransformersSide(model, torch.float32, side.cache)
         out[side.cache] = copy_.generate([prompt], new_tokens)[0]

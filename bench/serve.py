@@ -409,7 +409,7 @@ def garbage_level(url: str, client: OpenAI, args, tokenizer: Tokenizer, clients:
 
 def in_process_engine(model: GPT, tokenizer: Tokenizer, compile: bool) -> Engine:
     """The Engine as the server runs it (its compiled step warmed up), one row, in this process."""
-    engine = Engine(model, tokenizer, max_batch=1, decode="compiled" if compile else "eager")
+    engine = Engine(model, tokenizer, max_batch=1, compile=compile)
     engine.warm_up()
     return engine
 
@@ -422,7 +422,7 @@ def engine_run(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[floa
     while engine.has_work():
         engine.step()
     seconds = time.perf_counter() - first
-    tokens = len(collect(request, 1)[0].tokens)
+    tokens = len(collect(request)[0].tokens)
     return ((tokens - first_tokens) / seconds if seconds > 0 else float("nan")), tokens
 
 

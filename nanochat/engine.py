@@ -12,10 +12,11 @@ When a sequence emits <|python_start|> expr <|python_end|>, the calculator
 evaluates expr and <|output_start|> result <|output_end|> is forced into the
 stream (the model's own predictions for those steps are discarded).
 
-Two ways to drive it: call `step()` / `generate()` from your own thread (CLI,
-evaluation, RL), or let an `EngineWorker` step it (in its own thread, or in
-yours: chat_service) and `submit()` from anywhere (the server). Consumers read `Request.events()` (blocking) or `abatches()`
-(asyncio); `cancel()` frees the request's slots at the next step.
+Two ways to drive it: `submit()` and read the request's events with `step` (CLI,
+evaluation, RL: `generate()`), or let an `EngineWorker` step it (in its own thread, or in
+yours: chat_service) and `submit()` from anywhere (the server). A request's events are one
+queue, read blocking (`Request.events()`, `collect()`) or in an event loop (`abatches()`);
+`cancel()` frees the request's slots at the next step.
 
 Faults stay with their request: an exception while one request is admitted,
 prefilled, sampled or run through the tool ends that request alone (its
@@ -30,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -45,7 +47,6 @@ from nanochat.kv_slots import SlotKVCache
 from nanochat.sampling import SamplingParams, make_generator, sample_tokens
 
 log = logging.getLogger("nanochat.engine")
-DECODE_MODES = ("eager", "compiled", "step")  # see Engine.__init__
 # positions whose full-vocabulary log-probabilities are held at once when scoring a prompt: 512 x a
 # 65,536-token vocabulary is 128 MiB of fp32 (twice that with log_softmax's output), whatever the prompt's length
 PROMPT_LOGPROB_CHUNK = 512
@@ -90,28 +91,29 @@ class Completion:
 
 
 class Request:
-    """Prompts being answered, n samples each (sample i of prompt p is choice p * n + i); the engine's
-    thread puts their events, a consumer takes them: blocking (`events()`), without waiting (`drain()`),
-    or in an event loop (`abatches()`, given `loop`)."""
+    """Prompts being answered, n samples each (sample i of prompt p is choice p * n + i). The engine's
+    thread puts their events into one queue; a consumer reads it with `events()` (blocking, or stepping
+    an engine no worker runs) or, in an event loop, with `abatches()`."""
 
     _ids = itertools.count()
 
-    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int = 1,
-                 loop: asyncio.AbstractEventLoop | None = None, timeout: float | None = None):
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, timeout: float | None = None):
         self.id = next(self._ids)
         self.prompts, self.params, self.n = [list(p) for p in prompts], params, n
         self.choices = len(self.prompts) * n
         self.pending = deque(range(len(self.prompts)))  # prompts not yet admitted, in order
         self.cancelled = False
-        self.loop = loop
         self.completion_tokens = 0
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.error: RequestError | None = None
         self.finished: set[int] = set()  # sample indices that have ended
-        self._events: deque[Event] = deque()
-        self._ready = threading.Condition()  # guards _events, _ends and _waiter
-        self._ends = 0  # finish events put so far
-        self._waiter: tuple[asyncio.Future, bool] | None = None  # the loop's consumer waiting, and whether any event wakes it
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        # Which event wakes abatches() (through `_woken`, in its `_loop`), set before each look at the queue.
+        # None, put() wakes nothing: a consumer holding tokens for its stream interval sleeps through them
+        # (a wake-up is a syscall and a turn of the GIL, per token and request).
+        self._wake_on: Callable[[Event], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._woken: asyncio.Event | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -122,19 +124,15 @@ class Request:
             self.error = RequestError(status, message)
 
     def put(self, event: Event) -> None:
-        """From the engine's thread. The event loop is woken only when its consumer waits for this event:
-        one holding tokens for its stream interval sleeps through them (a wake-up is a syscall and a
-        turn of the GIL, per token and request)."""
-        with self._ready:
-            self._events.append(event)
-            self._ends += event.finish_reason is not None
-            self._ready.notify()
-            future = None
-            if self._waiter is not None and (self._waiter[1] or event.finish_reason is not None):
-                (future, _), self._waiter = self._waiter, None
-        if future is not None:
+        """From the engine's thread. put() queues before it reads `_wake_on` and abatches() sets it before it
+        reads the queue: whichever comes second sees the other, so no wanted event is slept through (and the
+        wake-up after put() clears `_wake_on` has abatches() set it again)."""
+        self._queue.put(event)
+        wake_on = self._wake_on
+        if wake_on is not None and wake_on(event):
+            self._wake_on = None
             try:
-                self.loop.call_soon_threadsafe(_wake, future)
+                self._loop.call_soon_threadsafe(self._woken.set)
             except RuntimeError:  # the consumer's event loop is closed: nobody is listening any more
                 self.cancelled = True
 
@@ -142,22 +140,17 @@ class Request:
     def prompt_tokens(self) -> int:
         return sum(map(len, self.prompts))
 
-    def events(self):
-        """Blocking iterator of Events until every sample finished."""
+    def events(self, step: Callable[[], None] | None = None):
+        """Events until every sample finished, waiting for the engine's worker; or, given `step` (the
+        engine's, when no worker runs it), calling it whenever no event is ready."""
         finished = 0
         while finished < self.choices:
-            with self._ready:
-                self._ready.wait_for(lambda: self._events)
-                event = self._events.popleft()
-            finished += event.finish_reason is not None
+            if step is not None and self._queue.empty():
+                step()
+                continue
+            event = self._queue.get()
+            finished += _is_end(event)
             yield event
-
-    def drain(self) -> list[Event]:
-        """The events available now, without waiting (for callers that step the engine themselves)."""
-        with self._ready:
-            out = list(self._events)
-            self._events.clear()
-        return out
 
     async def abatches(self, patience: float | None = None, interval: Callable[[], float] = lambda: 0.0):
         """Lists of events until every sample finished, each what arrived since the list before, and at most
@@ -165,35 +158,35 @@ class Request:
         a cost per list (an HTTP chunk) pays it once for several tokens instead of falling behind the engine.
         The first event and every finish go out at once.
         Raises TimeoutError if `patience` seconds pass past the deadline with no event (the engine is stuck)."""
+        self._loop, self._woken = asyncio.get_running_loop(), asyncio.Event()
         finished, due = 0, 0.0
         while finished < self.choices:
-            if not await self._until(lambda: self._events, any_event=True, timeout=self._patience_left(patience)):
+            batch = await self._take_until(lambda event: True, self._patience_left(patience))
+            if not batch:
                 raise asyncio.TimeoutError
             hold = due - time.monotonic()
-            if hold > 0:  # only a finish ends the hold early
-                await self._until(lambda: self._ends > finished, any_event=False, timeout=hold)
-            batch = self.drain()
-            finished += sum(e.finish_reason is not None for e in batch)
+            if hold > 0 and not any(map(_is_end, batch)):  # only a finish ends the hold early
+                batch += await self._take_until(_is_end, hold)
+            finished += sum(map(_is_end, batch))
             yield batch
             due = time.monotonic() + interval()
 
-    async def _until(self, ready, any_event: bool, timeout: float | None) -> bool:
-        """Wait in the event loop until `ready()` (checked under the lock, so no put slips between the check
-        and the wait); False if `timeout` seconds passed first."""
-        future = self.loop.create_future()
-        with self._ready:
-            if ready():
-                return True
-            self._waiter = (future, any_event)
-        try:
-            await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            with self._ready:
-                self._waiter = None
-        with self._ready:
-            return ready()
+    async def _take_until(self, wanted: Callable[[Event], bool], timeout: float | None) -> list[Event]:
+        """What the queue holds once it holds a `wanted` event (put() wakes this for one), or after `timeout` seconds."""
+        taken, end = [], None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._woken.clear()  # a wake-up left from before is at worst one more look at the queue
+            self._wake_on = wanted
+            while not self._queue.empty():
+                taken.append(self._queue.get())
+            left = None if end is None else end - time.monotonic()
+            if any(map(wanted, taken)) or (left is not None and left <= 0):
+                self._wake_on = None
+                return taken
+            try:
+                await asyncio.wait_for(self._woken.wait(), left)
+            except asyncio.TimeoutError:
+                pass
 
     def _patience_left(self, patience: float | None) -> float | None:
         if self.deadline is None or patience is None:
@@ -201,9 +194,8 @@ class Request:
         return max(self.deadline - time.monotonic(), 0) + patience
 
 
-def _wake(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)
+def _is_end(event: Event) -> bool:
+    return event.finish_reason is not None
 
 
 @dataclass
@@ -239,19 +231,15 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None, decode: str = "eager"):
-        """decode: "eager" (the model's own forward over the cache), "compiled" (nanochat.compiled_decode;
-        call warm_up() before serving, and the weights must not change afterwards), or "step": the compiled
-        path's step run without compiling, which checks that path in seconds (tests, bench --smoke)."""
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {DECODE_MODES}, not {decode!r}")
-        self.decode = decode
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int | None = None, compile: bool = False):
+        """compile: decode with nanochat.compiled_decode instead of the model's own forward over the cache
+        (call warm_up() before serving; the weights must not change afterwards)."""
         self.model, self.tokenizer = model, tokenizer
         param = next(model.parameters())
         self.device = param.device
         self.max_len = max_len or model.config.sequence_len
         self.cache = SlotKVCache(model.config, max_batch, self.max_len, self.device, model.compute_dtype)
-        self.decoder = None if decode == "eager" else CompiledDecoder(model, self.cache, compile=decode == "compiled")
+        self.decoder = CompiledDecoder(model, self.cache) if compile else None
         self.free_slots = list(range(max_batch))
         self.active: list[Sequence] = []
         self.waiting: deque[Request] = deque()
@@ -271,12 +259,11 @@ class Engine:
 
     # ------------------------------------------------------------ requests
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, loop=None, timeout: float | None = None) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1, timeout: float | None = None) -> Request:
         """Queue a request for one prompt (see submit_batch)."""
-        return self.submit_batch([prompt], params, n, loop, timeout)
+        return self.submit_batch([prompt], params, n, timeout)
 
-    def submit_batch(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, loop=None,
-                     timeout: float | None = None) -> Request:
+    def submit_batch(self, prompts: list[list[int]], params: SamplingParams, n: int = 1, timeout: float | None = None) -> Request:
         """Queue a request for several prompts, admitted one after another as slots free up (those that
         arrive together share prefill passes); raises ValueError if one can never fit, RuntimeError once
         the engine is closed."""
@@ -289,7 +276,7 @@ class Engine:
                                  + (" with room for one more" if params.max_tokens else ""))
         if not 1 <= n <= self.cache.slots:
             raise ValueError(f"n must be between 1 and {self.cache.slots}")
-        request = Request(prompts, params, n, loop, timeout)
+        request = Request(prompts, params, n, timeout)
         with self.wakeup:
             if self.closed is not None:
                 raise RuntimeError(self.closed.message)
@@ -304,7 +291,7 @@ class Engine:
             self.wakeup.notify()
 
     def warm_up(self, progress=log.info) -> None:
-        """Compile the decode step now (decode="compiled"), so no request waits for it;
+        """Compile the decode step now (compile=True), so no request waits for it;
         progress(line) hears of each batch size compiled."""
         if self.decoder is not None:
             self.decoder.warm_up(progress)
@@ -320,10 +307,7 @@ class Engine:
 
     def generate(self, prompt: list[int], params: SamplingParams, n: int = 1) -> list[Completion]:
         """Answer one prompt from the calling thread (no worker may be running)."""
-        request = self.submit(prompt, params, n)
-        while self.has_work():
-            self.step()
-        return collect(request, n)
+        return collect(self.submit(prompt, params, n), self.step)
 
     # ------------------------------------------------------------ scheduling
 
@@ -653,10 +637,11 @@ def _status_of(exc: Exception) -> tuple[int, str]:
     return 500, f"generation failed inside the server ({type(exc).__name__})"
 
 
-def collect(request: Request, n: int) -> list[Completion]:
-    """Gather a finished (or finishing) request's events into completions."""
+def collect(request: Request, step: Callable[[], None] | None = None) -> list[Completion]:
+    """A request's events gathered into its completions, one per choice (`step`: see Request.events)."""
+    n = request.choices
     texts, tokens, reasons = [""] * n, [[] for _ in range(n)], ["stop"] * n
-    for event in request.events():
+    for event in request.events(step):
         texts[event.index] += event.text
         if event.token is not None:
             tokens[event.index].append(event.token)

@@ -33,15 +33,13 @@ def answer(engine: Engine, tokenizer, messages: list[dict], params: SamplingPara
     request = engine.submit(tokenizer.render_for_completion({"messages": messages}), params)
     shown = []
     try:
-        while engine.has_work():
-            engine.step()
-            for event in request.drain():
-                shown.append(event.text)
-                print(event.text, end="", flush=True)
+        for event in request.events(engine.step):
+            shown.append(event.text)
+            print(event.text, end="", flush=True)
     except KeyboardInterrupt:
         request.cancel()
-        while engine.has_work():
-            engine.step()
+        for _ in request.events(engine.step):  # the next step ends it and frees its slot
+            pass
         print(" [stopped]", end="")
     print(flush=True)
     return "".join(shown)
@@ -57,7 +55,7 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=1, decode="compiled" if args.compile else "eager")
+    engine = Engine(model, tokenizer, max_batch=1, compile=args.compile)
     warm_up(engine)
     messages: list[dict] = []
     if args.prompt is not None:

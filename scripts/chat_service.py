@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     except (CheckpointError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, decode="compiled" if args.compile else "eager")
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, compile=args.compile)
     warm_up(engine)
     settings = ServerSettings(
         api_key=args.api_key or None, cors_origins=args.cors, max_messages=args.max_messages,

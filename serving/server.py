@@ -182,7 +182,7 @@ class ChatService:
         if body.model not in (None, "", self.settings.model_id):
             raise ApiError(404, f"the model '{body.model}' does not exist; this server serves '{self.settings.model_id}'", "model", "model_not_found")
 
-    def start(self, body: ChatRequest | CompletionRequest, prompts: list[Prompt], loop) -> EngineRequest:
+    def start(self, body: ChatRequest | CompletionRequest, prompts: list[Prompt]) -> EngineRequest:
         params = self.sampling(body, prompts)
         if self.engine.queue_depth() >= self.settings.max_queue:
             raise ApiError(429, "the server is busy (request queue full); retry shortly", code="queue_full", kind="rate_limit_error")
@@ -190,7 +190,7 @@ class ChatService:
         if reason is not None:
             raise ApiError(503, reason, kind="server_error")
         try:
-            return self.engine.submit_batch([p.tokens for p in prompts], params, body.n, loop=loop, timeout=self.settings.request_timeout)
+            return self.engine.submit_batch([p.tokens for p in prompts], params, body.n, timeout=self.settings.request_timeout)
         except RuntimeError as exc:  # closed between the check and the submit
             raise ApiError(503, str(exc), kind="server_error") from None
 
@@ -372,7 +372,7 @@ async def answer(service: ChatService, request: Request, schema, dialect_class) 
     body = schema.model_validate(await read_json(request, service.settings.max_body_bytes, service.settings.body_timeout))
     service.check_model(body)
     prompts = service.prompts_for(body)
-    engine_request = service.start(body, prompts, asyncio.get_running_loop())
+    engine_request = service.start(body, prompts)
     watcher = service.cancel_on_disconnect(request, engine_request)
     dialect = dialect_class(service.settings.model_id, service.engine.tokenizer)
     echo = Echo(prompts, body.n, on=getattr(body, "echo", False))

@@ -94,9 +94,7 @@ def score_generative(engine: Engine, tokenizer, task, indices: list[int], batch_
     for start in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[start : start + batch_size]]
         requests = [engine.submit(tokenizer.render_for_completion(c), params) for c in convs]
-        while engine.has_work():
-            engine.step()
-        correct += sum(task.evaluate(c, collect(r, 1)[0].text) for c, r in zip(convs, requests))
+        correct += sum(task.evaluate(c, collect(r, engine.step)[0].text) for c, r in zip(convs, requests))
     return correct
 
 

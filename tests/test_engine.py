@@ -72,7 +72,7 @@ def test_batched_greedy_equals_one_at_a_time(model, tokenizer):
     requests = [engine.submit(p, GREEDY) for p in prompts]
     while engine.has_work():
         engine.step()
-    together = [collect(r, 1)[0].tokens for r in requests]
+    together = [collect(r)[0].tokens for r in requests]
     assert together == alone and all(len(t) == 12 for t in alone)
 
 
@@ -109,7 +109,7 @@ def test_more_requests_than_slots_wait_their_turn(model, tokenizer):
     while engine.has_work():
         engine.step()
         assert len(engine.active) <= 2
-    assert [collect(r, 1)[0].tokens for r in requests] == [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
+    assert [collect(r)[0].tokens for r in requests] == [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
 
 
 def test_sampling_seed_topk_and_samples(model, tokenizer):
@@ -146,10 +146,7 @@ def test_streamed_events_reassemble_the_answer(model, tokenizer):
     engine = Engine(model, tokenizer)
     prompt = tokenizer.encode("the sum", prepend="<|bos|>")
     request = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=15))
-    pieces = []
-    while engine.has_work():
-        engine.step()
-    events = list(request.events())
+    events = list(request.events(engine.step))  # the CLI's way: step while no event is ready
     pieces = [e.text for e in events]
     assert "".join(pieces) == engine.generate(prompt, SamplingParams(temperature=0, max_tokens=15))[0].text
     assert events[-1].finish_reason == "length" and sum(e.token is not None for e in events) == 15
@@ -167,8 +164,8 @@ def test_cancel_frees_the_slot(model, tokenizer):
     assert engine.active and engine.active[0].request is second
     while engine.has_work():
         engine.step()
-    assert collect(first, 1)[0].finish_reason == "cancelled"
-    assert len(collect(second, 1)[0].tokens) == 12
+    assert collect(first)[0].finish_reason == "cancelled"
+    assert len(collect(second)[0].tokens) == 12
 
 
 def test_worker_serves_concurrent_submitters(model, tokenizer):
@@ -180,7 +177,7 @@ def test_worker_serves_concurrent_submitters(model, tokenizer):
     results = [None] * len(prompts)
 
     def client(i):
-        results[i] = collect(engine.submit(prompts[i], GREEDY), 1)[0].tokens
+        results[i] = collect(engine.submit(prompts[i], GREEDY))[0].tokens
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -197,7 +194,7 @@ def test_a_worker_can_step_in_the_callers_thread_until_stopped(model, tokenizer)
     prompt = tokenizer.encode("hello", prepend="<|bos|>")
     worker = EngineWorker(engine)
     results = []
-    client = threading.Thread(target=lambda: (results.append(collect(engine.submit(prompt, GREEDY), 1)[0].tokens), worker.stop()))
+    client = threading.Thread(target=lambda: (results.append(collect(engine.submit(prompt, GREEDY))[0].tokens), worker.stop()))
     client.start()
     worker.run()  # returns once the client has its answer and stopped it
     client.join(timeout=10)
@@ -209,8 +206,7 @@ def _batches(events_at: list[tuple[float, Event]], interval: float, n: int = 1) 
     """What abatches yields, with when, for events put from another thread at the given offsets (seconds)."""
 
     async def consume():
-        loop = asyncio.get_running_loop()
-        request = Request([[1]], GREEDY, n=n, loop=loop)
+        request = Request([[1]], GREEDY, n=n)
         started = time.monotonic()
 
         def produce():
@@ -228,7 +224,7 @@ def test_abatches_gives_what_arrived_together_in_one_list():
     events = [Event(0, "ab"[i % 2], token=i) for i in range(6)] + [Event(0, "", None, "stop")]
 
     async def consume():
-        request = Request([[1]], GREEDY, loop=asyncio.get_running_loop())
+        request = Request([[1]], GREEDY)
         for event in events:  # all there before the consumer looks, as when it fell behind the engine
             request.put(event)
         return [batch async for batch in request.abatches()]
@@ -312,6 +308,6 @@ def test_samples_of_several_prompts_are_numbered_prompt_by_prompt(model, tokeniz
     request = engine.submit_batch(prompts, GREEDY, n=2)
     while engine.has_work():
         engine.step()
-    answers = [c.tokens for c in collect(request, 4)]
+    answers = [c.tokens for c in collect(request)]
     alone = [Engine(model, tokenizer).generate(p, GREEDY)[0].tokens for p in prompts]
     assert answers == [alone[0], alone[0], alone[1], alone[1]]

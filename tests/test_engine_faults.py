@@ -80,10 +80,10 @@ def test_a_bad_seed_fails_its_request_alone_and_a_full_width_request_still_runs(
         good = engine.submit(prompt(tokenizer, "hello"), GREEDY)
         bad = engine.submit(prompt(tokenizer, "world"), slipped(GREEDY, seed="not a number"))
         wide = engine.submit(prompt(tokenizer, "sum"), GREEDY, n=2)
-        assert [c.finish_reason for c in collect(bad, 1)] == ["error"]
+        assert [c.finish_reason for c in collect(bad)] == ["error"]
         assert bad.error.status == 500 and "TypeError" in bad.error.message
-        assert collect(good, 1)[0].tokens == alone(model, tokenizer, "hello")
-        assert [c.tokens for c in collect(wide, 2)] == [alone(model, tokenizer, "sum")] * 2
+        assert collect(good)[0].tokens == alone(model, tokenizer, "hello")
+        assert [c.tokens for c in collect(wide)] == [alone(model, tokenizer, "sum")] * 2
         time.sleep(0.2)
         assert_clean(engine)
         cpu = time.process_time()
@@ -108,9 +108,9 @@ def test_a_prefill_out_of_memory_ends_that_request_with_503(model, tokenizer):
     ok = engine.submit(prompt(tokenizer, "hello"), GREEDY)
     doomed = engine.submit(long_prompt, GREEDY)
     run_dry(engine)
-    assert collect(doomed, 1)[0].finish_reason == "error"
+    assert collect(doomed)[0].finish_reason == "error"
     assert doomed.error.status == 503 and "memory" in doomed.error.message
-    assert collect(ok, 1)[0].tokens == alone(model, tokenizer, "hello")
+    assert collect(ok)[0].tokens == alone(model, tokenizer, "hello")
     assert prefills == [2, 1, 1]
     assert_clean(engine)
 
@@ -131,12 +131,12 @@ def test_a_failure_sampling_a_prefilled_group_ends_that_group_and_frees_its_slot
     group = [engine.submit(prompt(tokenizer, text), params) for text in ("hello", "sum")]
     run_dry(engine)
     for request in group:
-        assert collect(request, 1)[0].finish_reason == "error"
+        assert collect(request)[0].finish_reason == "error"
         assert request.error.status == 500 and "RuntimeError" in request.error.message
     assert_clean(engine)
     later = engine.submit(prompt(tokenizer, "hello"), params)
     run_dry(engine)
-    assert collect(later, 1)[0].tokens == alone(model, tokenizer, "hello")
+    assert collect(later)[0].tokens == alone(model, tokenizer, "hello")
     assert_clean(engine)
 
 
@@ -153,8 +153,8 @@ def test_a_failed_decode_step_drops_the_newest_request_and_the_older_one_is_unha
     engine.step()
     newer = engine.submit(prompt(tokenizer, "world"), GREEDY)
     run_dry(engine)
-    assert failures and collect(newer, 1)[0].finish_reason == "error" and newer.error.status == 500
-    assert collect(older, 1)[0].tokens == alone(model, tokenizer, "hello")
+    assert failures and collect(newer)[0].finish_reason == "error" and newer.error.status == 500
+    assert collect(older)[0].tokens == alone(model, tokenizer, "hello")
     assert_clean(engine)
 
 
@@ -165,9 +165,9 @@ def test_a_sampling_failure_ends_only_the_row_at_fault(model, tokenizer):
     broken = engine.submit(prompt(tokenizer, "world"), slipped(hot, top_k="twenty"))
     greedy = engine.submit(prompt(tokenizer, "sum"), GREEDY)
     run_dry(engine)
-    assert collect(broken, 1)[0].finish_reason == "error"
-    assert collect(fine, 1)[0].tokens == alone(model, tokenizer, "hello", hot)
-    assert collect(greedy, 1)[0].tokens == alone(model, tokenizer, "sum")
+    assert collect(broken)[0].finish_reason == "error"
+    assert collect(fine)[0].tokens == alone(model, tokenizer, "hello", hot)
+    assert collect(greedy)[0].tokens == alone(model, tokenizer, "sum")
     assert_clean(engine)
 
 
@@ -175,14 +175,14 @@ def test_deadline_and_close_end_running_and_waiting_requests(model, tokenizer):
     engine = Engine(model, tokenizer, max_batch=1)
     late = engine.submit(prompt(tokenizer, "hello"), GREEDY, timeout=0.0)
     engine.step()
-    assert collect(late, 1)[0].finish_reason == "error" and late.error.status == 504
+    assert collect(late)[0].finish_reason == "error" and late.error.status == 504
     running = engine.submit(prompt(tokenizer, "hello"), dataclasses.replace(GREEDY, max_tokens=100))
     queued = engine.submit(prompt(tokenizer, "world"), GREEDY)
     engine.step()
     engine.close(503, "the server is shutting down")
     engine.step()
     for request in (running, queued):
-        assert collect(request, 1)[0].finish_reason == "error"
+        assert collect(request)[0].finish_reason == "error"
         assert (request.error.status, request.error.message) == (503, "the server is shutting down")
     assert_clean(engine)
     with pytest.raises(RuntimeError, match="shutting down"):
@@ -203,7 +203,7 @@ def test_a_dead_worker_tells_its_requests_and_closes_the_engine(model, tokenizer
     worker = EngineWorker(engine)
     worker.start()
     request = engine.submit(prompt(tokenizer, "hello"), GREEDY)
-    assert collect(request, 1)[0].finish_reason == "error" and request.error.status == 503
+    assert collect(request)[0].finish_reason == "error" and request.error.status == 503
     worker.join(timeout=10)
     assert not worker.is_alive() and "Crash" in worker.failure
     with pytest.raises(RuntimeError, match="Crash"):
@@ -215,7 +215,7 @@ def test_logprobs_are_the_models_own(model, tokenizer):
     engine = Engine(model, tokenizer)
     request = engine.submit(ids, dataclasses.replace(GREEDY, logprobs=3))
     run_dry(engine)
-    events = [e for e in request.drain() if e.token is not None]
+    events = [e for e in request.events() if e.token is not None]
     tokens = [e.token for e in events]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids + tokens])).float(), dim=-1)[0, len(ids) - 1 : -1]
