@@ -97,7 +97,8 @@ def bucket_sizes(slots: int) -> list[int]:
 
 
 class CompiledDecoder:
-    """What Engine calls instead of the eager model for a decode step, on the same SlotKVCache."""
+    """What Engine calls instead of the eager model for a decode step, on the same SlotKVCache.
+    compile=False runs the same step uncompiled: its code checked in seconds (the tests, bench --smoke)."""
 
     def __init__(self, model: GPT, cache: SlotKVCache, compile: bool = True):
         self.cache = cache

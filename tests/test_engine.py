@@ -249,6 +249,22 @@ def test_abatches_waits_for_every_sample_to_finish():
     assert [e for _, batch in got for e in batch] == [e for _, e in events]
 
 
+def test_a_reader_whose_event_loop_closed_has_its_request_cancelled():
+    """A server gone mid-answer: the engine's next event finds nobody listening and the request is let go."""
+    request, loop = Request([[1]], GREEDY), asyncio.new_event_loop()
+
+    async def first_batch():
+        return await anext(request.abatches())
+
+    reader = loop.create_task(first_batch())
+    loop.run_until_complete(asyncio.sleep(0.05))  # the reader waits for an event
+    reader.cancel()
+    loop.run_until_complete(asyncio.gather(reader, return_exceptions=True))
+    loop.close()
+    request.put(Event(0, "a", token=1))
+    assert request.cancelled
+
+
 def test_tool_call_output_comes_from_the_calculator(tokenizer):
     """A tiny model overfit on a conversation whose tool output is WRONG (2+3 -> 7):
     the engine must force the calculator's 5 instead of the model's 7."""
