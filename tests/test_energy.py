@@ -191,14 +191,21 @@ def test_nvidia_smi_readings_are_summed_over_gpus(only_fake_gpu_tools):
     fake_nvidia_smi(only_fake_gpu_tools, "95.50\n20.25\n")
     source = detect_power_source()
     assert isinstance(source, NvidiaSmiPower)
-    assert source.read_watts() == pytest.approx(115.75)
+    try:
+        assert source.read_watts() == pytest.approx(115.75)  # the looping nvidia-smi's first reading
+    finally:
+        source.close()
     assert "--query-gpu=power.draw" in (only_fake_gpu_tools / "args").read_text()
 
 
 def test_nvidia_smi_asks_only_for_the_visible_gpus(only_fake_gpu_tools, monkeypatch):
     fake_nvidia_smi(only_fake_gpu_tools, "95.50\n")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
-    assert detect_power_source().read_watts() == pytest.approx(95.5)
+    source = detect_power_source()
+    try:
+        assert source.read_watts() == pytest.approx(95.5)
+    finally:
+        source.close()
     assert "--id=1" in (only_fake_gpu_tools / "args").read_text()
 
 
@@ -241,6 +248,7 @@ def test_looping_nvidia_smi_that_dies_mid_run_ends_the_count_without_raising(onl
     os.kill(starts(only_fake_gpu_tools)[1][0], signal.SIGKILL)  # as a driver reinstall would end it
     time.sleep(0.6)  # past interval + timeout: its last reading is stale
     sample_at(meter, clock, [20])
+    meter.source.close()  # reaps the killed process
     assert meter.kwh == pytest.approx(1000 / 3.6e6)
 
 
@@ -322,7 +330,11 @@ def test_nvml_without_a_reading_falls_back_to_nvidia_smi(only_fake_gpu_tools, mo
     module.nvmlDeviceGetPowerUsage = not_supported
     monkeypatch.setitem(sys.modules, "pynvml", module)
     fake_nvidia_smi(only_fake_gpu_tools, "42.0\n")
-    assert detect_power_source().read_watts() == pytest.approx(42.0)
+    source = detect_power_source()
+    try:
+        assert source.read_watts() == pytest.approx(42.0)
+    finally:
+        source.close()  # ends the looping nvidia-smi the second reading started
 
 
 def test_no_visible_gpu_means_no_sensor(only_fake_gpu_tools, monkeypatch):
