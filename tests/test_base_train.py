@@ -268,6 +268,7 @@ def test_device_batch_is_measured_to_fit_before_step_one(workspace, here):
     assert code == 0 and "starting at device batch 32 anyway" in forced
 
 
+@pytest.mark.slow  # ~40 s: the rule's batch is many accumulation steps of one row
 def test_the_log_shows_the_recipe_parameters_by_kind_and_the_power_lines_batch(workspace, here):
     """No --total-batch-size: the Power-Lines rule picks it from this depth's horizon against depth 12's
     (same vocabulary and shape); learning rates follow sqrt(batch / 2^19); the report card has the counts."""

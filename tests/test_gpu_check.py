@@ -135,6 +135,7 @@ def run_recipe_ab(tmp_path, capsys, *extra: str) -> tuple[int, str, dict]:
     return code, capsys.readouterr().out, entry
 
 
+@pytest.mark.slow  # ~40 s: two short trainings
 def test_recipe_ab_trains_both_recipes_and_reports_their_bpb_ratio(tmp_path, capsys, ab_workspace):
     data, tokenizer = ab_workspace
     code, stdout, entry = run_recipe_ab(tmp_path, capsys, "--data", str(data), "--tokenizer", str(tokenizer))
