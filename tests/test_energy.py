@@ -276,6 +276,7 @@ NODES_SCRIPT = """
 """
 
 
+@pytest.mark.slow  # two torchrun launchers
 def test_energy_is_summed_over_two_nodes_each_counted_once(tmp_path):
     """Two "nodes" of two ranks each, as two torchrun launchers on one host (gloo, 127.0.0.1)."""
     script = tmp_path / "nodes.py"

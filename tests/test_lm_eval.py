@@ -119,7 +119,8 @@ def small(served):
     return base / "tasks-small", tasks, evaluate("hf", f"pretrained={hf},{HF_ARGS}", base / "tasks-small", tasks)
 
 
-@pytest.mark.parametrize("backend", list(LOCAL_ARGS))
+# text prompts (tokenized_requests=False) in the slow set: token ids and the server's tokenizer cover the default one
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "text" else b for b in LOCAL_ARGS])
 def test_local_completions_equals_the_hf_backend_on_the_export(served, small, backend):
     _, hf, server = served
     tasks_dir, tasks, theirs = small
