@@ -132,8 +132,10 @@ def compile_model(model, max_len: int):
 
 
 def _cached_graphs(function) -> int:
-    """Graphs dynamo holds for `function` (a private helper of torch._dynamo, there since torch 2.1)."""
-    return len(torch._dynamo.eval_frame._debug_get_cache_entry_list(function.__code__))
+    """Graphs dynamo holds for `function` (a private helper of torch._dynamo, there since torch 2.1; should a
+    torch drop it, 0: the budget then counts this model's graphs only, rather than every run failing here)."""
+    entries = getattr(torch._dynamo.eval_frame, "_debug_get_cache_entry_list", None)
+    return len(entries(function.__code__)) if entries is not None else 0
 
 
 def release_cached_memory(device: torch.device) -> None:
