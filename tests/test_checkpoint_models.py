@@ -209,3 +209,47 @@ def test_an_optimizer_file_holding_code_is_refused_and_never_runs(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_checkpoint(tmp_path)
     assert RAN == []
+
+
+# ---------------------------------------------------------------- load_model under torchrun
+
+
+def _load_on_two_ranks(rank: int, port: int, root: str) -> None:
+    """One of two gloo ranks (spawned), each with a base dir of its own as on two machines: rank 1's copy
+    has a newer step than rank 0's; both must load rank 0's choice, and fail together when rank 1 lacks it."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ["NANOCHAT_BASE_DIR"] = str(Path(root) / f"node{rank}")
+    for step in (1, 2, 3)[: 2 + rank]:  # before the process group: each rank writes its own copy
+        save_model("sft", "d1", step, seed=step)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, meta = load_model("auto")
+        assert (meta["source"], meta["model_tag"], meta["step"]) == ("sft", "d1", 2)
+        torch.manual_seed(2)
+        expected = build_model(CONFIG, "cpu").state_dict()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+
+        dist.barrier()
+        if rank == 1:
+            shutil.rmtree(stage_dir("sft") / "d1" / step_dir_name(2))
+        dist.barrier()
+        with pytest.raises(CheckpointError) as both:  # rank 0 has its step 2, and stops with rank 1
+            load_model("sft")
+        assert str(both.value).startswith("rank 1: ")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_loads_rank_0s_choice_and_a_rank_without_it_stops_them_all(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_load_on_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
