@@ -170,10 +170,6 @@ class Tokenizer:
         # int() accepts numpy and 0-d torch scalars, which tiktoken does not
         return self._enc.decode([int(i) for i in ids])
 
-    def id_to_token(self, token_id: int) -> str:
-        """The text of one token; a token holding part of a UTF-8 character shows as U+FFFD."""
-        return self.decode([token_id])
-
     def bytes_of(self, token_id: int) -> bytes:
         """The bytes of one token (a special token's name for a special)."""
         return self._enc.decode_single_token_bytes(int(token_id))
