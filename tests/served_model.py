@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import torch
 from nanochat.checkpoint import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
+from two_ranks import free_port  # noqa: F401 (the serving tests' port, from here)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT_ANSWER = "<script>alert('pwned')</script> **bold** and `code`"
@@ -55,12 +55,6 @@ def _train_served_model(base: Path, sequence_len: int, answer: str, endless: boo
     save_checkpoint(base / "chatsft_checkpoints" / "tiny", 200, model_state=model.state_dict(), optim_state=None,
                     data_state=None, meta={"model_config": config.to_dict()})
     return model.eval(), tokenizer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint import CheckpointError, list_steps, load_checkpoint, save_checkpoint, step_dir_name
+from two_ranks import on_two_ranks
 
 
 def _save(tag_dir, step, keep_last=None):
@@ -174,11 +175,4 @@ def _as_two_ranks(rank: int, port: int, root: str) -> None:
 
 
 def test_two_ranks_find_their_writer_keep_a_copy_each_and_agree_on_the_step(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_as_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    on_two_ranks(_as_two_ranks, str(tmp_path))

@@ -18,6 +18,7 @@ from nanochat.checkpoint import (
     CheckpointError, load_checkpoint, load_model, newest_tag, resolve_source, save_checkpoint, stage_dir, step_dir_name,
 )
 from nanochat.gpt import GPTConfig, build_model
+from two_ranks import on_two_ranks
 
 CONFIG = GPTConfig(sequence_len=16, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16)
 
@@ -245,11 +246,4 @@ def _load_on_two_ranks(rank: int, port: int, root: str) -> None:
 
 
 def test_every_rank_loads_rank_0s_choice_and_a_rank_without_it_stops_them_all(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_load_on_two_ranks, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    on_two_ranks(_load_on_two_ranks, str(tmp_path))

@@ -27,6 +27,7 @@ from nanochat.stages import STAGES
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.tokenizer import Tokenizer
 from tasks.sample_data import write_sample_task_files
+from two_ranks import on_two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,19 +330,12 @@ def _fit_on_rank(rank: int, port: int, limits: list, given: list, out: str) -> N
 def test_ranks_train_with_the_smallest_device_batch_any_of_them_fits(tmp_path):
     """Rank 1 is told it has memory for device batch 2 but not 4; rank 0 has room for the default 8. Both train at 2;
     and when rank 1 cannot fit a batch the user gave, both refuse (neither waits alone at the next collective)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     from nanochat.memory import DEFAULT_MARGIN, measure_training_memory
 
     peak = {b: measure_training_memory(TINY, b, 64, torch.float32, 2, "sft").total / DEFAULT_MARGIN for b in (2, 4)}
     between = (peak[2] + peak[4]) / 2 / 2**30
     limits = [[None, None], [between, between]]
     given = [[None, 8], [None, 8]]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fit_on_rank, args=(port, limits, given, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    on_two_ranks(_fit_on_rank, limits, given, str(tmp_path))
     chosen = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     assert chosen == [[2, "refused"], [2, "refused"]]

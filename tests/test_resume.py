@@ -6,6 +6,7 @@ import pytest
 
 from nanochat.checkpoint import CheckpointError
 from nanochat.resume import decide, mismatches
+from two_ranks import on_two_ranks
 
 CONFIG = {"n_layer": 4, "n_embd": 256, "vocab_size": 8192, "sequence_len": 256}
 ARGS = {"total_batch_size": 4096, "max_seq_len": 256, "device_batch_size": 16}
@@ -57,7 +58,7 @@ def test_fresh_moves_the_old_run_aside_and_starts(tmp_path, capsys):
         decide(tag, "sometimes", CONFIG, ARGS)
 
 
-def _fresh_on_rank(rank: int, world: int, port: int, tag: str) -> None:
+def _fresh_on_rank(rank: int, port: int, tag: str, world: int = 2) -> None:
     import torch.distributed as dist
     from pathlib import Path
 
@@ -69,14 +70,8 @@ def _fresh_on_rank(rank: int, world: int, port: int, tag: str) -> None:
 
 
 def test_fresh_under_two_ranks_moves_the_run_once_and_nobody_waits_alone(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
 
     tag = saved_run(tmp_path / "d4")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fresh_on_rank, args=(2, port, str(tag)), nprocs=2, join=True, start_method="spawn")
+    on_two_ranks(_fresh_on_rank, str(tag))
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("d4.old-")]
     assert not tag.exists() and len(aside) == 1
