@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from nanochat.energy import (
     format_energy,
     sum_over_nodes,
 )
+from two_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -281,9 +281,7 @@ def test_energy_is_summed_over_two_nodes_each_counted_once(tmp_path):
     """Two "nodes" of two ranks each, as two torchrun launchers on one host (gloo, 127.0.0.1)."""
     script = tmp_path / "nodes.py"
     script.write_text(textwrap.dedent(NODES_SCRIPT))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     launchers = [
         subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                           "--nproc-per-node=2", "--master-addr=127.0.0.1", f"--master-port={port}", str(script),

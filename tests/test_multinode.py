@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,12 @@ from safetensors.torch import load_file
 
 from child import Child
 from test_base_train import ROWS, SEQ, TINY, workspace  # noqa: F401 (workspace: the fixture, used by name)
+from two_ranks import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TAG = "mn"
 STEPS = ["--total-batch-size", str(2 * ROWS * SEQ), "--eval-every", "0", "--packing", "concat", "--model-tag", TAG]
 RUN_TIMEOUT = 240  # seconds for one two-node run of the tiny model on a busy 2-core machine
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(base: Path) -> dict:
@@ -46,7 +40,7 @@ def _launcher(node: int, port: int) -> list[str]:
 
 
 def _start(bases: tuple[Path, Path], *target: str) -> list[Child]:
-    port = _free_port()
+    port = free_port()
     return [Child(_launcher(node, port) + list(target), cwd=ROOT, env=_env(base)) for node, base in enumerate(bases)]
 
 
@@ -151,7 +145,7 @@ def test_the_core_step_is_decided_by_node_0_for_every_node(tmp_path):
     (bases[0] / "eval_bundle").mkdir(parents=True)
     bases[1].mkdir()
     script = 'source scripts/common.sh; node0_has "$NANOCHAT_BASE_DIR/eval_bundle" && echo CORE || echo skip'
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(["bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**_env(base), "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
                                    "MASTER_PORT": str(port)}) for node, base in enumerate(bases)]
